@@ -1,0 +1,214 @@
+"""Arguments: dataclasses split by concern, YAML defaults, command-line overrides.
+
+``parse_args(argv)`` reads ``--config FILE.yaml`` (optional), checks that every YAML key is a
+field of one of the dataclasses (an unknown key is an error naming it), then lets
+``HfArgumentParser`` parse ``[YAML values as flags] + argv``: the command line wins, and the
+dataclass types convert YAML values (``3e-5`` written in YAML becomes a float).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+from transformers import HfArgumentParser, TrainingArguments
+
+STRATEGIES = ("frozen", "partial", "full", "lora")
+
+
+class ConfigError(ValueError):
+    """A bad configuration, found before anything is downloaded or trained."""
+
+
+@dataclass
+class ModelArguments:
+    model_name_or_path: str = field(
+        default="cxr-resnet-small-scratch",
+        metadata={"help": "Hub id, local folder, or a from-scratch preset "
+                          "(cxr-resnet-small-scratch, cxr-vit-small-scratch)."},
+    )
+    strategy: str = field(default="full", metadata={"help": f"One of {', '.join(STRATEGIES)}."})
+    partial_stages: int = field(
+        default=1, metadata={"help": "partial: how many of the last backbone stages/blocks to train."})
+    lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
+    lora_alpha: int = field(default=16, metadata={"help": "LoRA alpha."})
+    lora_dropout: float = field(default=0.1, metadata={"help": "LoRA dropout."})
+    lora_target_modules: list[str] | None = field(
+        default=None, metadata={"help": "LoRA target module names; default chosen per architecture."})
+    image_size: int | None = field(
+        default=None, metadata={"help": "Input size in pixels (square); default: the checkpoint's."})
+    model_revision: str | None = field(
+        default=None, metadata={"help": "Hub revision (branch, tag or commit) to pin the checkpoint to."})
+    channels_last: bool = field(
+        default=True, metadata={"help": "Use channels_last memory format for CNNs (faster on CPU)."})
+
+
+@dataclass
+class DataArguments:
+    dataset_name: str | None = field(
+        default=None, metadata={"help": "Hub dataset id, or a local folder <split>/<LABEL>/<image> or <LABEL>/<image>."})
+    dataset_config_name: str | None = field(default=None, metadata={"help": "Hub dataset configuration."})
+    dataset_revision: str | None = field(default=None, metadata={"help": "Hub dataset revision."})
+    train_split: str = field(default="train", metadata={"help": "Split to train on."})
+    validation_split: str | None = field(
+        default=None, metadata={"help": "Validation split name; default: 'validation'/'val' if present, "
+                                        "else carved out of train grouped by patient."})
+    test_split: str = field(default="test", metadata={"help": "Test split name (only --do_predict reads it)."})
+    validation_fraction: float = field(
+        default=0.1, metadata={"help": "Fraction of training patients held out for validation."})
+    class_names: list[str] | None = field(
+        default=None, metadata={"help": "Expected class names; an error if the data's differ."})
+    positive_label: str | None = field(
+        default=None, metadata={"help": "Positive class for clinical metrics; default: the class that is "
+                                        "not NORMAL (or index 1)."})
+    max_train_samples: int | None = field(default=None, metadata={"help": "Cap on training images (stratified)."})
+    max_eval_samples: int | None = field(default=None, metadata={"help": "Cap on validation images (stratified)."})
+    max_samples_per_class: int | None = field(
+        default=None, metadata={"help": "Low-data studies: at most this many training images per class."})
+    class_weights: list[float] | None = field(
+        default=None, metadata={"help": "Cross-entropy class weights; default: inverse class frequency of train."})
+    augment: bool = field(default=True, metadata={"help": "Training augmentation (affine, crop, contrast)."})
+    tta: bool = field(default=False, metadata={"help": "Evaluate with test-time augmentation (shifted crops)."})
+    early_stopping_patience: int = field(
+        default=5, metadata={"help": "Evaluations without AUROC improvement before stopping (0 = off)."})
+    precision: str = field(
+        default="auto", metadata={"help": "auto (bf16 where the CPU/GPU supports it), bf16, or fp32."})
+    hub_private: bool = field(default=False, metadata={"help": "Create the Hub repo as private."})
+
+
+DEFAULT_TRAINING = {
+    "output_dir": "outputs/run",
+    "eval_strategy": "epoch",
+    "save_strategy": "epoch",
+    "logging_strategy": "steps",
+    "logging_steps": 10,
+    "load_best_model_at_end": True,
+    "metric_for_best_model": "roc_auc",
+    "greater_is_better": True,
+    "save_total_limit": 2,
+    "remove_unused_columns": False,
+    "report_to": "none",
+    "dataloader_num_workers": 0,
+    "lr_scheduler_type": "cosine",
+    "warmup_steps": 0.05,
+    "weight_decay": 0.05,
+    "per_device_train_batch_size": 32,
+    "per_device_eval_batch_size": 64,
+    "learning_rate": 1e-3,
+    "num_train_epochs": 10,
+    "do_train": True,
+    "do_eval": True,
+}
+
+ALL_ARGS = (ModelArguments, DataArguments, TrainingArguments)
+
+
+def _field_names() -> dict[str, type]:
+    return {f.name: cls for cls in ALL_ARGS for f in dataclasses.fields(cls) if f.init}
+
+
+def _to_flags(values: dict) -> list[str]:
+    flags: list[str] = []
+    for key, val in values.items():
+        if val is None:
+            continue
+        if isinstance(val, (list, tuple)):
+            flags += [f"--{key}", *[str(v) for v in val]]
+        elif isinstance(val, dict):
+            flags += [f"--{key}", json.dumps(val)]
+        else:
+            flags += [f"--{key}", str(val)]
+    return flags
+
+
+def load_yaml_config(path: str | os.PathLike) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file not found: {p}")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {p.name} is not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {p.name} must be a mapping of field: value")
+    known = _field_names()
+    unknown = sorted(k for k in data if k not in known)
+    if unknown:
+        raise ConfigError(f"unknown config key(s) in {p.name}: {', '.join(unknown)}")
+    return data
+
+
+def _split_config_flag(argv: list[str]) -> tuple[str | None, list[str]]:
+    cfg, rest, i = None, [], 0
+    while i < len(argv):
+        a = argv[i]
+        if a == "--config":
+            if i + 1 >= len(argv):
+                raise ConfigError("--config needs a YAML file path")
+            cfg, i = argv[i + 1], i + 2
+            continue
+        if a.startswith("--config="):
+            cfg = a.split("=", 1)[1]
+        else:
+            rest.append(a)
+        i += 1
+    return cfg, rest
+
+
+def parse_args(argv: list[str] | None = None):
+    """argv -> (ModelArguments, DataArguments, TrainingArguments, resolved dict)."""
+    import sys
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    cfg_path, argv = _split_config_flag(argv)
+    values = dict(DEFAULT_TRAINING)
+    if cfg_path:
+        values.update(load_yaml_config(cfg_path))
+    known = _field_names()
+    for a in argv:  # unknown command-line flags: name them (argparse would print usage and exit)
+        if a.startswith("--"):
+            key = a[2:].split("=", 1)[0]
+            if key not in known:
+                raise ConfigError(f"unknown argument: --{key}")
+    parser = HfArgumentParser(ALL_ARGS)
+    try:
+        model_args, data_args, training_args = parser.parse_args_into_dataclasses(
+            args=_to_flags(values) + argv, look_for_args_file=False)
+    except SystemExit as e:  # argparse's own type errors
+        raise ConfigError(f"invalid arguments (exit {e.code}); see python train_hf.py --help") from None
+    validate_args(model_args, data_args, training_args)
+    return model_args, data_args, training_args
+
+
+def validate_args(model_args: ModelArguments, data_args: DataArguments, training_args) -> None:
+    if model_args.strategy not in STRATEGIES:
+        raise ConfigError(f"unknown strategy '{model_args.strategy}': choose one of {', '.join(STRATEGIES)}")
+    if not data_args.dataset_name:
+        raise ConfigError("dataset_name is required (a Hub dataset id or a local folder)")
+    if not 0.0 < data_args.validation_fraction < 1.0:
+        raise ConfigError("validation_fraction must be between 0 and 1")
+    if data_args.precision not in ("auto", "bf16", "fp32"):
+        raise ConfigError(f"unknown precision '{data_args.precision}': choose auto, bf16 or fp32")
+    if model_args.partial_stages < 1:
+        raise ConfigError("partial_stages must be >= 1")
+    if model_args.image_size is not None and model_args.image_size < 32:
+        raise ConfigError("image_size must be at least 32")
+    if training_args.push_to_hub and not training_args.hub_model_id:
+        raise ConfigError("push_to_hub needs hub_model_id (user/name)")
+
+
+def resolved_config(model_args, data_args, training_args) -> dict:
+    """Everything needed to re-run, JSON-serialisable (saved as run_config.json / .yaml)."""
+    out = {}
+    out.update(dataclasses.asdict(model_args))
+    out.update(dataclasses.asdict(data_args))
+    ta = training_args.to_dict()
+    for k in ("push_to_hub_token", "hub_token"):
+        ta.pop(k, None)
+    defaults = TrainingArguments(output_dir=training_args.output_dir).to_dict()
+    out.update({k: v for k, v in ta.items() if k in DEFAULT_TRAINING or defaults.get(k) != v})
+    return json.loads(json.dumps(out, default=str))

@@ -1,0 +1,242 @@
+"""build_model(): a checkpoint (transformers or timm via transformers) or a from-scratch
+preset, a fresh head for our labels, a training strategy, and export (LoRA merged)."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import torch
+from transformers import (
+    AutoConfig,
+    AutoImageProcessor,
+    AutoModelForImageClassification,
+    ResNetConfig,
+    ResNetForImageClassification,
+    ViTConfig,
+    ViTForImageClassification,
+    ViTImageProcessor,
+)
+
+logger = logging.getLogger(__name__)
+
+# Greyscale radiographs replicated in 3 channels: centre and scale to roughly [-1, 1].
+XRAY_MEAN = [0.5, 0.5, 0.5]
+XRAY_STD = [0.25, 0.25, 0.25]
+
+PRESETS = {
+    # A compact ResNet-18-shaped CNN (half width): ~2.8 M parameters, ~11 MB in fp32.
+    "cxr-resnet-small-scratch": dict(
+        kind="resnet", image_size=224,
+        config=dict(num_channels=3, embedding_size=32, hidden_sizes=[32, 64, 128, 256],
+                    depths=[2, 2, 2, 2], layer_type="basic", hidden_act="relu",
+                    downsample_in_first_stage=False),
+    ),
+    # A DeiT-Tiny-shaped ViT: patch 16, 192 wide, 6 layers, 3 heads (~2.8 M parameters).
+    "cxr-vit-small-scratch": dict(
+        kind="vit", image_size=224,
+        config=dict(patch_size=16, hidden_size=192, num_hidden_layers=6, num_attention_heads=3,
+                    intermediate_size=768, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0),
+    ),
+    # Tiny versions for tests and smoke runs.
+    "tiny-resnet-scratch": dict(
+        kind="resnet", image_size=64,
+        config=dict(num_channels=3, embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1],
+                    layer_type="basic", hidden_act="relu"),
+    ),
+    "tiny-vit-scratch": dict(
+        kind="vit", image_size=32,
+        config=dict(patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                    intermediate_size=64),
+    ),
+}
+
+
+class ModelError(ValueError):
+    """The checkpoint cannot be used (missing, not an image classifier, unsafe weights)."""
+
+
+def is_preset(name: str) -> bool:
+    return name in PRESETS
+
+
+def build_preset(name: str, id2label: dict[int, str], image_size: int | None = None):
+    spec = PRESETS[name]
+    size = image_size or spec["image_size"]
+    label2id = {v: k for k, v in id2label.items()}
+    common = dict(num_labels=len(id2label), id2label=id2label, label2id=label2id)
+    if spec["kind"] == "resnet":
+        config = ResNetConfig(**spec["config"], **common)
+        model = ResNetForImageClassification(config)
+    else:
+        config = ViTConfig(image_size=size, **spec["config"], **common)
+        model = ViTForImageClassification(config)
+    processor = ViTImageProcessor(
+        do_resize=True, size={"height": size, "width": size}, resample=2,  # bilinear
+        do_rescale=True, rescale_factor=1 / 255, do_normalize=True,
+        image_mean=XRAY_MEAN, image_std=XRAY_STD)
+    model.config.cxr_preset = name
+    return model, processor
+
+
+def _set_processor_size(processor, size: int) -> None:
+    if hasattr(processor, "size") and isinstance(processor.size, dict):
+        if "shortest_edge" in processor.size:
+            processor.size = {"shortest_edge": size}
+        else:
+            processor.size = {"height": size, "width": size}
+    if getattr(processor, "crop_size", None) is not None:
+        processor.crop_size = {"height": size, "width": size}
+
+
+def load_checkpoint(name: str, id2label: dict[int, str], image_size: int | None = None,
+                    revision: str | None = None):
+    """A transformers or timm (TimmWrapper) checkpoint with a fresh head for id2label."""
+    label2id = {v: k for k, v in id2label.items()}
+    local = Path(name).exists()
+    if local and not Path(name, "config.json").is_file():
+        raise ModelError(f"{name}: not a model folder (no config.json)")
+    try:
+        config = AutoConfig.from_pretrained(name, revision=revision)
+    except OSError as e:
+        raise ModelError(f"cannot load checkpoint '{name}': {str(e).splitlines()[0]}") from None
+    kwargs = dict(num_labels=len(id2label), id2label=id2label, label2id=label2id,
+                  ignore_mismatched_sizes=True, revision=revision, use_safetensors=True)
+    if config.model_type in ("vit", "deit", "dinov2", "beit"):
+        kwargs["attn_implementation"] = "sdpa"
+    try:
+        model = AutoModelForImageClassification.from_pretrained(name, **kwargs)
+        processor = AutoImageProcessor.from_pretrained(name, revision=revision)
+    except (OSError, ValueError) as e:
+        raise ModelError(f"cannot load checkpoint '{name}': {str(e).splitlines()[0]}") from None
+    if image_size:
+        _set_processor_size(processor, image_size)
+        if hasattr(model.config, "image_size"):
+            model.config.image_size = image_size
+    return model, processor
+
+
+def build_model(model_name_or_path: str, id2label: dict[int, str], image_size: int | None = None,
+                revision: str | None = None):
+    if is_preset(model_name_or_path):
+        return build_preset(model_name_or_path, id2label, image_size)
+    return load_checkpoint(model_name_or_path, id2label, image_size, revision)
+
+
+# ---------------------------------------------------------------- strategies
+
+def find_head(model) -> list[str]:
+    """Names (prefixes) of the classification head's parameters."""
+    if model.__class__.__name__.startswith("TimmWrapper"):
+        head = model.timm_model.get_classifier()
+        names = [n for n, m in model.named_modules() if m is head]
+        return names
+    return ["classifier"]
+
+
+def find_blocks(model) -> list[tuple[str, torch.nn.Module]]:
+    """The backbone's stages/blocks in forward order, as (name, module)."""
+    candidates = []
+    for name, mod in model.named_modules():
+        if isinstance(mod, (torch.nn.ModuleList, torch.nn.Sequential)) and len(mod) > 1:
+            leaf = name.rsplit(".", 1)[-1]
+            if leaf in ("layer", "stages", "blocks", "layers"):
+                candidates.append((name, mod))
+    if candidates:
+        name, mod = candidates[0]
+        return [(f"{name}.{i}", m) for i, m in enumerate(mod)]
+    # timm ResNet: layer1..layer4
+    layers = [(n, m) for n, m in model.named_modules() if n.rsplit(".", 1)[-1] in ("layer1", "layer2", "layer3", "layer4")]
+    if layers:
+        return layers
+    raise ModelError(f"cannot find backbone blocks in {model.__class__.__name__} for the partial strategy")
+
+
+def _final_norms(model) -> list[str]:
+    """Norm layers after the last block (ViT/ConvNeXt 'layernorm', timm 'norm'/'fc_norm')."""
+    out = []
+    for n, m in model.named_modules():
+        leaf = n.rsplit(".", 1)[-1]
+        if leaf in ("layernorm", "fc_norm", "norm", "pooler") and n.count(".") <= 2:
+            out.append(n)
+    return out
+
+
+def is_cnn(model) -> bool:
+    return any(isinstance(m, torch.nn.Conv2d) for m in model.modules()) and not any(
+        "attention" in n for n, _ in model.named_modules())
+
+
+def lora_target_modules(model) -> list[str]:
+    names = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    for pair in (("q_proj", "v_proj"), ("query", "value"), ("qkv",), ("q", "v")):
+        if set(pair) <= names:
+            return list(pair)
+    # CNNs: every convolution inside the backbone blocks (the stem and head stay as they are)
+    blocks = [n for n, _ in find_blocks(model)]
+    convs = [n for n, m in model.named_modules()
+             if isinstance(m, torch.nn.Conv2d) and any(n.startswith(b + ".") for b in blocks)]
+    if convs:
+        return convs
+    raise ModelError(f"no LoRA target modules known for {model.__class__.__name__}; set lora_target_modules")
+
+
+def apply_strategy(model, strategy: str, *, partial_stages: int = 1, lora_r: int = 16, lora_alpha: int = 16,
+                   lora_dropout: float = 0.1, lora_target_modules_: list[str] | None = None):
+    """Returns the model to train (a PeftModel for LoRA)."""
+    head = find_head(model)
+
+    def under(n: str, prefixes) -> bool:
+        return any(n == p or n.startswith(p + ".") for p in prefixes)
+
+    if strategy == "full":
+        for p in model.parameters():
+            p.requires_grad = True
+        return model
+    if strategy == "frozen":
+        for n, p in model.named_parameters():
+            p.requires_grad = under(n, head)
+        return model
+    if strategy == "partial":
+        blocks = [n for n, _ in find_blocks(model)][-partial_stages:]
+        train = head + blocks + _final_norms(model)
+        for n, p in model.named_parameters():
+            p.requires_grad = under(n, train)
+        return model
+    if strategy == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        targets = lora_target_modules_ or lora_target_modules(model)
+        to_save = list(head)
+        if is_cnn(model):  # batch-norm statistics and affine must adapt too
+            to_save += sorted({n for n, m in model.named_modules()
+                               if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)})
+        cfg = LoraConfig(r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
+                         target_modules=targets, modules_to_save=to_save, bias="none")
+        return get_peft_model(model, cfg)
+    raise ModelError(f"unknown strategy '{strategy}'")
+
+
+def count_parameters(model) -> tuple[int, int]:
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return trainable, total
+
+
+def merge_for_export(model):
+    """A plain transformers model: LoRA merged into the base weights."""
+    if hasattr(model, "merge_and_unload"):
+        return model.merge_and_unload()
+    return model
+
+
+def save_model_folder(model, processor, output_dir: str | os.PathLike) -> None:
+    """Hub-ready weights: safetensors + config + image processor, world-readable."""
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out, safe_serialization=True)
+    processor.save_pretrained(out)
+    for f in out.iterdir():
+        if f.is_file():
+            os.chmod(f, 0o644)

@@ -28,7 +28,7 @@ from cxr.modeling import (
     save_model_folder,
 )
 from cxr.training import (
-    WeightedCrossEntropy, build_compute_metrics, fit_operating_point, resolve_bf16, score_split,
+    WeightedCrossEntropy, build_compute_metrics, fit_operating_point, score_split,
 )
 
 logger = logging.getLogger("train_hf")
@@ -55,9 +55,6 @@ def run(argv: list[str] | None = None) -> dict:
     config = resolved_config(model_args, data_args, training_args)
     (out_dir / "run_config.yaml").write_text(yaml.safe_dump(config, sort_keys=True))
     set_seed(training_args.seed)
-    training_args.bf16 = training_args.bf16 or resolve_bf16(data_args.precision)
-    if data_args.precision == "fp32":
-        training_args.bf16 = False
     logger.info("precision: %s", "bf16 autocast" if training_args.bf16 else "fp32")
 
     # 2. Data: splits grouped by patient, every image decoded once up front.
@@ -89,7 +86,8 @@ def run(argv: list[str] | None = None) -> dict:
         if split in data.splits:
             data.splits[split].set_transform(ImageTransform(processor, augment=False))
 
-    # 4. Trainer.
+    # 4. Trainer. (The Hub push is ours, at the end, once the folder is complete.)
+    push, training_args.push_to_hub = training_args.push_to_hub, False
     callbacks = []
     if data_args.early_stopping_patience and training_args.eval_strategy != "no" and training_args.load_best_model_at_end:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=data_args.early_stopping_patience))
@@ -122,15 +120,17 @@ def run(argv: list[str] | None = None) -> dict:
         metrics["eval"] = score_split(val_logits, val_labels, data.positive_id, "eval",
                                       threshold=op["threshold"], temperature=op["temperature"],
                                       seed=training_args.seed)
-        trainer.save_metrics("eval", metrics["eval"])
+        trainer.save_metrics("eval", metrics["eval"], combined=False)
     if training_args.do_predict:
         test_logits, test_labels = _predict(trainer, data.splits["test"])
         metrics["test"] = score_split(test_logits, test_labels, data.positive_id, "test",
                                       threshold=op["threshold"], temperature=op["temperature"],
                                       seed=training_args.seed)
-        trainer.save_metrics("test", metrics["test"])
+        trainer.save_metrics("test", metrics["test"], combined=False)
 
     # 7. Export: merged weights (safetensors), processor, adapter beside them, card.
+    if not trainer.is_world_process_zero():  # under accelerate launch, one process writes
+        return {"output_dir": str(out_dir), "metrics": metrics, "operating_point": op}
     model = trainer.model
     if model_args.strategy == "lora":
         model.save_pretrained(out_dir / "adapter", safe_serialization=True)
@@ -145,7 +145,7 @@ def run(argv: list[str] | None = None) -> dict:
     logger.info("model folder ready: %s", out_dir)
 
     # 8. Push (the local folder is complete whatever happens here).
-    if training_args.push_to_hub:
+    if push:
         url = push_folder(out_dir, training_args.hub_model_id, private=data_args.hub_private,
                           token=training_args.hub_token)
         logger.info("pushed: %s", url)

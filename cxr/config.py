@@ -93,6 +93,7 @@ DEFAULT_TRAINING = {
     "remove_unused_columns": False,
     "report_to": "none",
     "dataloader_num_workers": 0,
+    "ddp_find_unused_parameters": False,
     "lr_scheduler_type": "cosine",
     "warmup_steps": 0.05,
     "weight_decay": 0.05,
@@ -174,14 +175,34 @@ def parse_args(argv: list[str] | None = None):
             key = a[2:].split("=", 1)[0]
             if key not in known:
                 raise ConfigError(f"unknown argument: --{key}")
-    parser = HfArgumentParser(ALL_ARGS)
-    try:
-        model_args, data_args, training_args = parser.parse_args_into_dataclasses(
-            args=_to_flags(values) + argv, look_for_args_file=False)
-    except SystemExit as e:  # argparse's own type errors
-        raise ConfigError(f"invalid arguments (exit {e.code}); see python train_hf.py --help") from None
+    flags = _to_flags(values) + argv
+    # Precision and device must be settled before the one TrainingArguments is built: its
+    # __post_init__ fixes mixed precision and the (process-wide) accelerate state.
+    pre = HfArgumentParser((ModelArguments, DataArguments)).parse_known_args(flags)[0]
+    if pre.precision not in ("auto", "bf16", "fp32"):
+        raise ConfigError(f"unknown precision '{pre.precision}': choose auto, bf16 or fp32")
+    import torch
+
+    from .training import resolve_bf16
+
+    extra = []
+    if not torch.cuda.is_available():
+        # CPU-only machine: say so, or Trainer refuses bf16 and skips CPU data parallelism
+        extra += ["--use_cpu", "True"]
+    if pre.precision != "auto" or resolve_bf16("auto"):
+        extra += ["--bf16", str(resolve_bf16(pre.precision))]
+    model_args, data_args, training_args = _parse(HfArgumentParser(ALL_ARGS), extra + flags)
     validate_args(model_args, data_args, training_args)
     return model_args, data_args, training_args
+
+
+def _parse(parser, flags):
+    try:
+        return parser.parse_args_into_dataclasses(args=flags, look_for_args_file=False)
+    except SystemExit as e:  # argparse's own type errors
+        raise ConfigError(f"invalid arguments (exit {e.code}); see python train_hf.py --help") from None
+    except ValueError as e:  # TrainingArguments.__post_init__ checks
+        raise ConfigError(str(e).splitlines()[0]) from None
 
 
 def validate_args(model_args: ModelArguments, data_args: DataArguments, training_args) -> None:
@@ -209,6 +230,11 @@ def resolved_config(model_args, data_args, training_args) -> dict:
     ta = training_args.to_dict()
     for k in ("push_to_hub_token", "hub_token"):
         ta.pop(k, None)
-    defaults = TrainingArguments(output_dir=training_args.output_dir).to_dict()
-    out.update({k: v for k, v in ta.items() if k in DEFAULT_TRAINING or defaults.get(k) != v})
+    defaults = {f.name: f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+                for f in dataclasses.fields(TrainingArguments)}
+    out.update({k: v for k, v in ta.items() if k in DEFAULT_TRAINING or defaults.get(k, v) != v})
+    if out.get("report_to") == []:
+        out["report_to"] = "none"
+    # post-init expansions and empty lists carry no choice of the user's
+    out = {k: v for k, v in out.items() if not isinstance(v, dict) and v != []}
     return json.loads(json.dumps(out, default=str))

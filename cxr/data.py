@@ -55,6 +55,10 @@ def load_raw_dataset(dataset_name: str, config_name: str | None = None, revision
         if not images:
             raise DataError(f"no images (.png, .jpg, .jpeg, .dcm) under {dataset_name}; expected "
                             "<split>/<LABEL>/<image> or <LABEL>/<image>")
+        classes = sorted({p.parent.name for p in images})
+        if len(classes) < 2:
+            raise DataError(f"only one class ({classes[0]}) in {dataset_name}: need at least two class "
+                            "folders (e.g. NORMAL and PNEUMONIA)")
         try:
             ds = load_dataset("imagefolder", data_dir=str(path))
         except Exception as e:  # datasets raises several types for a malformed folder
@@ -242,7 +246,11 @@ def build_augmentation(size: tuple[int, int]):
 
 
 def processor_size(processor) -> tuple[int, int]:
-    size = processor.size
+    """(height, width) of the processor's output."""
+    from .modeling import size_dict
+
+    crop = size_dict(getattr(processor, "crop_size", None)) if getattr(processor, "do_center_crop", False) else {}
+    size = crop or size_dict(processor.size)
     if "height" in size:
         return size["height"], size["width"]
     s = size.get("shortest_edge", 224)

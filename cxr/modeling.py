@@ -80,14 +80,24 @@ def build_preset(name: str, id2label: dict[int, str], image_size: int | None = N
     return model, processor
 
 
+def size_dict(size) -> dict:
+    """transformers 5 keeps sizes in a SizeDict object; older ones in a dict."""
+    if size is None:
+        return {}
+    if isinstance(size, dict):
+        return {k: v for k, v in size.items() if v is not None}
+    return {k: v for k, v in vars(size).items() if v is not None and not k.startswith("_")}
+
+
 def _set_processor_size(processor, size: int) -> None:
-    if hasattr(processor, "size") and isinstance(processor.size, dict):
-        if "shortest_edge" in processor.size:
-            processor.size = {"shortest_edge": size}
-        else:
-            processor.size = {"height": size, "width": size}
+    """Square inputs of `size` pixels, resized directly (no centre crop left to mis-match)."""
+    processor.size = {"height": size, "width": size}
     if getattr(processor, "crop_size", None) is not None:
         processor.crop_size = {"height": size, "width": size}
+    if hasattr(processor, "crop_pct"):
+        processor.crop_pct = None
+    if getattr(processor, "do_center_crop", None):
+        processor.do_center_crop = False
 
 
 def load_checkpoint(name: str, id2label: dict[int, str], image_size: int | None = None,
@@ -235,6 +245,8 @@ def save_model_folder(model, processor, output_dir: str | os.PathLike) -> None:
     """Hub-ready weights: safetensors + config + image processor, world-readable."""
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
+    if hasattr(model.config, "label_names"):  # TimmWrapperConfig writes label_names, not id2label
+        model.config.label_names = [model.config.id2label[i] for i in range(model.config.num_labels)]
     model.save_pretrained(out, safe_serialization=True)
     processor.save_pretrained(out)
     for f in out.iterdir():

@@ -1,0 +1,70 @@
+"""Shared fixtures: everything offline, on CPU, with tiny synthetic data and models."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def make_xray(seed: int, positive: bool, size: int = 64):
+    """A synthetic greyscale 'film': dark lungs on a lighter body; positives get a bright patch."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    img = np.full((size, size), 150, np.float32)
+    img[size // 6: -size // 6, size // 8: size // 2 - 2] = 50
+    img[size // 6: -size // 6, size // 2 + 2: -size // 8] = 50
+    if positive:
+        y, x = rng.integers(size // 4, 3 * size // 4, 2)
+        yy, xx = np.mgrid[:size, :size]
+        img += 120 * np.exp(-((yy - y) ** 2 + (xx - x) ** 2) / (2 * (size / 8) ** 2))
+    img += rng.normal(0, 8, img.shape)
+    return Image.fromarray(np.clip(img, 0, 255).astype(np.uint8), "L")
+
+
+def write_kermany_folder(root: Path, n_patients: int = 12, per_patient: int = 2, splits=("train",),
+                         size: int = 64) -> Path:
+    """<split>/<LABEL>/<file> with Kermany-style names: several images per patient."""
+    seed = 0
+    for split in splits:
+        for label in ("NORMAL", "PNEUMONIA"):
+            d = root / split / label
+            d.mkdir(parents=True, exist_ok=True)
+            for p in range(n_patients):
+                pid = p + (1000 if split == "test" else 0)
+                for k in range(per_patient):
+                    seed += 1
+                    name = (f"IM-{pid:04d}-{k + 1:04d}.jpeg" if label == "NORMAL"
+                            else f"person{pid}_bacteria_{k + 1}.jpeg")
+                    make_xray(seed, label == "PNEUMONIA", size).convert("RGB").save(d / name, quality=95)
+    return root
+
+
+@pytest.fixture(scope="session")
+def kermany_folder(tmp_path_factory) -> Path:
+    return write_kermany_folder(tmp_path_factory.mktemp("cxr") / "data", splits=("train", "test"))
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _isolated_hf_cache(tmp_path_factory):
+    cache = tmp_path_factory.mktemp("hf_cache")
+    old = os.environ.get("HF_DATASETS_CACHE")
+    os.environ["HF_DATASETS_CACHE"] = str(cache)
+    yield
+    if old is None:
+        os.environ.pop("HF_DATASETS_CACHE", None)
+    else:
+        os.environ["HF_DATASETS_CACHE"] = old

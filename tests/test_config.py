@@ -1,0 +1,78 @@
+import json
+
+import pytest
+import yaml
+
+from cxr.config import ConfigError, parse_args, resolved_config
+
+
+def write(tmp_path, data, name="c.yaml"):
+    p = tmp_path / name
+    p.write_text(yaml.safe_dump(data) if isinstance(data, dict) else data)
+    return str(p)
+
+
+def test_yaml_defaults_and_cli_override(tmp_path):
+    cfg = write(tmp_path, {"dataset_name": "some/dataset", "learning_rate": "3e-5", "strategy": "lora",
+                           "num_train_epochs": 3, "output_dir": str(tmp_path / "o"), "bf16": False})
+    m, d, t = parse_args(["--config", cfg, "--num_train_epochs", "7", "--strategy", "partial"])
+    assert d.dataset_name == "some/dataset"
+    assert t.learning_rate == pytest.approx(3e-5) and isinstance(t.learning_rate, float)  # YAML string converted
+    assert t.num_train_epochs == 7                       # CLI wins over YAML
+    assert m.strategy == "partial"
+    assert t.metric_for_best_model == "roc_auc"          # project default kept
+    assert t.remove_unused_columns is False
+
+
+def test_shipped_configs_parse():
+    from pathlib import Path
+
+    configs = sorted(Path("hub_configs").glob("*.yaml"))
+    assert len(configs) >= 4
+    for c in configs:
+        if c.name.startswith("space"):
+            continue
+        m, d, t = parse_args(["--config", str(c)])
+        assert d.dataset_name and t.output_dir
+
+
+def test_unknown_yaml_key_named(tmp_path):
+    cfg = write(tmp_path, {"dataset_name": "x/y", "learnin_rate": 0.1})
+    with pytest.raises(ConfigError, match="learnin_rate"):
+        parse_args(["--config", cfg])
+
+
+def test_unknown_cli_flag_named():
+    with pytest.raises(ConfigError, match="--no_such_flag"):
+        parse_args(["--dataset_name", "x/y", "--no_such_flag", "1"])
+
+
+def test_unknown_strategy_rejected():
+    with pytest.raises(ConfigError, match="unknown strategy 'half'"):
+        parse_args(["--dataset_name", "x/y", "--strategy", "half"])
+
+
+def test_missing_dataset_and_config_file(tmp_path):
+    with pytest.raises(ConfigError, match="dataset_name is required"):
+        parse_args([])
+    with pytest.raises(ConfigError, match="config file not found"):
+        parse_args(["--config", str(tmp_path / "nope.yaml")])
+    with pytest.raises(ConfigError, match="mapping"):
+        parse_args(["--config", write(tmp_path, "- a\n- b\n")])
+
+
+def test_push_needs_repo_id():
+    with pytest.raises(ConfigError, match="hub_model_id"):
+        parse_args(["--dataset_name", "x/y", "--push_to_hub", "True"])
+
+
+def test_resolved_config_round_trips(tmp_path):
+    m, d, t = parse_args(["--dataset_name", "x/y", "--output_dir", str(tmp_path), "--lora_r", "4"])
+    cfg = resolved_config(m, d, t)
+    json.dumps(cfg)
+    assert cfg["lora_r"] == 4 and cfg["dataset_name"] == "x/y" and cfg["output_dir"] == str(tmp_path)
+    assert "hub_token" not in cfg
+    # the saved config re-parses to the same values
+    m2, d2, t2 = parse_args(["--config", write(tmp_path, cfg)])
+    assert (m2, d2) == (m, d)
+    assert resolved_config(m2, d2, t2) == cfg

@@ -1,0 +1,103 @@
+import math
+
+import evaluate
+import numpy as np
+import pytest
+
+from cxr.metrics import (
+    compute_bootstrap_ci, compute_calibration, compute_clinical_metrics, compute_operating_points,
+    compute_softmax, compute_temperature,
+)
+from cxr.training import METRIC_MODULE
+
+
+def test_hand_computed_case():
+    # 4 negatives, 6 positives; threshold 0.5
+    y = [0, 0, 0, 0, 1, 1, 1, 1, 1, 1]
+    p = [0.1, 0.2, 0.6, 0.4, 0.9, 0.8, 0.7, 0.3, 0.55, 0.45]
+    m = compute_clinical_metrics(y, p, 0.5)
+    # TN=3 (0.1,0.2,0.4) FP=1 (0.6) FN=2 (0.3,0.45) TP=4
+    assert m["confusion_matrix"] == [[3, 1], [2, 4]]
+    assert m["accuracy"] == pytest.approx(7 / 10)
+    assert m["sensitivity"] == pytest.approx(4 / 6)
+    assert m["specificity"] == pytest.approx(3 / 4)
+    assert m["precision"] == pytest.approx(4 / 5)
+    assert m["npv"] == pytest.approx(3 / 5)
+    assert m["f1"] == pytest.approx(2 * 4 / (2 * 4 + 1 + 2))
+    # AUROC by pair counting: positives ranked above negatives
+    pairs = [(pp > pn) + 0.5 * (pp == pn) for pp, yp in zip(p, y) if yp for pn, yn in zip(p, y) if not yn]
+    assert m["roc_auc"] == pytest.approx(sum(pairs) / len(pairs))
+    assert m["brier"] == pytest.approx(np.mean((np.array(p) - np.array(y)) ** 2))
+
+
+def test_perfect_and_inverted_scores():
+    y = [0, 0, 1, 1]
+    assert compute_clinical_metrics(y, [0.1, 0.2, 0.8, 0.9])["roc_auc"] == 1.0
+    assert compute_clinical_metrics(y, [0.9, 0.8, 0.2, 0.1])["roc_auc"] == 0.0
+
+
+def test_always_positive_matches_anchor_row():
+    # 'always PNEUMONIA' on the Kermany test split: 62.5% accuracy, sensitivity 1, specificity 0
+    y = [0] * 234 + [1] * 390
+    m = compute_clinical_metrics(y, [1.0] * 624)
+    assert m["accuracy"] == pytest.approx(0.625)
+    assert (m["sensitivity"], m["specificity"]) == (1.0, 0.0)
+    assert m["roc_auc"] == 0.5
+    assert math.isnan(m["npv"])
+
+
+def test_bad_inputs_rejected():
+    with pytest.raises(ValueError, match="0 .negative. and 1"):
+        compute_clinical_metrics([0, 2], [0.1, 0.2])
+    with pytest.raises(ValueError, match="items"):
+        compute_clinical_metrics([0, 1, 1], [0.1, 0.2])
+
+
+def test_calibration_ece():
+    m = compute_calibration([1, 0], [0.95, 0.05])
+    assert m["ece"] == pytest.approx(0.05)
+    assert m["brier"] == pytest.approx(0.0025)
+
+
+def test_operating_points():
+    y = np.array([0] * 50 + [1] * 50)
+    s = np.concatenate([np.linspace(0, 0.6, 50), np.linspace(0.4, 1, 50)])
+    ops = compute_operating_points(y, s, min_sensitivity=0.95)
+    m_y = compute_clinical_metrics(y, s, ops["youden"])
+    m_hs = compute_clinical_metrics(y, s, ops["high_sensitivity"])
+    assert m_hs["sensitivity"] >= 0.95
+    assert m_y["balanced_accuracy"] >= m_hs["balanced_accuracy"]
+    assert m_y["balanced_accuracy"] >= compute_clinical_metrics(y, s, 0.1)["balanced_accuracy"]
+
+
+def test_temperature_fixes_overconfidence():
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 2000)
+    true_logit = np.where(y == 1, 1.0, -1.0) + rng.normal(0, 1.0, 2000)
+    # the Bayes log-odds of this mixture is 2x; logits of 5x are 2.5x overconfident
+    logits = np.stack([np.zeros(2000), 5.0 * true_logit], 1)
+    t = compute_temperature(logits, y)
+    assert 2.0 < t < 3.0
+    before = compute_calibration(y, compute_softmax(logits)[:, 1])["ece"]
+    after = compute_calibration(y, compute_softmax(logits, t)[:, 1])["ece"]
+    assert after < before / 2
+
+
+def test_bootstrap_ci_brackets_point_estimate():
+    rng = np.random.default_rng(1)
+    y = rng.integers(0, 2, 300)
+    s = np.clip(y * 0.3 + rng.uniform(0, 0.7, 300), 0, 1)
+    point = compute_clinical_metrics(y, s, 0.5)
+    ci = compute_bootstrap_ci(y, s, 0.5, n_boot=200)
+    for k in ("roc_auc", "sensitivity", "specificity"):
+        lo, hi = ci[k]
+        assert lo <= point[k] <= hi and hi - lo < 0.25
+
+
+def test_local_evaluate_module_offline():
+    metric = evaluate.load(METRIC_MODULE)
+    out = metric.compute(predictions=[0.1, 0.9, 0.6, 0.3], references=[0, 1, 0, 1])
+    assert out["roc_auc"] == pytest.approx(0.75)
+    assert out["confusion_matrix"] == [[1, 1], [1, 1]]
+    out = metric.compute(predictions=[0.1, 0.9, 0.6, 0.3], references=[0, 1, 0, 1], threshold=0.7)
+    assert out["confusion_matrix"] == [[2, 0], [1, 1]]

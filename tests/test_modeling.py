@@ -1,0 +1,159 @@
+import pytest
+import torch
+
+from cxr.modeling import (
+    ModelError, apply_strategy, build_model, build_preset, count_parameters, find_blocks, load_checkpoint,
+    merge_for_export, save_model_folder,
+)
+
+ID2LABEL = {0: "NORMAL", 1: "PNEUMONIA"}
+
+
+def trainable_names(model):
+    return {n for n, p in model.named_parameters() if p.requires_grad}
+
+
+def tiny_timm_folder(tmp_path):
+    """A timm checkpoint folder as the Hub has them (TimmWrapper config + pretrained_cfg)."""
+    from transformers import TimmWrapperConfig, TimmWrapperForImageClassification, TimmWrapperImageProcessor
+
+    cfg = TimmWrapperConfig(architecture="test_resnet", num_labels=1000,
+                            pretrained_cfg={"input_size": [3, 64, 64], "mean": [0.485, 0.456, 0.406],
+                                            "std": [0.229, 0.224, 0.225], "crop_pct": 1.0,
+                                            "interpolation": "bilinear", "num_classes": 1000})
+    model = TimmWrapperForImageClassification(cfg)
+    proc = TimmWrapperImageProcessor(pretrained_cfg=cfg.pretrained_cfg)
+    save_model_folder(model, proc, tmp_path / "timm")
+    return tmp_path / "timm"
+
+
+@pytest.mark.parametrize("preset", ["tiny-resnet-scratch", "tiny-vit-scratch"])
+def test_strategies_trainable_parameters(preset):
+    def fresh():
+        torch.manual_seed(0)
+        return build_preset(preset, ID2LABEL)[0]
+
+    full = apply_strategy(fresh(), "full")
+    t, total = count_parameters(full)
+    assert t == total
+
+    frozen = apply_strategy(fresh(), "frozen")
+    head = {n for n, _ in frozen.named_parameters() if n.startswith("classifier.")}
+    assert len(head) == 2 and trainable_names(frozen) == head
+
+    partial = apply_strategy(fresh(), "partial", partial_stages=1)
+    names = trainable_names(partial)
+    last_block = find_blocks(partial)[-1][0]
+    first_block = find_blocks(partial)[0][0]
+    assert head <= names
+    assert any(n.startswith(last_block + ".") for n in names)
+    assert not any(n.startswith(first_block + ".") for n in names)
+    assert count_parameters(frozen)[0] < count_parameters(partial)[0] < total
+
+    lora = apply_strategy(fresh(), "lora", lora_r=4)
+    names = trainable_names(lora)
+    assert any("lora_A" in n for n in names) and any("lora_B" in n for n in names)
+    assert any("classifier" in n for n in names)
+    if preset.startswith("tiny-vit"):
+        lora_modules = {n.split(".lora_A")[0].rsplit(".", 1)[-1] for n in names if "lora_A" in n}
+        assert lora_modules == {"q_proj", "v_proj"}       # transformers 5 ViT names
+    else:
+        assert any("normalization" in n and "modules_to_save" in n for n in names)  # BN saved for CNNs
+    assert count_parameters(lora)[0] < total
+
+
+def test_unknown_strategy():
+    model, _ = build_preset("tiny-resnet-scratch", ID2LABEL)
+    with pytest.raises(ModelError, match="unknown strategy"):
+        apply_strategy(model, "half")
+
+
+@pytest.mark.parametrize("preset", ["tiny-resnet-scratch", "tiny-vit-scratch"])
+def test_lora_merge_gives_same_logits(preset):
+    torch.manual_seed(0)
+    model, _ = build_preset(preset, ID2LABEL)
+    lora = apply_strategy(model, "lora", lora_r=4, lora_dropout=0.0)
+    # make the adapter non-trivial (lora_B starts at zero) and the head different
+    with torch.no_grad():
+        for n, p in lora.named_parameters():
+            if p.requires_grad:
+                p.add_(0.05 * torch.randn_like(p))
+    lora.eval()
+    x = torch.randn(2, 3, 64 if "resnet" in preset else 32, 64 if "resnet" in preset else 32)
+    with torch.no_grad():
+        before = lora(pixel_values=x).logits
+        merged = merge_for_export(lora)
+        after = merged(pixel_values=x).logits
+    assert not any("lora" in n for n, _ in merged.named_parameters())
+    assert torch.allclose(before, after, atol=1e-5)
+
+
+@pytest.mark.parametrize("preset", ["tiny-resnet-scratch", "tiny-vit-scratch"])
+def test_save_reload_identical_logits(tmp_path, preset):
+    from transformers import AutoImageProcessor, AutoModelForImageClassification
+
+    torch.manual_seed(0)
+    model, proc = build_preset(preset, ID2LABEL)
+    model.eval()
+    save_model_folder(model, proc, tmp_path)
+    assert (tmp_path / "model.safetensors").stat().st_mode & 0o777 == 0o644
+    assert not list(tmp_path.glob("*.bin"))
+    loaded = AutoModelForImageClassification.from_pretrained(tmp_path, use_safetensors=True).eval()
+    proc2 = AutoImageProcessor.from_pretrained(tmp_path)
+    assert loaded.config.id2label == ID2LABEL
+    size = proc.size["height"]
+    x = torch.randn(2, 3, size, size)
+    with torch.no_grad():
+        assert torch.equal(model(pixel_values=x).logits, loaded(pixel_values=x).logits)
+    from cxr.data import processor_size
+
+    assert proc2.image_mean == proc.image_mean and processor_size(proc2) == processor_size(proc)
+
+
+def test_checkpoint_gets_fresh_head(tmp_path):
+    """A 1000-class checkpoint becomes a 2-class model (ignore_mismatched_sizes)."""
+    from transformers import ResNetConfig, ResNetForImageClassification
+
+    from cxr.modeling import ViTImageProcessor
+
+    cfg = ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], num_labels=1000)
+    save_model_folder(ResNetForImageClassification(cfg), ViTImageProcessor(size={"height": 64, "width": 64}),
+                      tmp_path / "ckpt")
+    model, proc = build_model(str(tmp_path / "ckpt"), ID2LABEL, image_size=48)
+    assert model.config.num_labels == 2 and model.config.id2label == ID2LABEL
+    assert model.classifier[-1].out_features == 2
+    from cxr.data import processor_size
+
+    assert processor_size(proc) == (48, 48)
+
+
+def test_timm_checkpoint_strategies_and_pipeline(tmp_path):
+    from transformers import pipeline
+
+    folder = tiny_timm_folder(tmp_path)
+    model, proc = load_checkpoint(str(folder), ID2LABEL)
+    assert model.__class__.__name__ == "TimmWrapperForImageClassification"
+    frozen = apply_strategy(model, "frozen")
+    names = trainable_names(frozen)
+    assert names and all(n.startswith("timm_model.fc") for n in names)
+    lora = apply_strategy(load_checkpoint(str(folder), ID2LABEL)[0], "lora", lora_r=2)
+    assert any("lora_A" in n for n in trainable_names(lora))
+    out = tmp_path / "out"
+    save_model_folder(merge_for_export(lora), proc, out)
+    clf = pipeline("image-classification", model=str(out))
+    from tests.conftest import make_xray
+
+    res = clf(make_xray(0, True).convert("RGB"))
+    assert {r["label"] for r in res} == {"NORMAL", "PNEUMONIA"}
+    assert sum(r["score"] for r in res) == pytest.approx(1.0, abs=1e-5)
+
+
+def test_bad_checkpoints(tmp_path):
+    with pytest.raises(ModelError, match="not a model folder"):
+        build_model(str(tmp_path), ID2LABEL)
+    model, proc = build_preset("tiny-resnet-scratch", ID2LABEL)
+    save_model_folder(model, proc, tmp_path / "m")
+    (tmp_path / "m" / "model.safetensors").unlink()
+    torch.save(model.state_dict(), tmp_path / "m" / "pytorch_model.bin")
+    with pytest.raises(ModelError, match="cannot load checkpoint"):
+        build_model(str(tmp_path / "m"), ID2LABEL)          # pickle weights are never loaded

@@ -1,0 +1,164 @@
+"""End-to-end: train_hf.main() on tiny synthetic data, offline, on CPU."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import train_hf
+from tests.conftest import ROOT
+
+
+def base_args(data, out, *extra):
+    return ["--model_name_or_path", "tiny-resnet-scratch", "--dataset_name", str(data), "--output_dir", str(out),
+            "--max_steps", "2", "--per_device_train_batch_size", "4", "--per_device_eval_batch_size", "16",
+            "--validation_fraction", "0.25", "--logging_steps", "1", "--learning_rate", "1e-3",
+            "--disable_tqdm", "True", *extra]
+
+
+@pytest.fixture(scope="session")
+def trained_folder(kermany_folder, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run") / "model"
+    assert train_hf.main(base_args(kermany_folder, out, "--do_predict", "True")) == 0
+    return out
+
+
+def test_folder_is_hub_ready(trained_folder):
+    files = {p.name for p in trained_folder.iterdir()}
+    assert {"config.json", "model.safetensors", "preprocessor_config.json", "README.md", "eval_results.json",
+            "test_results.json", "run_config.yaml"} <= files
+    assert not any(f.endswith((".bin", ".pt", ".pth")) for f in files)
+    cfg = json.loads((trained_folder / "config.json").read_text())
+    assert cfg["id2label"] == {"0": "NORMAL", "1": "PNEUMONIA"}
+    op = cfg["cxr_operating_point"]
+    assert 0.0 <= op["threshold"] <= 1.0 and op["temperature"] > 0 and op["positive_label"] == "PNEUMONIA"
+    ev = json.loads((trained_folder / "eval_results.json").read_text())
+    te = json.loads((trained_folder / "test_results.json").read_text())
+    for key in ("roc_auc", "sensitivity", "specificity", "accuracy", "precision", "npv", "f1", "pr_auc"):
+        assert f"eval_{key}" in ev and f"test_{key}" in te
+    assert te["test_n_samples"] == 48                     # the test split, scored only with --do_predict
+    assert set(te["test_ci"]) >= {"roc_auc", "sensitivity", "specificity"}
+    (tn, fp), (fn, tp) = te["test_confusion_matrix"]
+    assert tn + fp == 24 and fn + tp == 24
+
+
+def test_model_card_metadata_parses(trained_folder):
+    from huggingface_hub import ModelCard
+
+    card = ModelCard.load(trained_folder / "README.md")
+    assert card.data.pipeline_tag == "image-classification"
+    assert card.data.library_name == "transformers"
+    assert "medical" in card.data.tags
+    metrics = {(r.dataset_split, r.metric_type) for r in card.data.eval_results}
+    assert {("validation", "roc_auc"), ("test", "sensitivity"), ("test", "specificity")} <= metrics
+    assert "Not a medical device" in card.text
+    assert "python train_hf.py" in card.text
+
+
+def test_pipeline_loads_in_fresh_process_without_project_code(trained_folder, kermany_folder):
+    image = next((kermany_folder / "test" / "PNEUMONIA").iterdir())
+    code = (
+        "import json, sys\n"
+        "from transformers import pipeline\n"
+        f"clf = pipeline('image-classification', model={str(trained_folder)!r})\n"
+        f"res = clf({str(image)!r})\n"
+        "assert not any(m == 'cxr' or m.startswith('cxr.') for m in sys.modules), 'project code imported'\n"
+        "print(json.dumps(res))\n")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd="/", env=env,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    res = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert {r["label"] for r in res} == {"NORMAL", "PNEUMONIA"}
+    assert sum(r["score"] for r in res) == pytest.approx(1.0, abs=1e-5)
+
+
+def test_lora_run_exports_merged_and_adapter(kermany_folder, tmp_path):
+    from transformers import pipeline
+
+    out = tmp_path / "lora"
+    assert train_hf.main(base_args(kermany_folder, out, "--model_name_or_path", "tiny-vit-scratch",
+                                   "--strategy", "lora", "--lora_r", "4")) == 0
+    assert (out / "adapter" / "adapter_model.safetensors").is_file()
+    assert (out / "adapter" / "adapter_config.json").is_file()
+    from safetensors import safe_open
+
+    with safe_open(out / "model.safetensors", "pt") as f:
+        assert not any("lora" in k for k in f.keys())
+    res = pipeline("image-classification", model=str(out))(str(next((kermany_folder / "test" / "NORMAL").iterdir())))
+    assert {r["label"] for r in res} == {"NORMAL", "PNEUMONIA"}
+
+
+def test_resume_after_kill(kermany_folder, tmp_path, monkeypatch):
+    from cxr import training
+
+    out = tmp_path / "resume"
+    args = base_args(kermany_folder, out, "--max_steps", "4", "--save_strategy", "steps", "--save_steps", "2",
+                     "--eval_strategy", "steps", "--eval_steps", "2")
+    calls = {"n": 0}
+    original = training.WeightedCrossEntropy.__call__
+
+    def dying(self, *a, **k):
+        import torch
+
+        calls["n"] += torch.is_grad_enabled()  # count training steps, not evaluation batches
+        if calls["n"] == 3:
+            raise KeyboardInterrupt("simulated kill during step 3")
+        return original(self, *a, **k)
+
+    monkeypatch.setattr(training.WeightedCrossEntropy, "__call__", dying)
+    with pytest.raises(KeyboardInterrupt):
+        train_hf.main(args)
+    assert (out / "checkpoint-2" / "model.safetensors").is_file()
+    assert not (out / "checkpoint-4").exists()
+    before = (out / "checkpoint-2" / "model.safetensors").read_bytes()
+
+    calls["n"] = -100  # no more kills
+    assert train_hf.main(args + ["--resume_from_checkpoint", "True"]) == 0
+    state = json.loads((out / "trainer_state.json").read_text())
+    assert state["global_step"] == 4
+    assert calls["n"] == -100 + 2                          # only steps 3 and 4 were run again
+    assert (out / "checkpoint-2" / "model.safetensors").read_bytes() == before  # nothing lost
+    assert (out / "model.safetensors").is_file()
+
+
+def test_push_failure_is_clear_and_keeps_folder(kermany_folder, tmp_path, capsys):
+    out = tmp_path / "push"
+    rc = train_hf.main(base_args(kermany_folder, out, "--push_to_hub", "True", "--hub_model_id", "someone/cxr-test",
+                                 "--save_strategy", "no", "--load_best_model_at_end", "False"))
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert "push to someone/cxr-test failed" in err and "local folder" in err
+    assert "Traceback" not in err
+    assert (out / "model.safetensors").is_file() and (out / "README.md").is_file()
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--dataset_name", "/nonexistent/folder"], "dataset folder not found"),
+    (["--strategy", "everything"], "unknown strategy 'everything'"),
+    (["--model_name_or_path", "/nonexistent/model"], "cannot load checkpoint"),
+    (["--bogus_flag", "1"], "unknown argument: --bogus_flag"),
+])
+def test_bad_input_rejected_before_training(kermany_folder, tmp_path, capsys, extra, message):
+    rc = train_hf.main(base_args(kermany_folder, tmp_path / "bad", *extra))
+    err = capsys.readouterr().err
+    assert rc == 2 and message in err and "Traceback" not in err
+    assert not (tmp_path / "bad" / "model.safetensors").exists()
+
+
+def test_accelerate_two_cpu_processes(kermany_folder, tmp_path):
+    out = tmp_path / "ddp"
+    # accelerate's torch.distributed launcher; on a CPU-only machine it runs DDP over gloo
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           str(ROOT / "train_hf.py"), *base_args(kermany_folder, out, "--precision", "fp32")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (out / "model.safetensors").is_file()
+    state = json.loads((out / "trainer_state.json").read_text())
+    assert state["global_step"] == 2
+    # two processes x 4 images per device: the card records a global batch of 8
+    assert "| batch size | 8 |" in (out / "README.md").read_text()

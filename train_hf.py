@@ -138,6 +138,10 @@ def run(argv: list[str] | None = None) -> dict:
     model.config.cxr_operating_point = op
     model.config.cxr_training = {"strategy": model_args.strategy, "base_model": model_args.model_name_or_path,
                                  "dataset": data_args.dataset_name, "image_size": processor_size(processor)[0]}
+    if "eval" in metrics:
+        model.config.cxr_training["validation_metrics"] = {
+            k: round(float(metrics["eval"][f"eval_{k}"]), 4)
+            for k in ("roc_auc", "accuracy", "sensitivity", "specificity")}
     save_model_folder(model, processor, out_dir)
     info = _card_info(argv, model_args, data_args, training_args, data, metrics, op,
                       trainable, total, train_seconds, trainer)

@@ -72,7 +72,6 @@ class DataArguments:
     class_weights: list[float] | None = field(
         default=None, metadata={"help": "Cross-entropy class weights; default: inverse class frequency of train."})
     augment: bool = field(default=True, metadata={"help": "Training augmentation (affine, crop, contrast)."})
-    tta: bool = field(default=False, metadata={"help": "Evaluate with test-time augmentation (shifted crops)."})
     early_stopping_patience: int = field(
         default=5, metadata={"help": "Evaluations without AUROC improvement before stopping (0 = off)."})
     precision: str = field(

@@ -68,3 +68,31 @@ def _isolated_hf_cache(tmp_path_factory):
         os.environ.pop("HF_DATASETS_CACHE", None)
     else:
         os.environ["HF_DATASETS_CACHE"] = old
+
+
+def base_args(data, out, *extra):
+    """train_hf.py arguments for a 2-step run of a tiny model."""
+    return ["--model_name_or_path", "tiny-resnet-scratch", "--dataset_name", str(data), "--output_dir", str(out),
+            "--max_steps", "2", "--per_device_train_batch_size", "4", "--per_device_eval_batch_size", "16",
+            "--validation_fraction", "0.25", "--logging_steps", "1", "--learning_rate", "1e-3",
+            "--disable_tqdm", "True", *extra]
+
+
+@pytest.fixture(scope="session")
+def trained_folder(kermany_folder, tmp_path_factory):
+    """A model folder written by train_hf.main(): tiny ResNet, 2 steps, with --do_predict."""
+    import train_hf
+
+    out = tmp_path_factory.mktemp("run") / "model"
+    assert train_hf.main(base_args(kermany_folder, out, "--do_predict", "True")) == 0
+    return out
+
+
+@pytest.fixture(scope="session")
+def trained_vit_folder(kermany_folder, tmp_path_factory):
+    import train_hf
+
+    out = tmp_path_factory.mktemp("run") / "vit"
+    assert train_hf.main(base_args(kermany_folder, out, "--model_name_or_path", "tiny-vit-scratch",
+                                   "--save_strategy", "no", "--load_best_model_at_end", "False")) == 0
+    return out

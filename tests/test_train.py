@@ -12,18 +12,7 @@ import train_hf
 from tests.conftest import ROOT
 
 
-def base_args(data, out, *extra):
-    return ["--model_name_or_path", "tiny-resnet-scratch", "--dataset_name", str(data), "--output_dir", str(out),
-            "--max_steps", "2", "--per_device_train_batch_size", "4", "--per_device_eval_batch_size", "16",
-            "--validation_fraction", "0.25", "--logging_steps", "1", "--learning_rate", "1e-3",
-            "--disable_tqdm", "True", *extra]
-
-
-@pytest.fixture(scope="session")
-def trained_folder(kermany_folder, tmp_path_factory):
-    out = tmp_path_factory.mktemp("run") / "model"
-    assert train_hf.main(base_args(kermany_folder, out, "--do_predict", "True")) == 0
-    return out
+from tests.conftest import base_args
 
 
 def test_folder_is_hub_ready(trained_folder):

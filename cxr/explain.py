@@ -1,0 +1,96 @@
+"""Where the model looked: attention rollout for ViTs (Abnar & Zuidema, 2020), Grad-CAM for
+CNNs (the ``grad-cam`` package), and an overlay on the X-ray. Maps are in [0, 1], at the
+model's input resolution; ``overlay`` stretches them back onto the displayed image."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .modeling import find_blocks, is_cnn
+
+
+class _LogitsOnly(torch.nn.Module):
+    """pytorch-grad-cam expects model(x) -> logits tensor."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        return self.model(pixel_values=x).logits
+
+
+def explainer_kind(model) -> str:
+    return "grad-cam" if is_cnn(model) else "attention-rollout"
+
+
+def compute_attention_rollout(attentions, discard_ratio: float = 0.0) -> np.ndarray:
+    """attentions: per layer (batch, heads, tokens, tokens) with the CLS token first.
+    Returns (batch, grid, grid) CLS-to-patch relevance, min-max scaled to [0, 1]."""
+    result = None
+    for att in attentions:
+        a = att.float().mean(dim=1)                                # average heads
+        if discard_ratio:
+            flat = a.flatten(1)
+            k = int(flat.shape[1] * discard_ratio)
+            idx = flat.topk(k, dim=1, largest=False).indices
+            flat.scatter_(1, idx, 0)
+        eye = torch.eye(a.shape[-1], device=a.device).unsqueeze(0)
+        a = 0.5 * a + 0.5 * eye                                    # residual connection
+        a = a / a.sum(dim=-1, keepdim=True)
+        result = a if result is None else a @ result
+    cls = result[:, 0, 1:]                                         # CLS row, patch tokens
+    grid = int(round(cls.shape[-1] ** 0.5))
+    cls = cls[:, : grid * grid].reshape(-1, grid, grid)
+    lo = cls.flatten(1).min(1).values[:, None, None]
+    hi = cls.flatten(1).max(1).values[:, None, None]
+    return ((cls - lo) / (hi - lo + 1e-8)).cpu().numpy()
+
+
+class Explainer:
+    """Built once per model; ``__call__(pixel_values, class_id)`` -> (H, W) map in [0, 1]."""
+
+    def __init__(self, model):
+        self.model = model
+        self.kind = explainer_kind(model)
+        if self.kind == "grad-cam":
+            from pytorch_grad_cam import GradCAM
+
+            target = find_blocks(model)[-1][1]
+            self._cam = GradCAM(model=_LogitsOnly(model), target_layers=[target])
+
+    def __call__(self, pixel_values: torch.Tensor, class_id: int) -> np.ndarray:
+        size = pixel_values.shape[-2:]
+        if self.kind == "grad-cam":
+            from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+            with torch.enable_grad():
+                cam = self._cam(input_tensor=pixel_values.float(), targets=[ClassifierOutputTarget(class_id)])
+            return np.asarray(cam[0], dtype=np.float32)
+        with torch.no_grad():
+            out = self.model(pixel_values=pixel_values.float(), output_attentions=True)
+        if not out.attentions or out.attentions[0] is None:
+            raise RuntimeError("the model returned no attentions (load it with attn_implementation='eager')")
+        grid = compute_attention_rollout(out.attentions)[0]
+        up = torch.nn.functional.interpolate(torch.from_numpy(grid)[None, None], size=tuple(size),
+                                             mode="bilinear", align_corners=False)
+        return up[0, 0].clamp(0, 1).numpy().astype(np.float32)
+
+
+def overlay(image: Image.Image, heatmap: np.ndarray, opacity: float = 0.4) -> Image.Image:
+    """Heatmap (any size, [0, 1]) blended over the image with a jet colour map."""
+    from pytorch_grad_cam.utils.image import show_cam_on_image
+
+    rgb = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
+    h, w = rgb.shape[:2]
+    hm = np.asarray(Image.fromarray((np.clip(heatmap, 0, 1) * 255).astype(np.uint8)).resize((w, h), Image.BILINEAR),
+                    dtype=np.float32) / 255.0
+    opacity = float(np.clip(opacity, 0.0, 1.0))
+    return Image.fromarray(show_cam_on_image(rgb, hm, use_rgb=True, image_weight=1.0 - opacity))
+
+
+def heatmap_image(heatmap: np.ndarray) -> Image.Image:
+    """The raw map as an 8-bit greyscale PNG-able image."""
+    return Image.fromarray((np.clip(heatmap, 0, 1) * 255).astype(np.uint8), "L")

@@ -1,0 +1,256 @@
+"""Predictor: the one way to run a trained model (used by the app, the CLI, the benchmarks
+and the tests). Loads a Hub id or a local folder (safetensors only, no remote code), applies
+the saved image processor, temperature and decision threshold, and explains predictions.
+
+    python -m cxr.inference --model outputs/cxr-resnet-small-scratch image1.png image2.dcm
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .imaging import ImageLoadError, check_is_radiograph, load_image
+from .metrics import compute_softmax
+from .modeling import is_cnn
+
+logger = logging.getLogger(__name__)
+
+DISCLAIMER = ("Research and education only: not a medical device. Not for diagnosis, treatment "
+              "or triage of patients.")
+DEFAULT_MODEL_DIR = Path(__file__).resolve().parent.parent / "models" / "cxr-resnet-small-scratch"
+
+
+class ModelLoadError(RuntimeError):
+    """The model cannot be loaded (missing, unsafe or corrupt weights, not a classifier)."""
+
+
+@dataclass
+class Prediction:
+    label: str | None                    # None when the input looks out of distribution
+    probabilities: dict[str, float]      # calibrated (temperature-scaled) softmax
+    positive_label: str
+    positive_probability: float
+    threshold: float
+    threshold_source: str
+    out_of_distribution: bool = False
+    warning: str | None = None
+    disclaimer: str = DISCLAIMER
+    heatmap: np.ndarray | None = field(default=None, repr=False)
+    explainer: str | None = None
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d.pop("heatmap")
+        return d
+
+
+def _check_weights(folder: Path) -> None:
+    if not folder.is_dir():
+        raise ModelLoadError(f"model folder not found: {folder}")
+    if not (folder / "config.json").is_file():
+        raise ModelLoadError(f"{folder.name}: not a model folder (no config.json)")
+    has_st = (folder / "model.safetensors").is_file() or (folder / "model.safetensors.index.json").is_file()
+    if not has_st:
+        pickles = [p.name for p in folder.glob("*.bin")] + [p.name for p in folder.glob("*.pt*")]
+        if pickles:
+            raise ModelLoadError(f"{folder.name} has only pickle weights ({', '.join(sorted(pickles))}); "
+                                 "only safetensors weights are loaded")
+        raise ModelLoadError(f"{folder.name} has no model.safetensors")
+
+
+def resolve_precision(precision: str, model) -> torch.dtype | None:
+    """bf16 autocast where the CPU has native bf16 (AMX / AVX512-BF16); else fp32."""
+    from .training import resolve_bf16
+
+    if precision not in ("auto", "bf16", "fp32"):
+        raise ValueError(f"unknown precision '{precision}': choose auto, bf16 or fp32")
+    return torch.bfloat16 if resolve_bf16(precision) else None
+
+
+class Predictor:
+    def __init__(self, model, processor, *, precision: str = "auto", name: str = "model"):
+        self.model = model.eval()
+        self.processor = processor
+        self.name = name
+        self.config = model.config
+        self.id2label = {int(k): v for k, v in model.config.id2label.items()}
+        op = getattr(model.config, "cxr_operating_point", None) or {}
+        pos_name = op.get("positive_label")
+        if pos_name not in self.id2label.values():
+            others = [i for i, n in self.id2label.items() if n.upper() != "NORMAL"]
+            pos_name = self.id2label[others[0] if len(others) == 1 else max(self.id2label)]
+        self.positive_id = {v: k for k, v in self.id2label.items()}[pos_name]
+        self.temperature = float(op.get("temperature", 1.0))
+        self.threshold = float(op.get("threshold", 0.5))
+        self.threshold_source = op.get("source", "default 0.5 (the model has no saved operating point)") \
+            if op else "default 0.5 (the model has no saved operating point)"
+        self.autocast_dtype = resolve_precision(precision, model)
+        self.channels_last = is_cnn(model)
+        if self.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self._explainer = None
+
+    # ------------------------------------------------------------ loading
+    @classmethod
+    def from_pretrained(cls, model_id: str | Path | None = None, *, revision: str | None = None,
+                        precision: str = "auto", token: str | None = None) -> "Predictor":
+        from transformers import AutoConfig, AutoImageProcessor, AutoModelForImageClassification
+
+        model_id = str(model_id or DEFAULT_MODEL_DIR)
+        local = Path(model_id).expanduser()
+        is_local = local.exists() or model_id.startswith((".", "/", "~"))
+        if is_local:
+            _check_weights(local)
+            model_id = str(local)
+        name = local.name if is_local else model_id
+        try:
+            config = AutoConfig.from_pretrained(model_id, revision=revision, token=token)
+            kwargs = {}
+            if not is_cnn_config(config):
+                kwargs["attn_implementation"] = "eager"   # attention maps need eager attention
+            model = AutoModelForImageClassification.from_pretrained(
+                model_id, revision=revision, token=token, use_safetensors=True, trust_remote_code=False, **kwargs)
+            processor = AutoImageProcessor.from_pretrained(model_id, revision=revision, token=token)
+        except Exception as e:  # noqa: BLE001 - every failure ends as one clear message
+            first = (str(e).splitlines() or [type(e).__name__])[0]
+            if "safetensors" in type(e).__module__ or "header" in first.lower() or "deserializ" in first.lower():
+                raise ModelLoadError(f"{name}: the weights file is corrupt or truncated") from None
+            raise ModelLoadError(f"cannot load model '{name}': {first[:300]}") from None
+        predictor = cls(model, processor, precision=precision, name=name)
+        predictor.folder = local if is_local else None
+        return predictor
+
+    # ------------------------------------------------------------ inference
+    def preprocess(self, images: list[Image.Image]) -> torch.Tensor:
+        """The saved image processor: the same call as training's eval transform."""
+        return self.processor(images=images, return_tensors="pt")["pixel_values"]
+
+    def _prepare(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return pixel_values.contiguous(memory_format=torch.channels_last) if self.channels_last else pixel_values
+
+    @torch.inference_mode()
+    def logits(self, pixel_values: torch.Tensor) -> np.ndarray:
+        x = self._prepare(pixel_values)
+        if self.autocast_dtype is not None:
+            with torch.autocast("cpu", dtype=self.autocast_dtype):
+                out = self.model(pixel_values=x).logits
+        else:
+            out = self.model(pixel_values=x).logits
+        return out.float().cpu().numpy()
+
+    def _result(self, logits: np.ndarray, warning: str | None) -> Prediction:
+        probs = compute_softmax(logits[None], self.temperature)[0]
+        p_pos = float(probs[self.positive_id])
+        if len(self.id2label) == 2:
+            neg = 1 - self.positive_id
+            label = self.id2label[self.positive_id] if p_pos >= self.threshold else self.id2label[neg]
+        else:
+            label = self.id2label[int(np.argmax(probs))]
+        return Prediction(
+            label=None if warning else label,
+            probabilities={self.id2label[i]: float(p) for i, p in enumerate(probs)},
+            positive_label=self.id2label[self.positive_id], positive_probability=p_pos,
+            threshold=self.threshold, threshold_source=self.threshold_source,
+            out_of_distribution=warning is not None, warning=warning)
+
+    def predict(self, source, *, explain: bool = False) -> Prediction:
+        """source: path, bytes, file object or PIL image. Raises ImageLoadError for bad input."""
+        image = source if isinstance(source, Image.Image) else load_image(source)
+        warning = check_is_radiograph(image)
+        pv = self.preprocess([image])
+        result = self._result(self.logits(pv)[0], warning)
+        if explain:
+            result.heatmap = self.explain_tensor(pv, self.positive_id)
+            result.explainer = self.explainer.kind
+        return result
+
+    def predict_batch(self, sources, batch_size: int = 32) -> list[Prediction | ImageLoadError]:
+        """Many images; a bad one yields its ImageLoadError in place, the rest still run."""
+        out: list = []
+        for start in range(0, len(sources), batch_size):
+            chunk, images, slots = sources[start:start + batch_size], [], []
+            for s in chunk:
+                try:
+                    images.append(s if isinstance(s, Image.Image) else load_image(s))
+                    slots.append(None)
+                except ImageLoadError as e:
+                    slots.append(e)
+            logits = self.logits(self.preprocess(images)) if images else []
+            it = iter(zip(images, logits))
+            for slot in slots:
+                if slot is not None:
+                    out.append(slot)
+                else:
+                    im, lg = next(it)
+                    out.append(self._result(lg, check_is_radiograph(im)))
+        return out
+
+    # ------------------------------------------------------------ explanations
+    @property
+    def explainer(self):
+        if self._explainer is None:
+            from .explain import Explainer
+
+            self._explainer = Explainer(self.model)
+        return self._explainer
+
+    def explain_tensor(self, pixel_values: torch.Tensor, class_id: int | None = None) -> np.ndarray:
+        return self.explainer(self._prepare(pixel_values), self.positive_id if class_id is None else class_id)
+
+    def describe(self) -> dict:
+        """Card facts for the UI: base model, strategy, data, validation metrics."""
+        facts = dict(getattr(self.config, "cxr_training", None) or {})
+        folder = getattr(self, "folder", None)
+        if "validation_metrics" not in facts and folder is not None and (folder / "eval_results.json").is_file():
+            ev = json.loads((folder / "eval_results.json").read_text())
+            facts["validation_metrics"] = {k: ev[f"eval_{k}"] for k in ("roc_auc", "accuracy", "sensitivity",
+                                                                          "specificity") if f"eval_{k}" in ev}
+        facts.update(model=self.name, architecture=self.config.model_type, labels=list(self.id2label.values()),
+                     threshold=self.threshold, threshold_source=self.threshold_source,
+                     temperature=self.temperature, explainer=explainer_kind_name(self.model))
+        return facts
+
+
+def is_cnn_config(config) -> bool:
+    return config.model_type in ("resnet", "convnext", "convnextv2", "efficientnet", "regnet", "mobilenet_v2",
+                                 "timm_wrapper", "bit", "van")
+
+
+def explainer_kind_name(model) -> str:
+    return "Grad-CAM" if is_cnn(model) else "attention rollout"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description="Predict NORMAL/PNEUMONIA for chest X-ray files. " + DISCLAIMER)
+    ap.add_argument("images", nargs="+", help="PNG, JPEG or DICOM files")
+    ap.add_argument("--model", default=None, help="Hub id or local folder (default: the shipped model)")
+    ap.add_argument("--revision", default=None)
+    ap.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"])
+    args = ap.parse_args(argv)
+    try:
+        predictor = Predictor.from_pretrained(args.model, revision=args.revision, precision=args.precision)
+    except ModelLoadError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    t0 = time.perf_counter()
+    results = predictor.predict_batch(args.images)
+    for path, r in zip(args.images, results):
+        row = {"file": Path(path).name}
+        row.update({"error": str(r)} if isinstance(r, ImageLoadError) else r.to_dict())
+        print(json.dumps(row))
+    logger.info("%d images in %.2f s", len(args.images), time.perf_counter() - t0)
+    return 1 if any(isinstance(r, ImageLoadError) for r in results) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,142 @@
+import io
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from cxr.data import ImageTransform, prepare_data
+from cxr.config import DataArguments
+from cxr.imaging import ImageLoadError
+from cxr.inference import DISCLAIMER, ModelLoadError, Predictor, main as cli_main
+from tests.conftest import make_xray
+
+
+@pytest.fixture(scope="module")
+def predictor(trained_folder):
+    return Predictor.from_pretrained(trained_folder, precision="fp32")
+
+
+def test_preprocessing_is_training_eval_transform(predictor, trained_folder, kermany_folder):
+    """The Predictor's tensor == the training eval transform's tensor, for the same file."""
+    data = prepare_data(DataArguments(dataset_name=str(kermany_folder), validation_fraction=0.25))
+    val = data.splits["validation"]
+    raw = val[0]["image"]
+    train_side = ImageTransform(predictor.processor, augment=False)({"image": [raw], "label": [0]})["pixel_values"]
+    from cxr.imaging import load_image
+
+    serve_side = predictor.preprocess([load_image(raw["path"])])
+    assert torch.equal(train_side, serve_side)
+    # and the processor is the one saved in the folder, not a default
+    saved = json.loads((trained_folder / "preprocessor_config.json").read_text())
+    assert list(predictor.processor.image_mean) == saved["image_mean"]
+
+
+def test_predict_uses_saved_threshold_and_temperature(predictor, trained_folder, kermany_folder):
+    op = json.loads((trained_folder / "config.json").read_text())["cxr_operating_point"]
+    assert predictor.threshold == pytest.approx(op["threshold"])
+    assert predictor.temperature == pytest.approx(op["temperature"])
+    path = next((kermany_folder / "test" / "PNEUMONIA").iterdir())
+    r = predictor.predict(path)
+    assert set(r.probabilities) == {"NORMAL", "PNEUMONIA"}
+    assert sum(r.probabilities.values()) == pytest.approx(1.0, abs=1e-6)
+    expected = "PNEUMONIA" if r.positive_probability >= op["threshold"] else "NORMAL"
+    assert r.label == expected
+    # calibrated probability = softmax(logits / T)
+    logits = predictor.logits(predictor.preprocess([Image.open(path).convert("RGB")]))[0]
+    z = logits / op["temperature"]
+    p = np.exp(z - z.max()) / np.exp(z - z.max()).sum()
+    assert r.positive_probability == pytest.approx(float(p[1]), abs=1e-5)
+    assert r.to_dict()["disclaimer"] == DISCLAIMER and "not a medical device" in DISCLAIMER
+
+
+def test_threshold_changes_the_decision(trained_folder, tmp_path):
+    folder = tmp_path / "m"
+    shutil.copytree(trained_folder, folder)
+    cfg = json.loads((folder / "config.json").read_text())
+    img = make_xray(5, True).convert("RGB")
+    for thr, expected in ((0.0, "PNEUMONIA"), (1.0 + 1e-9, "NORMAL")):
+        cfg["cxr_operating_point"]["threshold"] = thr
+        (folder / "config.json").write_text(json.dumps(cfg))
+        assert Predictor.from_pretrained(folder, precision="fp32").predict(img).label == expected
+
+
+def test_bf16_and_fp32_agree(trained_folder, kermany_folder):
+    fp32 = Predictor.from_pretrained(trained_folder, precision="fp32")
+    bf16 = Predictor.from_pretrained(trained_folder, precision="bf16")
+    files = sorted((kermany_folder / "test").rglob("*.jpeg"))[:16]
+    a, b = fp32.predict_batch(files), bf16.predict_batch(files)
+    for x, y in zip(a, b):
+        assert abs(x.positive_probability - y.positive_probability) < 0.02
+
+
+def test_colour_photo_is_flagged_not_labelled(predictor):
+    rng = np.random.default_rng(0)
+    photo = np.zeros((96, 96, 3), np.uint8)
+    photo[..., 0] = 200
+    photo[..., 1] = rng.integers(0, 120, (96, 96))
+    r = predictor.predict(Image.fromarray(photo))
+    assert r.out_of_distribution and r.label is None and "not a chest X-ray" in r.warning
+
+
+def test_heatmaps(predictor, trained_vit_folder, kermany_folder):
+    path = next((kermany_folder / "test" / "PNEUMONIA").iterdir())
+    r = predictor.predict(path, explain=True)
+    assert r.explainer == "grad-cam"
+    assert r.heatmap.shape == (64, 64) and 0.0 <= r.heatmap.min() and r.heatmap.max() <= 1.0
+    vit = Predictor.from_pretrained(trained_vit_folder, precision="fp32")
+    assert vit.model.config._attn_implementation == "eager"
+    r = vit.predict(path, explain=True)
+    assert r.explainer == "attention-rollout"
+    assert r.heatmap.shape == (32, 32) and 0.8 < r.heatmap.max() <= 1.0
+
+
+def test_attention_rollout_identity_attention():
+    from cxr.explain import compute_attention_rollout
+
+    # 1 CLS + 4 patches; every layer attends CLS -> patch 3 only
+    att = torch.zeros(1, 2, 5, 5)
+    att[:, :, :, 0] = 1.0
+    att[:, :, 0, 0] = 0.0
+    att[:, :, 0, 3] = 1.0
+    out = compute_attention_rollout([att, att])
+    assert out.shape == (1, 2, 2)
+    assert np.unravel_index(out[0].argmax(), (2, 2)) == (1, 0)   # patch index 2 -> row 1, col 0
+
+
+def test_predict_batch_keeps_going_after_bad_file(predictor, kermany_folder, tmp_path):
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"<html>not an image</html>")
+    good = next((kermany_folder / "test" / "NORMAL").iterdir())
+    out = predictor.predict_batch([good, bad, good])
+    assert isinstance(out[1], ImageLoadError)
+    assert out[0].probabilities == out[2].probabilities
+
+
+def test_pickle_only_and_truncated_weights_fail_clearly(trained_folder, tmp_path):
+    pickle_only = tmp_path / "pickle"
+    shutil.copytree(trained_folder, pickle_only)
+    (pickle_only / "model.safetensors").rename(pickle_only / "pytorch_model.bin")
+    with pytest.raises(ModelLoadError, match="only pickle weights"):
+        Predictor.from_pretrained(pickle_only)
+    truncated = tmp_path / "trunc"
+    shutil.copytree(trained_folder, truncated)
+    data = (truncated / "model.safetensors").read_bytes()
+    (truncated / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ModelLoadError, match="corrupt or truncated"):
+        Predictor.from_pretrained(truncated)
+    with pytest.raises(ModelLoadError, match="not found"):
+        Predictor.from_pretrained(tmp_path / "nothing")
+
+
+def test_cli(trained_folder, kermany_folder, capsys, tmp_path):
+    good = next((kermany_folder / "test" / "NORMAL").iterdir())
+    bad = tmp_path / "x.png"
+    bad.write_bytes(b"nope")
+    rc = cli_main(["--model", str(trained_folder), "--precision", "fp32", str(good), str(bad)])
+    lines = [json.loads(x) for x in capsys.readouterr().out.strip().splitlines()]
+    assert rc == 1
+    assert lines[0]["label"] in ("NORMAL", "PNEUMONIA") and lines[0]["disclaimer"] == DISCLAIMER
+    assert "not a PNG, JPEG or DICOM" in lines[1]["error"]

@@ -41,6 +41,15 @@ def _predict(trainer, dataset):
     return logits, out.label_ids
 
 
+def _scores(logits, labels, positive_id: int, op: dict) -> dict:
+    """Per-image calibrated positive-class scores (for ROC curves and re-analysis)."""
+    from cxr.training import binary_labels, positive_scores
+
+    return {"labels": binary_labels(labels, positive_id).tolist(),
+            "scores": [round(float(x), 6) for x in positive_scores(logits, positive_id, op["temperature"])],
+            "threshold": op["threshold"]}
+
+
 def _write_json(path: Path, obj) -> None:
     path.write_text(json.dumps(obj, indent=2, default=float) + "\n")
 
@@ -69,7 +78,7 @@ def run(argv: list[str] | None = None) -> dict:
 
     # 3. Model: checkpoint or preset, fresh head, strategy.
     model, processor = build_model(model_args.model_name_or_path, data.id2label, model_args.image_size,
-                                   model_args.model_revision)
+                                   model_args.model_revision, reinit_head=model_args.reinit_head)
     model = apply_strategy(model, model_args.strategy, partial_stages=model_args.partial_stages,
                            lora_r=model_args.lora_r, lora_alpha=model_args.lora_alpha,
                            lora_dropout=model_args.lora_dropout,
@@ -121,12 +130,14 @@ def run(argv: list[str] | None = None) -> dict:
                                       threshold=op["threshold"], temperature=op["temperature"],
                                       seed=training_args.seed)
         trainer.save_metrics("eval", metrics["eval"], combined=False)
+        _write_json(out_dir / "eval_scores.json", _scores(val_logits, val_labels, data.positive_id, op))
     if training_args.do_predict:
         test_logits, test_labels = _predict(trainer, data.splits["test"])
         metrics["test"] = score_split(test_logits, test_labels, data.positive_id, "test",
                                       threshold=op["threshold"], temperature=op["temperature"],
                                       seed=training_args.seed)
         trainer.save_metrics("test", metrics["test"], combined=False)
+        _write_json(out_dir / "test_scores.json", _scores(test_logits, test_labels, data.positive_id, op))
 
     # 7. Export: merged weights (safetensors), processor, adapter beside them, card.
     if not trainer.is_world_process_zero():  # under accelerate launch, one process writes

@@ -43,6 +43,9 @@ class ModelArguments:
         default=None, metadata={"help": "Input size in pixels (square); default: the checkpoint's."})
     model_revision: str | None = field(
         default=None, metadata={"help": "Hub revision (branch, tag or commit) to pin the checkpoint to."})
+    reinit_head: bool = field(
+        default=False, metadata={"help": "Re-initialise the classification head even when the checkpoint's "
+                                         "head already has the right shape (clean transfer experiments)."})
     channels_last: bool = field(
         default=True, metadata={"help": "Use channels_last memory format for CNNs (faster on CPU)."})
 

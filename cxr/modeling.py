@@ -128,10 +128,21 @@ def load_checkpoint(name: str, id2label: dict[int, str], image_size: int | None 
 
 
 def build_model(model_name_or_path: str, id2label: dict[int, str], image_size: int | None = None,
-                revision: str | None = None):
+                revision: str | None = None, reinit_head: bool = False):
     if is_preset(model_name_or_path):
         return build_preset(model_name_or_path, id2label, image_size)
-    return load_checkpoint(model_name_or_path, id2label, image_size, revision)
+    model, processor = load_checkpoint(model_name_or_path, id2label, image_size, revision)
+    if reinit_head:
+        reset_head(model)
+    return model, processor
+
+
+def reset_head(model) -> None:
+    """Fresh random weights for the classification head (its modules' reset_parameters)."""
+    prefixes = find_head(model)
+    for name, module in model.named_modules():
+        if any(name == p or name.startswith(p + ".") for p in prefixes) and hasattr(module, "reset_parameters"):
+            module.reset_parameters()
 
 
 # ---------------------------------------------------------------- strategies

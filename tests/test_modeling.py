@@ -157,3 +157,17 @@ def test_bad_checkpoints(tmp_path):
     torch.save(model.state_dict(), tmp_path / "m" / "pytorch_model.bin")
     with pytest.raises(ModelError, match="cannot load checkpoint"):
         build_model(str(tmp_path / "m"), ID2LABEL)          # pickle weights are never loaded
+
+
+def test_reinit_head_changes_only_the_head(tmp_path):
+    torch.manual_seed(0)
+    model, proc = build_preset("tiny-resnet-scratch", ID2LABEL)
+    save_model_folder(model, proc, tmp_path / "ckpt")
+    kept, _ = build_model(str(tmp_path / "ckpt"), ID2LABEL)
+    fresh, _ = build_model(str(tmp_path / "ckpt"), ID2LABEL, reinit_head=True)
+    a, b, c = (dict(m.named_parameters()) for m in (model, kept, fresh))
+    for name in a:
+        if name.startswith("classifier."):
+            assert torch.equal(a[name], b[name]) and not torch.equal(a[name], c[name])
+        else:
+            assert torch.equal(a[name], c[name])

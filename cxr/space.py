@@ -1,0 +1,140 @@
+"""Package the Gradio app as a Hugging Face Space and push it.
+
+    python -m cxr.space --repo_id user/cxr-demo --model_id user/cxr-model [--private]
+    python -m cxr.space --model_id user/cxr-model --dry_run /tmp/space      # build the folder only
+
+The Space folder holds app.py, README.md (Space card), requirements.txt, examples/ and the
+cxr/ package; never model weights: the Space downloads MODEL_ID from the Hub.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import re
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+from huggingface_hub import HfApi, SpaceCard
+
+from .hub import PushError
+
+logger = logging.getLogger(__name__)
+
+ROOT = Path(__file__).resolve().parent.parent
+APP_DIR = ROOT / "app"
+PACKAGE_DIR = Path(__file__).resolve().parent
+DEFAULT_MODEL_ID = "cxr-transfer/cxr-resnet-small-scratch"
+WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.pt", "*.pth", "*.ckpt", "*.onnx", "*.h5", "*.msgpack")
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}/[\w.-]{1,96}$")
+
+
+def _is_local(model_id: str) -> bool:
+    return Path(model_id).expanduser().exists() or model_id.startswith((".", "/", "~"))
+
+
+def resolve_model_id(model_id: str | None) -> str | None:
+    """The Hub id the Space should serve, or None for a local folder (which is never uploaded)."""
+    if model_id is None:
+        return DEFAULT_MODEL_ID
+    model_id = str(model_id)
+    if _is_local(model_id):
+        logger.warning("model %s is a local folder: its weights are not copied into the Space; push the model "
+                       "to the Hub (train_hf.py --push_to_hub) and pass its Hub id as --model_id", model_id)
+        return None
+    if not _HUB_ID.match(model_id) or ".." in model_id:
+        raise ValueError(f"'{model_id}' is neither a local folder nor a Hub model id (user/name)")
+    return model_id
+
+
+def _ignore(directory, names):
+    return [n for n in names if n in ("__pycache__", ".ipynb_checkpoints") or n.endswith((".pyc", ".pyo"))
+            or any(Path(n).match(p) for p in WEIGHT_PATTERNS)]
+
+
+def build_space_folder(dest: str | Path, model_id: str | None = None) -> Path:
+    """Assemble a Space repository in ``dest`` (which must be empty or absent) and return it."""
+    return _assemble(dest, resolve_model_id(model_id))
+
+
+def _assemble(dest: str | Path, hub_id: str | None) -> Path:
+    dest = Path(dest).expanduser().resolve()
+    if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
+        raise FileExistsError(f"{dest} exists and is not an empty folder: choose a new destination")
+    dest.mkdir(parents=True, exist_ok=True)
+
+    shutil.copy2(APP_DIR / "app.py", dest / "app.py")
+    shutil.copy2(APP_DIR / "requirements.txt", dest / "requirements.txt")
+    if (APP_DIR / "examples").is_dir():
+        shutil.copytree(APP_DIR / "examples", dest / "examples", ignore=_ignore)
+
+    pkg = dest / "cxr"
+    pkg.mkdir()
+    for f in sorted(PACKAGE_DIR.glob("*.py")):
+        shutil.copy2(f, pkg / f.name)
+    shutil.copytree(PACKAGE_DIR / "clinical_metrics", pkg / "clinical_metrics", ignore=_ignore)
+
+    card = SpaceCard.load(APP_DIR / "README.md")
+    if hub_id is not None:
+        card.data.models = [hub_id]
+    card.save(dest / "README.md")
+
+    leaked = [p for pat in WEIGHT_PATTERNS for p in dest.rglob(pat)]
+    if leaked:  # defence in depth: a Space repo must never carry model weights
+        raise RuntimeError(f"weights found in the Space folder: {', '.join(str(p) for p in leaked)}")
+    return dest
+
+
+def push_space(repo_id: str, *, private: bool = False, token: str | None = None, model_id: str | None = None,
+               api: HfApi | None = None) -> str:
+    """Build the Space in a temporary folder and upload it; sets the Space variable MODEL_ID.
+    Any failure -> PushError with a one-line reason (nothing is left behind locally)."""
+    try:
+        hub_id = resolve_model_id(model_id)
+    except ValueError as e:
+        raise PushError(f"push of the Space {repo_id} failed: {e}") from None
+    if hub_id is None:
+        logger.warning("the Space variable MODEL_ID is left unchanged: set it to a Hub model id in the Space settings")
+    api = api or HfApi(token=token)
+    with tempfile.TemporaryDirectory(prefix="cxr-space-") as tmp:
+        try:
+            folder = _assemble(Path(tmp) / "space", hub_id)
+            api.create_repo(repo_id, repo_type="space", space_sdk="gradio", exist_ok=True, private=private)
+            info = api.upload_folder(folder_path=str(folder), repo_id=repo_id, repo_type="space",
+                                     commit_message="Upload the chest X-ray demo (cxr.space)",
+                                     delete_patterns=["cxr/**", "examples/**"])
+            if hub_id is not None:
+                api.add_space_variable(repo_id, "MODEL_ID", hub_id, description="Hub id of the model to serve")
+        except Exception as e:  # network, auth, permissions, offline mode: all end the same way
+            msg = (str(e).splitlines() or [""])[0] or type(e).__name__
+            raise PushError(f"push of the Space {repo_id} failed ({type(e).__name__}: {msg[:300]}); fix the cause "
+                            "(network access, HF_HUB_OFFLINE unset, `hf auth login` with a write token, the "
+                            "repo id) and re-run python -m cxr.space") from None
+    return getattr(info, "commit_url", str(info))
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    ap = argparse.ArgumentParser(description="Build the Gradio demo as a Hugging Face Space and push it.")
+    ap.add_argument("--repo_id", help="Space id, user/space (required unless --dry_run)")
+    ap.add_argument("--model_id", default=None, help=f"Hub model id the Space serves (default {DEFAULT_MODEL_ID})")
+    ap.add_argument("--private", action="store_true", help="create the Space as private")
+    ap.add_argument("--dry_run", metavar="DEST", default=None, help="only build the Space folder in DEST")
+    args = ap.parse_args(argv)
+    try:
+        if args.dry_run:
+            print(build_space_folder(args.dry_run, args.model_id))
+            return 0
+        if not args.repo_id:
+            ap.error("--repo_id is required (or use --dry_run DEST)")
+        print(push_space(args.repo_id, private=args.private, model_id=args.model_id))
+        return 0
+    except (PushError, ValueError, FileExistsError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -50,6 +50,20 @@ def _scores(logits, labels, positive_id: int, op: dict) -> dict:
             "threshold": op["threshold"]}
 
 
+def _figures(out_dir: Path, logits, labels, positive_id: int, op: dict) -> dict:
+    """ROC and reliability diagrams of the validation split, for the model card."""
+    from cxr.plots import render_calibration, render_roc
+    from cxr.training import binary_labels, positive_scores
+
+    y = binary_labels(labels, positive_id)
+    if len(set(y.tolist())) < 2:
+        return {}
+    cal = positive_scores(logits, positive_id, op["temperature"])
+    render_roc({"validation": (y, cal)}, out_dir / "roc_validation.png")
+    render_calibration(y, positive_scores(logits, positive_id), cal, out_dir / "calibration_validation.png")
+    return {"roc": "roc_validation.png", "calibration": "calibration_validation.png"}
+
+
 def _write_json(path: Path, obj) -> None:
     path.write_text(json.dumps(obj, indent=2, default=float) + "\n")
 
@@ -154,8 +168,10 @@ def run(argv: list[str] | None = None) -> dict:
             k: round(float(metrics["eval"][f"eval_{k}"]), 4)
             for k in ("roc_auc", "accuracy", "sensitivity", "specificity")}
     save_model_folder(model, processor, out_dir)
+    figures = _figures(out_dir, val_logits, val_labels, data.positive_id, op) if training_args.do_eval else {}
     info = _card_info(argv, model_args, data_args, training_args, data, metrics, op,
                       trainable, total, train_seconds, trainer)
+    info["figures"] = figures
     render_model_card(info).save(out_dir / "README.md")
     logger.info("model folder ready: %s", out_dir)
 
@@ -213,7 +229,7 @@ def _card_info(argv, model_args, data_args, training_args, data, metrics, op, tr
         "operating_point_text": (f"threshold {op['threshold']:.4f} ({op['source']}); temperature "
                                  f"{op['temperature']:.3f}; high-sensitivity threshold (sensitivity ≥ "
                                  f"{op.get('min_sensitivity', 0.95):.0%}) {op.get('high_sensitivity_threshold', float('nan')):.4f}"),
-        "extra_sections": "",
+        "extra_sections": "", "is_kermany": is_kermany,
     }
 
 

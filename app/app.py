@@ -30,7 +30,7 @@ for candidate in (HERE, HERE.parent):            # repo checkout, or a Space wit
     if (candidate / "cxr" / "__init__.py").is_file() and str(candidate) not in sys.path:
         sys.path.insert(0, str(candidate))
 
-from cxr.explain import heatmap_image, overlay  # noqa: E402
+from cxr.explain import EXPLAINER_NAMES, heatmap_image, overlay  # noqa: E402
 from cxr.imaging import ImageLoadError, load_image  # noqa: E402
 from cxr.inference import DISCLAIMER, ModelLoadError, Predictor  # noqa: E402
 
@@ -74,6 +74,21 @@ def _display_copy(image: Image.Image) -> Image.Image:
     return image
 
 
+def _sweep_heatmaps(max_age_s: float = 600.0) -> None:
+    """Gradio copies returned files into its own cache (cleaned by delete_cache); our
+    originals are removed here once they are old."""
+    import time
+
+    HEATMAP_DIR.mkdir(parents=True, exist_ok=True)
+    now = time.time()
+    for f in HEATMAP_DIR.glob("heatmap-*.png"):
+        try:
+            if now - f.stat().st_mtime > max_age_s:
+                f.unlink()
+        except OSError:
+            pass
+
+
 def _details(result) -> str:
     lines = [f"> ⚠️ **{DISCLAIMER}**", ""]
     if result.warning:
@@ -84,7 +99,8 @@ def _details(result) -> str:
     lines += [f"Decision threshold: **{result.threshold:.3f}** ({result.threshold_source}). "
               f"{result.positive_label} when its calibrated probability is at or above the threshold."]
     if result.explainer:
-        lines += ["", f"Heat map: {result.explainer}, for the class {result.positive_label}."]
+        lines += ["", f"Heat map: {EXPLAINER_NAMES.get(result.explainer, result.explainer)}, "
+                      f"for the class {result.positive_label}."]
     return "\n".join(lines)
 
 
@@ -109,7 +125,7 @@ def predict(file, opacity: float = 0.4, show_heatmap: bool = True, *, predictor:
     heat_file, shown = None, display
     if result.heatmap is not None:
         shown = overlay(display, result.heatmap, opacity)
-        HEATMAP_DIR.mkdir(parents=True, exist_ok=True)
+        _sweep_heatmaps()
         heat_file = str(HEATMAP_DIR / f"heatmap-{uuid.uuid4().hex}.png")
         heatmap_image(result.heatmap).save(heat_file)
         response["heatmap_size"] = list(result.heatmap.shape)

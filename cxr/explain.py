@@ -4,6 +4,8 @@ model's input resolution; ``overlay`` stretches them back onto the displayed ima
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import torch
 from PIL import Image
@@ -24,6 +26,9 @@ class _LogitsOnly(torch.nn.Module):
 
 def explainer_kind(model) -> str:
     return "grad-cam" if is_cnn(model) else "attention-rollout"
+
+
+EXPLAINER_NAMES = {"grad-cam": "Grad-CAM", "attention-rollout": "attention rollout"}
 
 
 def compute_attention_rollout(attentions, discard_ratio: float = 0.0) -> np.ndarray:
@@ -55,6 +60,7 @@ class Explainer:
     def __init__(self, model):
         self.model = model
         self.kind = explainer_kind(model)
+        self._lock = threading.Lock()  # Grad-CAM keeps activations in hooks: one call at a time
         if self.kind == "grad-cam":
             from pytorch_grad_cam import GradCAM
 
@@ -62,6 +68,10 @@ class Explainer:
             self._cam = GradCAM(model=_LogitsOnly(model), target_layers=[target])
 
     def __call__(self, pixel_values: torch.Tensor, class_id: int) -> np.ndarray:
+        with self._lock:
+            return self._explain(pixel_values, class_id)
+
+    def _explain(self, pixel_values: torch.Tensor, class_id: int) -> np.ndarray:
         size = pixel_values.shape[-2:]
         if self.kind == "grad-cam":
             from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget

@@ -11,6 +11,7 @@ import argparse
 import json
 import logging
 import sys
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -99,6 +100,7 @@ class Predictor:
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self._explainer = None
+        self._explainer_lock = threading.Lock()
 
     # ------------------------------------------------------------ loading
     @classmethod
@@ -166,6 +168,8 @@ class Predictor:
     def predict(self, source, *, explain: bool = False) -> Prediction:
         """source: path, bytes, file object or PIL image. Raises ImageLoadError for bad input."""
         image = source if isinstance(source, Image.Image) else load_image(source)
+        if image.mode != "RGB":
+            image = image.convert("RGB")
         warning = check_is_radiograph(image)
         pv = self.preprocess([image])
         result = self._result(self.logits(pv)[0], warning)
@@ -181,7 +185,7 @@ class Predictor:
             chunk, images, slots = sources[start:start + batch_size], [], []
             for s in chunk:
                 try:
-                    images.append(s if isinstance(s, Image.Image) else load_image(s))
+                    images.append(s.convert("RGB") if isinstance(s, Image.Image) else load_image(s))
                     slots.append(None)
                 except ImageLoadError as e:
                     slots.append(e)
@@ -198,10 +202,18 @@ class Predictor:
     # ------------------------------------------------------------ explanations
     @property
     def explainer(self):
+        with self._explainer_lock:
+            return self._build_explainer()
+
+    def _build_explainer(self):
         if self._explainer is None:
+            import copy
+
             from .explain import Explainer
 
-            self._explainer = Explainer(self.model)
+            # Its own copy of the model: Grad-CAM's hooks would otherwise record the
+            # activations of every concurrent predict() call.
+            self._explainer = Explainer(copy.deepcopy(self.model))
         return self._explainer
 
     def explain_tensor(self, pixel_values: torch.Tensor, class_id: int | None = None) -> np.ndarray:
@@ -227,7 +239,9 @@ def is_cnn_config(config) -> bool:
 
 
 def explainer_kind_name(model) -> str:
-    return "Grad-CAM" if is_cnn(model) else "attention rollout"
+    from .explain import EXPLAINER_NAMES, explainer_kind
+
+    return EXPLAINER_NAMES[explainer_kind(model)]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -16,6 +16,7 @@ from .metrics import (
     compute_operating_points,
     compute_softmax,
     compute_temperature,
+    compute_threshold_metrics,
 )
 
 logger = logging.getLogger(__name__)
@@ -105,6 +106,9 @@ def fit_operating_point(logits, labels, positive_id: int, id2label: dict, min_se
     temperature = compute_temperature(np.asarray(logits), np.asarray(labels))
     p = positive_scores(logits, positive_id, temperature)
     ops = compute_operating_points(y, p, min_sensitivity)
+    j = compute_threshold_metrics(y, p, ops["youden"])
+    if j["sensitivity"] + j["specificity"] - 1 <= 0:  # an uninformative model: keep the neutral default
+        ops["youden"] = 0.5
     return {
         "threshold": ops["youden"],
         "source": "Youden's J on the validation split (temperature-scaled probabilities)",

@@ -140,3 +140,20 @@ def test_cli(trained_folder, kermany_folder, capsys, tmp_path):
     assert rc == 1
     assert lines[0]["label"] in ("NORMAL", "PNEUMONIA") and lines[0]["disclaimer"] == DISCLAIMER
     assert "not a PNG, JPEG or DICOM" in lines[1]["error"]
+
+
+def test_concurrent_explanations_do_not_mix(predictor, kermany_folder):
+    """Grad-CAM hooks are shared: concurrent calls must each get their own map."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    files = sorted((kermany_folder / "test").rglob("*.jpeg"))[:6]
+    alone = [predictor.predict(f, explain=True).heatmap for f in files]
+    with ThreadPoolExecutor(4) as pool:
+        together = list(pool.map(lambda f: predictor.predict(f, explain=True).heatmap, files * 3))
+    for i, h in enumerate(together):
+        assert np.allclose(h, alone[i % len(files)], atol=1e-4)
+
+
+def test_greyscale_pil_input(predictor):
+    r = predictor.predict(make_xray(2, False))   # mode "L"
+    assert set(r.probabilities) == {"NORMAL", "PNEUMONIA"}

@@ -1,0 +1,210 @@
+#!/usr/bin/env python
+"""Gradio app latency and throughput, through the real app and the real client.
+
+The app is launched in-process exactly as ``app/app.py`` does it (``create_demo`` +
+``launch``: the hardened settings, queue, ``concurrency_limit=2`` on /predict) on
+127.0.0.1 and a free port, and called with ``gradio_client.Client`` like an API user would:
+``client.predict(handle_file(path), opacity, show_heatmap, api_name="/predict")``. A request's
+latency is the wall time of that call: upload, queue, decode, inference, heat map (if asked),
+overlay and PNG encoding, and the client's download of the result files.
+
+1. **sequential**: ``--requests`` single requests one after the other, with the heat map
+   (Grad-CAM / attention rollout) and without; p50/p95/mean latency (2 untimed warm-ups each).
+2. **load**: ``--concurrency`` client threads (each its own Client, created before the clock
+   starts) share a budget of ``--load-requests`` requests and a ``--time-limit``; p50/p95
+   latency, throughput (successful requests/s over the test's wall time) and the error count.
+3. **memory**: this process's RSS (the server runs in it) after start-up, after model load +
+   launch, after the sequential runs and after the load test.
+
+Models: ``--model DIR`` (default: the shipped model, or a random-init cxr-resnet-small-scratch
+if it is missing), a preset name, or ``vit-b16-random`` for a random-init ViT-B/16
+(``ViTConfig()`` defaults, 224 px) so that ViT-B/16 latency is measurable offline.
+
+    python benchmarks/app_latency.py [--quick] [--data DIR] [--model DIR|PRESET|vit-b16-random]
+                                     [--requests N] [--concurrency C] [--out JSON]
+"""
+
+from __future__ import annotations
+
+import statistics
+import sys
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks import common  # noqa: E402
+
+NAME = "app_latency"
+
+
+def parse(argv=None):
+    ap = common.base_parser(__doc__, NAME)
+    ap.add_argument("--model", default=None,
+                    help="model folder, preset name or vit-b16-random (default: the shipped model)")
+    ap.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"])
+    ap.add_argument("--requests", type=int, default=None,
+                    help="sequential requests per mode (heat map on / off); default 30, quick 4")
+    ap.add_argument("--concurrency", type=int, default=None, help="load-test client threads (default 4; quick 2)")
+    ap.add_argument("--load-requests", type=int, default=None,
+                    help="total load-test requests (default 60; quick 6)")
+    ap.add_argument("--time-limit", type=float, default=None,
+                    help="load-test time limit in seconds (default 180; quick 20)")
+    ap.add_argument("--no-load-heatmap", action="store_true", help="load test without the heat map")
+    args = ap.parse_args(argv)
+    q = args.quick
+    args.requests = args.requests or (4 if q else 30)
+    args.concurrency = args.concurrency or (2 if q else 4)
+    args.load_requests = args.load_requests or (6 if q else 60)
+    args.time_limit = args.time_limit or (20.0 if q else 180.0)
+    return args
+
+
+def summary(latencies: list[float]) -> dict:
+    """p50/p95/mean/min/max in milliseconds."""
+    if not latencies:
+        return {"n": 0, "p50_ms": None, "p95_ms": None, "mean_ms": None, "min_ms": None, "max_ms": None}
+    ms = [x * 1000 for x in latencies]
+    return {"n": len(ms), "p50_ms": common.percentile(ms, 50), "p95_ms": common.percentile(ms, 95),
+            "mean_ms": statistics.fmean(ms), "min_ms": min(ms), "max_ms": max(ms)}
+
+
+def make_client(url: str, downloads: Path):
+    from gradio_client import Client
+
+    return Client(url, verbose=False, download_files=str(downloads), analytics_enabled=False)
+
+
+def call(client, path: Path, heatmap: bool):
+    from gradio_client import handle_file
+
+    return client.predict(handle_file(str(path)), 0.4, heatmap, api_name="/predict")
+
+
+def sequential(client, images: list[Path], n: int, heatmap: bool) -> dict:
+    for i in range(2):                                  # warm-up
+        call(client, images[i % len(images)], heatmap)
+    lat = []
+    for i in range(n):
+        t0 = time.perf_counter()
+        call(client, images[i % len(images)], heatmap)
+        lat.append(time.perf_counter() - t0)
+    return summary(lat)
+
+
+def load_test(url: str, downloads: Path, images: list[Path], *, concurrency: int, total: int,
+              time_limit: float, heatmap: bool) -> dict:
+    """``concurrency`` threads, each with its own Client, share ``total`` requests until
+    ``time_limit`` seconds have passed."""
+    clients = [make_client(url, downloads) for _ in range(concurrency)]
+    lock, start = threading.Lock(), threading.Barrier(concurrency + 1)
+    state = {"next": 0}
+    latencies: list[float] = []
+    errors: list[str] = []
+    deadline = [0.0]
+
+    def worker(client):
+        start.wait()
+        while True:
+            with lock:
+                i = state["next"]
+                if i >= total or time.perf_counter() >= deadline[0]:
+                    return
+                state["next"] += 1
+            t0 = time.perf_counter()
+            try:
+                call(client, images[i % len(images)], heatmap)
+            except Exception as e:  # noqa: BLE001 - counted and reported, the test goes on
+                with lock:
+                    errors.append(f"{type(e).__name__}: {str(e)[:200]}")
+                continue
+            with lock:
+                latencies.append(time.perf_counter() - t0)
+
+    threads = [threading.Thread(target=worker, args=(c,), daemon=True) for c in clients]
+    for t in threads:
+        t.start()
+    deadline[0] = time.perf_counter() + time_limit
+    t0 = time.perf_counter()
+    start.wait()
+    for t in threads:
+        t.join(timeout=time_limit + 120)   # a request in flight at the deadline may finish
+    wall = time.perf_counter() - t0
+    out = summary(latencies)
+    out.update(concurrency=concurrency, requests_sent=state["next"], errors=len(errors),
+               error_examples=sorted(set(errors))[:5], wall_s=wall,
+               throughput_rps=common.rate(len(latencies), wall), heatmap=heatmap,
+               hit_time_limit=state["next"] < total)
+    return out
+
+
+def main(argv=None) -> int:
+    args = parse(argv)
+    t_start = time.perf_counter()
+    data_dir, synthetic = common.resolve_data(args.data)
+    common.quiet_libraries()
+    from app import app as app_module
+    from cxr.data import processor_size
+    from cxr.inference import Predictor
+
+    info = common.machine_info()
+    common.print_machine_info(info)
+    memory = {"rss_start_mb": common.rss_mb()}
+    model_dir, model_desc = common.resolve_model(args.model)
+    images = common.find_images(data_dir, 16)
+    downloads = common.temp_dir("client")
+
+    predictor = Predictor.from_pretrained(model_dir, precision=args.precision)
+    demo = app_module.create_demo(predictor)
+    _, url, _ = app_module.launch(demo, server_name="127.0.0.1", prevent_thread_lock=True, quiet=True)
+    url = url.rstrip("/")
+    memory["rss_after_launch_mb"] = common.rss_mb()
+    h, w = processor_size(predictor.processor)
+    print(f"model: {model_desc} ({predictor.config.model_type}, {h}x{w} px, "
+          f"{'bf16' if predictor.autocast_dtype is not None else 'fp32'}, explainer {predictor.describe()['explainer']})"
+          f" | app at {url} | images from {data_dir}{' (synthetic)' if synthetic else ''}\n", flush=True)
+    try:
+        client = make_client(url, downloads)
+        print(f"sequential: {args.requests} requests with the heat map, {args.requests} without ...", flush=True)
+        seq_on = sequential(client, images, args.requests, heatmap=True)
+        seq_off = sequential(client, images, args.requests, heatmap=False)
+        memory["rss_after_sequential_mb"] = common.rss_mb()
+        heat = not args.no_load_heatmap
+        print(f"load: {args.concurrency} clients, {args.load_requests} requests, limit {args.time_limit:.0f} s, "
+              f"heat map {'on' if heat else 'off'} ...", flush=True)
+        load = load_test(url, downloads, images, concurrency=args.concurrency, total=args.load_requests,
+                         time_limit=args.time_limit, heatmap=heat)
+        memory["rss_after_load_mb"] = common.rss_mb()
+    finally:
+        demo.close()
+
+    print()
+    common.print_table(["requests", "n", "p50 ms", "p95 ms", "mean ms"], [
+        ["sequential, heat map", seq_on["n"], seq_on["p50_ms"], seq_on["p95_ms"], seq_on["mean_ms"]],
+        ["sequential, no heat map", seq_off["n"], seq_off["p50_ms"], seq_off["p95_ms"], seq_off["mean_ms"]],
+        [f"load, {args.concurrency} clients", load["n"], load["p50_ms"], load["p95_ms"], load["mean_ms"]],
+    ])
+    print(f"load test: {common.fmt(load['throughput_rps'], 2)} requests/s, {load['errors']} error(s) of "
+          f"{load['requests_sent']} sent{' (time limit hit)' if load['hit_time_limit'] else ''}")
+    for e in load["error_examples"]:
+        print(f"  error: {e}")
+    print("RSS MiB: " + ", ".join(f"{k[4:-3]} {v:,.0f}" for k, v in memory.items()) + "\n")
+
+    common.write_json(args.out, {
+        "benchmark": NAME, "machine": info,
+        "config": {"model": str(model_dir), "model_description": model_desc,
+                   "model_type": predictor.config.model_type, "input_size": [h, w],
+                   "precision": "bf16" if predictor.autocast_dtype is not None else "fp32",
+                   "requests": args.requests, "concurrency": args.concurrency,
+                   "load_requests": args.load_requests, "time_limit_s": args.time_limit,
+                   "data": str(data_dir), "synthetic_data": synthetic, "quick": args.quick},
+        "results": {"sequential_heatmap": seq_on, "sequential_no_heatmap": seq_off, "load": load,
+                    "memory": memory},
+        "elapsed_s": round(time.perf_counter() - t_start, 2),
+    })
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,204 @@
+#!/usr/bin/env python
+"""Batch inference throughput (images/s): Predictor and pipeline end to end vs the model alone.
+
+End to end (a list of image files in, predictions out; decode + preprocessing included):
+
+- **Predictor bf16 / fp32**: ``cxr.inference.Predictor.from_pretrained(model, precision=...)``
+  then ``predict_batch(paths, batch_size)``: load_image, radiograph check, the saved image
+  processor, bf16 autocast (where the CPU has native bf16) and channels_last for CNNs,
+  calibrated softmax.
+- **pipeline fp32**: ``transformers.pipeline("image-classification", model=DIR)`` called on
+  the same paths with the same batch size.
+
+Model-only ceiling (a random pre-made batch of the model's input size, ``torch.inference_mode``,
+the Predictor's own model object, so the same weights, attention implementation and layout):
+
+- **ceiling bf16 + channels_last** (channels_last for CNNs) and **ceiling fp32** (the fp32
+  Predictor's model, same layout).
+
+The ratio Predictor-bf16 / ceiling-bf16 shows what decoding and preprocessing cost (goal >= 0.8).
+
+Scaling table: model-only inference and training (forward + backward + AdamW, bf16 autocast +
+channels_last) img/s at 128/192/224/320 px, batch 32 (ViTs interpolate their position
+embeddings).
+
+Every figure is the median of ``--repeats`` timed rounds after one untimed round.
+
+    python benchmarks/batch_inference.py [--quick] [--data DIR] [--model DIR|PRESET|vit-b16-random] [--out JSON]
+"""
+
+from __future__ import annotations
+
+import copy
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks import common  # noqa: E402
+
+NAME = "batch_inference"
+
+
+def parse(argv=None):
+    ap = common.base_parser(__doc__, NAME)
+    ap.add_argument("--model", default=None,
+                    help="model folder, preset name or vit-b16-random (default: the shipped model, or a "
+                         f"random-init {common.DEFAULT_PRESET} if it is missing)")
+    ap.add_argument("--images", type=int, default=None, help="images per end-to-end round (default 256; quick 32)")
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--repeats", type=int, default=None, help="timed rounds (default 5; quick 1)")
+    ap.add_argument("--sizes", type=int, nargs="+", default=None,
+                    help="scaling table image sizes (default 128 192 224 320; quick 128)")
+    ap.add_argument("--scaling-iters", type=int, default=None,
+                    help="batches per timed scaling round (default 5; quick 2)")
+    args = ap.parse_args(argv)
+    q = args.quick
+    args.images = args.images or (32 if q else 256)
+    args.repeats = args.repeats or (1 if q else 5)
+    args.sizes = args.sizes or ([128] if q else [128, 192, 224, 320])
+    args.scaling_iters = args.scaling_iters or (2 if q else 5)
+    return args
+
+
+def ceiling(model, x, *, bf16: bool, iters: int, repeats: int, **model_kwargs) -> float:
+    """Model-only inference img/s on the pre-made batch ``x``."""
+    import torch
+
+    def run():
+        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            for _ in range(iters):
+                model(pixel_values=x, **model_kwargs).logits.float()
+
+    t = common.measure(run, warmup=1, repeats=repeats)
+    return common.rate(iters * x.shape[0], t["median_s"])
+
+
+def train_rate(model, x, y, *, bf16: bool, iters: int, repeats: int, **model_kwargs) -> float:
+    """Training img/s (forward + cross-entropy + backward + fused AdamW) on a pre-made batch."""
+    import torch
+
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, fused=True)
+
+    def run():
+        for _ in range(iters):
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                logits = model(pixel_values=x, **model_kwargs).logits
+            torch.nn.functional.cross_entropy(logits.float(), y).backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+    t = common.measure(run, warmup=1, repeats=repeats)
+    return common.rate(iters * x.shape[0], t["median_s"])
+
+
+def main(argv=None) -> int:
+    args = parse(argv)
+    t_start = time.perf_counter()
+    data_dir, synthetic = common.resolve_data(args.data)
+    common.quiet_libraries()
+    import torch
+    from transformers import pipeline
+
+    from cxr.data import processor_size
+    from cxr.inference import Predictor
+    from cxr.modeling import is_cnn
+
+    info = common.machine_info()
+    common.print_machine_info(info)
+    model_dir, model_desc = common.resolve_model(args.model)
+    paths = common.find_images(data_dir, args.images)
+    n, b, reps = len(paths), args.batch_size, args.repeats
+    bf16_ok = info["cpu_supports_bf16"]
+
+    p32 = Predictor.from_pretrained(model_dir, precision="fp32")
+    p16 = Predictor.from_pretrained(model_dir, precision="bf16") if bf16_ok else None
+    cnn = is_cnn(p32.model)
+    h, w = processor_size(p32.processor)
+    print(f"model: {model_desc} ({p32.config.model_type}, {h}x{w} px, "
+          f"{sum(p.numel() for p in p32.model.parameters()) / 1e6:.1f} M parameters) | "
+          f"{n} images from {data_dir}{' (synthetic)' if synthetic else ''} | batch {b} | "
+          f"{reps} timed round(s) after 1 warm-up\n", flush=True)
+
+    def e2e(fn) -> float:
+        return common.rate(n, common.measure(fn, warmup=1, repeats=reps)["median_s"])
+
+    results: dict = {}
+    print("Predictor ...", flush=True)
+    results["predictor_bf16_img_s"] = e2e(lambda: p16.predict_batch(paths, batch_size=b)) if p16 else None
+    results["predictor_fp32_img_s"] = e2e(lambda: p32.predict_batch(paths, batch_size=b))
+
+    print("pipeline ...", flush=True)
+    pipe = pipeline("image-classification", model=str(model_dir), device="cpu", dtype=torch.float32)
+    str_paths = [str(p) for p in paths]
+    results["pipeline_fp32_img_s"] = e2e(lambda: pipe(str_paths, batch_size=b))
+    del pipe
+
+    print("model-only ceiling ...", flush=True)
+    iters = max(1, n // b)
+    x = torch.randn(b, 3, h, w)
+    if cnn:
+        x = x.contiguous(memory_format=torch.channels_last)
+    results["ceiling_bf16_img_s"] = ceiling(p16.model, x, bf16=True, iters=iters, repeats=reps) if p16 else None
+    results["ceiling_fp32_img_s"] = ceiling(p32.model, x, bf16=False, iters=iters, repeats=reps)
+    results["ratio_predictor_bf16_over_ceiling"] = (
+        results["predictor_bf16_img_s"] / results["ceiling_bf16_img_s"]
+        if results["predictor_bf16_img_s"] and results["ceiling_bf16_img_s"] else None)
+
+    # Scaling with input size: model-only inference and training, batch 32, bf16 + channels_last.
+    print("scaling ...", flush=True)
+    scale_bf16 = bool(bf16_ok)
+    kwargs = {} if cnn else {"interpolate_pos_encoding": True}
+    infer_model = (p16 or p32).model
+    train_model = copy.deepcopy(p32.model)
+    if cnn:
+        train_model = train_model.to(memory_format=torch.channels_last)
+    scaling = []
+    for size in args.sizes:
+        xs = torch.randn(32, 3, size, size)
+        if cnn:
+            xs = xs.contiguous(memory_format=torch.channels_last)
+        ys = torch.randint(0, p32.config.num_labels, (32,))
+        it = args.scaling_iters
+        row = {"image_size": size, "batch_size": 32,
+               "inference_img_s": ceiling(infer_model, xs, bf16=scale_bf16, iters=it, repeats=reps, **kwargs),
+               "train_img_s": train_rate(train_model, xs, ys, bf16=scale_bf16, iters=it, repeats=reps, **kwargs)}
+        scaling.append(row)
+        print(f"  {size} px: inference {common.fmt(row['inference_img_s'])} img/s, "
+              f"training {common.fmt(row['train_img_s'])} img/s", flush=True)
+    del train_model
+
+    print()
+    common.print_table(["path", "img/s"], [
+        ["Predictor.predict_batch bf16 (end to end)", results["predictor_bf16_img_s"]],
+        ["Predictor.predict_batch fp32 (end to end)", results["predictor_fp32_img_s"]],
+        ["pipeline('image-classification') fp32", results["pipeline_fp32_img_s"]],
+        [f"ceiling bf16{' + channels_last' if cnn else ''} (model only)", results["ceiling_bf16_img_s"]],
+        [f"ceiling fp32{' + channels_last' if cnn else ''} (model only)", results["ceiling_fp32_img_s"]],
+    ])
+    ratio = results["ratio_predictor_bf16_over_ceiling"]
+    verdict = "" if ratio is None else ("  OK" if ratio >= 0.8 else "  BELOW GOAL")
+    print(f"ratio Predictor bf16 / ceiling bf16: {common.fmt(ratio, 3)} (goal >= 0.8){verdict}\n")
+    prec = "bf16 autocast" if scale_bf16 else "fp32"
+    common.print_table(["size (batch 32)", f"inference img/s ({prec})", f"training img/s ({prec})"],
+                       [[f"{r['image_size']} px", r["inference_img_s"], r["train_img_s"]] for r in scaling])
+    if not bf16_ok:
+        print("note: no native bf16 on this CPU: bf16 rows skipped, scaling table in fp32")
+
+    common.write_json(args.out, {
+        "benchmark": NAME, "machine": info,
+        "config": {"model": str(model_dir), "model_description": model_desc, "model_type": p32.config.model_type,
+                   "input_size": [h, w], "channels_last": cnn, "images": n, "batch_size": b, "repeats": reps,
+                   "data": str(data_dir), "synthetic_data": synthetic, "scaling_precision": prec,
+                   "scaling_iters": args.scaling_iters, "quick": args.quick},
+        "results": results, "scaling": scaling,
+        "goals": {"ratio_predictor_bf16_over_ceiling": 0.8},
+        "elapsed_s": round(time.perf_counter() - t_start, 2),
+    })
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

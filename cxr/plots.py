@@ -1,0 +1,90 @@
+"""Figures for model cards and the comparison study (matplotlib, Agg backend, PNG)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from sklearn.metrics import roc_auc_score, roc_curve  # noqa: E402
+
+
+def render_roc(curves: dict[str, tuple], path: str | Path, title: str = "ROC (validation)") -> Path:
+    """curves: name -> (labels, scores)."""
+    fig, ax = plt.subplots(figsize=(4.5, 4.5), dpi=110)
+    for name, (y, s) in curves.items():
+        fpr, tpr, _ = roc_curve(y, s)
+        ax.plot(fpr, tpr, lw=1.5, label=f"{name} (AUROC {roc_auc_score(y, s):.3f})")
+    ax.plot([0, 1], [0, 1], "k:", lw=0.8)
+    ax.set(xlabel="1 − specificity", ylabel="sensitivity", title=title, xlim=(0, 1), ylim=(0, 1.01))
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return Path(path)
+
+
+def render_calibration(y, s_raw, s_cal, path: str | Path, n_bins: int = 10) -> Path:
+    """Reliability diagram before and after temperature scaling."""
+    fig, ax = plt.subplots(figsize=(4.5, 4.5), dpi=110)
+    edges = np.linspace(0, 1, n_bins + 1)
+    for name, s in (("uncalibrated", s_raw), ("temperature-scaled", s_cal)):
+        s = np.asarray(s)
+        idx = np.minimum((s * n_bins).astype(int), n_bins - 1)
+        xs, ys = [], []
+        for b in range(n_bins):
+            m = idx == b
+            if m.any():
+                xs.append(s[m].mean())
+                ys.append(np.asarray(y)[m].mean())
+        ax.plot(xs, ys, "o-", ms=3, label=name)
+    ax.plot(edges, edges, "k:", lw=0.8)
+    ax.set(xlabel="predicted P(positive)", ylabel="observed fraction positive", title="Calibration (validation)",
+           xlim=(0, 1), ylim=(0, 1))
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return Path(path)
+
+
+def render_confusions(matrices: dict[str, list], path: str | Path, labels=("NORMAL", "PNEUMONIA")) -> Path:
+    n = len(matrices)
+    cols = min(n, 5)
+    rows = (n + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(2.2 * cols, 2.2 * rows), dpi=110, squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, (name, cm) in zip(axes.flat, matrices.items()):
+        cm = np.asarray(cm)
+        ax.axis("on")
+        ax.imshow(cm, cmap="Blues")
+        for (i, j), v in np.ndenumerate(cm):
+            ax.text(j, i, str(v), ha="center", va="center", fontsize=8,
+                    color="white" if v > cm.max() / 2 else "black")
+        ax.set_xticks([0, 1], [lab[:4] for lab in labels], fontsize=6)
+        ax.set_yticks([0, 1], [lab[:4] for lab in labels], fontsize=6)
+        ax.set_title(name, fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return Path(path)
+
+
+def render_learning_curves(rows: list[dict], path: str | Path, metric: str = "roc_auc") -> Path:
+    """rows: dicts with 'arm', 'n_per_class' (int, or the full size), metric."""
+    fig, ax = plt.subplots(figsize=(5.5, 4), dpi=110)
+    for arm in dict.fromkeys(r["arm"] for r in rows):
+        pts = sorted((r["n_per_class"], r[metric]) for r in rows if r["arm"] == arm)
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", ms=3, label=arm)
+    ax.set_xscale("log")
+    ax.set(xlabel="training images per class (log)", ylabel=f"validation {metric}", title="Low-data study")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return Path(path)

@@ -215,37 +215,11 @@ def write_json(path: str | os.PathLike, data: dict) -> Path:
 
 # ---------------------------------------------------------------- data
 
-def make_xray(seed: int, positive: bool, size: int = 224):
-    """A synthetic greyscale 'film': dark lungs on a lighter body; positives get a bright patch
-    (the same recipe as the test suite's fixture, kept here so benchmarks do not import tests)."""
-    import numpy as np
-    from PIL import Image
-
-    rng = np.random.default_rng(seed)
-    img = np.full((size, size), 150, np.float32)
-    img[size // 6: -size // 6, size // 8: size // 2 - 2] = 50
-    img[size // 6: -size // 6, size // 2 + 2: -size // 8] = 50
-    if positive:
-        y, x = rng.integers(size // 4, 3 * size // 4, 2)
-        yy, xx = np.mgrid[:size, :size]
-        img += 120 * np.exp(-((yy - y) ** 2 + (xx - x) ** 2) / (2 * (size / 8) ** 2))
-    img += rng.normal(0, 8, img.shape)
-    return Image.fromarray(np.clip(img, 0, 255).astype(np.uint8), "L")
-
-
 def write_synthetic_folder(root: Path, n_patients: int = 24, per_patient: int = 2, size: int = 224) -> Path:
-    """train/<LABEL>/<file>.jpeg with Kermany-style names (several images per patient), RGB
-    JPEG like the shared 224-px copy."""
-    seed = 0
-    for label in ("NORMAL", "PNEUMONIA"):
-        d = root / "train" / label
-        d.mkdir(parents=True, exist_ok=True)
-        for p in range(n_patients):
-            for k in range(per_patient):
-                seed += 1
-                name = f"IM-{p:04d}-{k + 1:04d}.jpeg" if label == "NORMAL" else f"person{p}_bacteria_{k + 1}.jpeg"
-                make_xray(seed, label == "PNEUMONIA", size).convert("RGB").save(d / name, quality=95)
-    return root
+    """train/<LABEL>/<file>.jpeg with Kermany-style names, RGB JPEG like the shared 224-px copy."""
+    from cxr.synthetic import write_kermany_folder
+
+    return write_kermany_folder(root, n_patients=n_patients, per_patient=per_patient, size=size)
 
 
 def _temp_datasets_cache(root: Path) -> None:

@@ -26,8 +26,11 @@ data (``prepare_data``, the same train subset), model (``build_model``), loss
 Trainer's ``optim`` is ``adamw_torch_fused``) and gradient clipping (``max_grad_norm``) as the
 Trainer run. The ratio Trainer-steady / plain-loop shows the Trainer's overhead (goal >= 0.9).
 
-Each plain figure is the median over ``--repeats`` timed rounds of ``--plain-steps`` steps,
-after one untimed round. Run on a quiet machine: other processes make every figure lower.
+Timing: one untimed warm-up round of each plain kind and one untimed Trainer run, then
+``--repeats`` rounds, interleaved so that every path sees the same drift in machine load: data
+loader (``--plain-steps`` batches), model only and data + model (``--plain-steps`` steps
+each), Trainer N, Trainer 2N. Each figure is the median over the rounds. Run on a quiet
+machine: other processes make every figure lower and noisier.
 
     python benchmarks/train_throughput.py [--quick] [--data DIR] [--model PRESET_OR_DIR] [--out JSON]
 """
@@ -103,31 +106,6 @@ def run_trainer(args, data_dir: Path, steps: int) -> dict:
             "train_samples_per_second": res["train_samples_per_second"]}
 
 
-def trainer_figures(args, data_dir: Path) -> dict:
-    n, b = args.steps, args.batch_size
-    warm = 1 if args.quick else n
-    print(f"Trainer: warm-up run ({warm} steps), then {args.repeats} x ({n}, {2 * n}) steps ...", flush=True)
-    run_trainer(args, data_dir, warm)
-    runs, steady, steady_wall, reported = [], [], [], []
-    for _ in range(args.repeats):
-        r1 = run_trainer(args, data_dir, n)
-        r2 = run_trainer(args, data_dir, 2 * n)
-        runs += [r1, r2]
-        reported += [r1["train_samples_per_second"], r2["train_samples_per_second"]]
-        steady.append(common.rate(n * b, r2["train_runtime_s"] - r1["train_runtime_s"]))
-        steady_wall.append(common.rate(n * b, r2["wall_s"] - r1["wall_s"]))
-
-    def med(xs):
-        xs = [x for x in xs if x is not None]
-        return statistics.median(xs) if xs else None
-
-    if any(x is None for x in steady + steady_wall):
-        print("WARNING: a 2N run was not slower than its N run (too few steps or a noisy machine): "
-              "raise --steps", file=sys.stderr)
-    return {"trainer_reported_img_s": med(reported), "trainer_steady_img_s": med(steady),
-            "trainer_steady_wall_img_s": med(steady_wall), "runs": runs}
-
-
 # ---------------------------------------------------------------- plain loop
 
 class Cycle:
@@ -144,87 +122,134 @@ class Cycle:
             return next(self.it)
 
 
-def plain_figures(args, data_dir: Path) -> dict:
-    import torch
-    from torch.utils.data import DataLoader
-    from transformers import default_data_collator
+class PlainLoop:
+    """The Trainer's training step written out by hand, plus its data pipeline.
 
-    from cxr.config import parse_args
-    from cxr.data import ImageTransform, prepare_data
-    from cxr.modeling import apply_strategy, build_model, is_cnn
-    from cxr.training import WeightedCrossEntropy
+    Each ``*_round()`` runs ``steps`` steps (or batches) and returns (images, seconds)."""
 
-    # The same parsed arguments, data, model and loss as the Trainer run.
-    model_args, data_args, targs = parse_args(trainer_argv(args, data_dir, common.temp_dir("plain"), args.steps))
-    data = prepare_data(data_args, seed=targs.seed)
-    train = data.splits["train"]
-    torch.manual_seed(targs.seed)
-    model, processor = build_model(model_args.model_name_or_path, data.id2label, model_args.image_size,
-                                   model_args.model_revision)
-    model = apply_strategy(model, model_args.strategy, partial_stages=model_args.partial_stages)
-    channels_last = model_args.channels_last and is_cnn(model)
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    model.train()
-    bf16 = bool(targs.bf16)
-    loss_fn = WeightedCrossEntropy(data.class_weights)
-    params = [p for p in model.parameters() if p.requires_grad]
-    fused = "fused" in str(getattr(targs.optim, "value", targs.optim))
-    opt = torch.optim.AdamW(params, lr=targs.learning_rate, betas=(targs.adam_beta1, targs.adam_beta2),
-                            eps=targs.adam_epsilon, weight_decay=targs.weight_decay, fused=fused or None)
+    def __init__(self, args, data_dir: Path):
+        import torch
+        from torch.utils.data import DataLoader
+        from transformers import default_data_collator
 
-    train.set_transform(ImageTransform(processor, augment=data_args.augment))
-    b = args.batch_size
-    loader = DataLoader(train, batch_size=b, shuffle=True, num_workers=targs.dataloader_num_workers,
-                        collate_fn=default_data_collator, drop_last=len(train) >= b)
-    batches = Cycle(loader)
-    h = w = args.image_size
+        from cxr.config import parse_args
+        from cxr.data import ImageTransform, prepare_data
+        from cxr.modeling import apply_strategy, build_model, is_cnn
+        from cxr.training import WeightedCrossEntropy
 
-    def step(x, y):
-        if channels_last:
+        self.torch, self.steps, b = torch, args.plain_steps, args.batch_size
+        # The same parsed arguments, data, model and loss as the Trainer run.
+        model_args, data_args, targs = parse_args(trainer_argv(args, data_dir, common.temp_dir("plain"), args.steps))
+        data = prepare_data(data_args, seed=targs.seed)
+        train = data.splits["train"]
+        torch.manual_seed(targs.seed)
+        model, processor = build_model(model_args.model_name_or_path, data.id2label, model_args.image_size,
+                                       model_args.model_revision)
+        model = apply_strategy(model, model_args.strategy, partial_stages=model_args.partial_stages)
+        self.channels_last = bool(model_args.channels_last and is_cnn(model))
+        if self.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        self.model = model.train()
+        self.bf16 = bool(targs.bf16)
+        self.max_grad_norm = targs.max_grad_norm
+        self.loss_fn = WeightedCrossEntropy(data.class_weights)
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.fused = "fused" in str(getattr(targs.optim, "value", targs.optim))
+        self.opt = torch.optim.AdamW(self.params, lr=targs.learning_rate, betas=(targs.adam_beta1, targs.adam_beta2),
+                                     eps=targs.adam_epsilon, weight_decay=targs.weight_decay,
+                                     fused=self.fused or None)
+        train.set_transform(ImageTransform(processor, augment=data_args.augment))
+        loader = DataLoader(train, batch_size=b, shuffle=True, num_workers=targs.dataloader_num_workers,
+                            collate_fn=default_data_collator, drop_last=len(train) >= b)
+        self.batches = Cycle(loader)
+        self.n_train = len(train)
+        self.x_fixed = torch.randn(b, 3, args.image_size, args.image_size)
+        self.y_fixed = torch.randint(0, len(data.id2label), (b,))
+
+    def step(self, x, y) -> None:
+        torch = self.torch
+        if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            out = model(pixel_values=x, labels=y)   # the Trainer passes labels too
-            loss = loss_fn(out, y)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16):
+            out = self.model(pixel_values=x, labels=y)   # the Trainer passes labels too
+            loss = self.loss_fn(out, y)
         loss.backward()
-        if targs.max_grad_norm and targs.max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_(params, targs.max_grad_norm)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        if self.max_grad_norm and self.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm)
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
 
-    k = args.plain_steps
-    counted = {"images": 0}
+    def _timed(self, one_step) -> tuple[int, float]:
+        images, t0 = 0, time.perf_counter()
+        for _ in range(self.steps):
+            images += one_step()
+        return images, time.perf_counter() - t0
 
-    def data_only():
-        for _ in range(k):
-            counted["images"] += len(next(batches)["labels"])
+    def data_round(self):
+        return self._timed(lambda: len(next(self.batches)["labels"]))
 
-    def loop_with_data():
-        for _ in range(k):
-            batch = next(batches)
-            step(batch["pixel_values"], batch["labels"])
+    def model_round(self):
+        def one():
+            self.step(self.x_fixed, self.y_fixed)
+            return len(self.y_fixed)
+        return self._timed(one)
 
-    x_fixed = torch.randn(b, 3, h, w)
-    y_fixed = torch.randint(0, len(data.id2label), (b,))
+    def loop_round(self):
+        def one():
+            batch = next(self.batches)
+            self.step(batch["pixel_values"], batch["labels"])
+            return len(batch["labels"])
+        return self._timed(one)
 
-    def model_only():
-        for _ in range(k):
-            step(x_fixed, y_fixed)
 
-    print(f"plain loop: {len(train)} training images, batch {b}, {h} px, "
-          f"{'bf16 autocast' if bf16 else 'fp32'}, channels_last={channels_last}, fused AdamW={fused}; "
-          f"{args.repeats} x {k} steps after 1 warm-up round ...", flush=True)
-    t_data = common.measure(data_only, warmup=1, repeats=args.repeats)
-    imgs_per_round = counted["images"] / (1 + args.repeats)
-    t_model = common.measure(model_only, warmup=1, repeats=args.repeats)
-    t_loop = common.measure(loop_with_data, warmup=1, repeats=args.repeats)
+# ---------------------------------------------------------------- measurement
+
+def median_rate(samples: list[tuple[int, float]]):
+    """Median over rounds of images / seconds (None if no round could be timed)."""
+    rates = [r for r in (common.rate(n, t) for n, t in samples) if r is not None]
+    return statistics.median(rates) if rates else None
+
+
+def measure_all(args, data_dir: Path) -> dict:
+    """Warm-up (one round of each plain kind, one Trainer run), then ``repeats`` interleaved
+    rounds: data loader, plain model only, plain loop, Trainer N steps, Trainer 2N steps. The
+    interleaving exposes every path to the same drift in machine load."""
+    plain = PlainLoop(args, data_dir)
+    n, b = args.steps, args.batch_size
+    warm = 1 if args.quick else n
+    print(f"plain loop: {plain.n_train} training images, batch {b}, {args.image_size} px, "
+          f"{'bf16 autocast' if plain.bf16 else 'fp32'}, channels_last={plain.channels_last}, "
+          f"fused AdamW={plain.fused}\nwarm-up: one round of each + a {warm}-step Trainer run; then {args.repeats} "
+          f"x (data {plain.steps} batches, model {plain.steps} steps, loop {plain.steps} steps, "
+          f"Trainer {n} + {2 * n} steps) ...", flush=True)
+    plain.data_round(), plain.model_round(), plain.loop_round()
+    run_trainer(args, data_dir, warm)
+    rounds = {"dataloader": [], "model_only": [], "loop_with_data": []}
+    runs, steady, steady_wall, reported = [], [], [], []
+    for _ in range(args.repeats):
+        rounds["dataloader"].append(plain.data_round())
+        rounds["model_only"].append(plain.model_round())
+        rounds["loop_with_data"].append(plain.loop_round())
+        r1 = run_trainer(args, data_dir, n)
+        r2 = run_trainer(args, data_dir, 2 * n)
+        runs += [r1, r2]
+        reported += [r1["train_samples_per_second"], r2["train_samples_per_second"]]
+        steady.append((n * b, r2["train_runtime_s"] - r1["train_runtime_s"]))
+        steady_wall.append((n * b, r2["wall_s"] - r1["wall_s"]))
+    if any(t <= 0 for _, t in steady + steady_wall):
+        print("WARNING: a 2N run was not slower than its N run (too few steps or a noisy machine): "
+              "raise --steps", file=sys.stderr)
     return {
-        "dataloader_img_s": common.rate(imgs_per_round, t_data["median_s"]),
-        "plain_model_only_img_s": common.rate(k * b, t_model["median_s"]),
-        "plain_loop_img_s": common.rate(k * b, t_loop["median_s"]),
-        "timings": {"dataloader": t_data, "model_only": t_model, "loop_with_data": t_loop},
-        "precision": "bf16 autocast" if bf16 else "fp32", "channels_last": channels_last,
-        "fused_adamw": fused, "n_train_images": len(train),
+        "dataloader_img_s": median_rate(rounds["dataloader"]),
+        "plain_model_only_img_s": median_rate(rounds["model_only"]),
+        "plain_loop_img_s": median_rate(rounds["loop_with_data"]),
+        "trainer_reported_img_s": statistics.median(reported),
+        "trainer_steady_img_s": median_rate(steady),
+        "trainer_steady_wall_img_s": median_rate(steady_wall),
+        "plain_rounds": {k: [{"images": i, "seconds": round(t, 5)} for i, t in v] for k, v in rounds.items()},
+        "trainer_runs": runs,
+        "precision": "bf16 autocast" if plain.bf16 else "fp32", "channels_last": plain.channels_last,
+        "fused_adamw": plain.fused, "n_train_images": plain.n_train,
     }
 
 
@@ -240,44 +265,43 @@ def main(argv=None) -> int:
     print(f"model {args.model} | {args.image_size} px | batch {args.batch_size} | data {data_dir}"
           f"{' (synthetic)' if synthetic else ''}\n")
 
-    plain = plain_figures(args, data_dir)
-    trainer = trainer_figures(args, data_dir)
-    ratio = (trainer["trainer_steady_img_s"] / plain["plain_loop_img_s"]
-             if trainer["trainer_steady_img_s"] and plain["plain_loop_img_s"] else None)
-    ratio_wall = (trainer["trainer_steady_wall_img_s"] / plain["plain_loop_img_s"]
-                  if trainer["trainer_steady_wall_img_s"] and plain["plain_loop_img_s"] else None)
+    res = measure_all(args, data_dir)
+    plain_rate = res["plain_loop_img_s"]
+    ratio = res["trainer_steady_img_s"] / plain_rate if res["trainer_steady_img_s"] and plain_rate else None
+    ratio_wall = (res["trainer_steady_wall_img_s"] / plain_rate
+                  if res["trainer_steady_wall_img_s"] and plain_rate else None)
 
     print()
     common.print_table(["path", "img/s"], [
-        ["data loader only (decode + augment + processor)", plain["dataloader_img_s"]],
-        ["plain loop, model only (fixed batch)", plain["plain_model_only_img_s"]],
-        ["plain loop, data + model", plain["plain_loop_img_s"]],
-        ["Trainer, reported (incl. warm-up)", trainer["trainer_reported_img_s"]],
-        ["Trainer, steady state (train_runtime, 2N-N)", trainer["trainer_steady_img_s"]],
-        ["Trainer, steady state (wall time, 2N-N)", trainer["trainer_steady_wall_img_s"]],
+        ["data loader only (decode + augment + processor)", res["dataloader_img_s"]],
+        ["plain loop, model only (fixed batch)", res["plain_model_only_img_s"]],
+        ["plain loop, data + model", plain_rate],
+        ["Trainer, reported (incl. warm-up)", res["trainer_reported_img_s"]],
+        ["Trainer, steady state (train_runtime, 2N-N)", res["trainer_steady_img_s"]],
+        ["Trainer, steady state (wall time, 2N-N)", res["trainer_steady_wall_img_s"]],
     ])
     verdict = "" if ratio is None else ("  OK" if ratio >= 0.9 else "  BELOW GOAL")
     print(f"ratio Trainer steady / plain loop: {common.fmt(ratio, 3)} (goal >= 0.9){verdict}; "
           f"wall-time estimate {common.fmt(ratio_wall, 3)}")
 
-    results = {k: plain[k] for k in ("dataloader_img_s", "plain_model_only_img_s", "plain_loop_img_s")}
-    results.update({k: trainer[k] for k in ("trainer_reported_img_s", "trainer_steady_img_s",
-                                            "trainer_steady_wall_img_s")})
+    results = {k: res[k] for k in ("dataloader_img_s", "plain_model_only_img_s", "plain_loop_img_s",
+                                   "trainer_reported_img_s", "trainer_steady_img_s", "trainer_steady_wall_img_s")}
     results.update(ratio_trainer_over_plain=ratio, ratio_trainer_wall_over_plain=ratio_wall)
     common.write_json(args.out, {
         "benchmark": NAME, "machine": info,
         "config": {"model": str(args.model), "image_size": args.image_size, "batch_size": args.batch_size,
-                   "precision": plain["precision"], "channels_last": plain["channels_last"],
-                   "fused_adamw": plain["fused_adamw"], "steps_n": args.steps, "plain_steps": args.plain_steps,
+                   "precision": res["precision"], "channels_last": res["channels_last"],
+                   "fused_adamw": res["fused_adamw"], "steps_n": args.steps, "plain_steps": args.plain_steps,
                    "repeats": args.repeats, "train_samples": args.train_samples,
-                   "n_train_images": plain["n_train_images"], "data": str(data_dir), "synthetic_data": synthetic,
+                   "n_train_images": res["n_train_images"], "data": str(data_dir), "synthetic_data": synthetic,
                    "quick": args.quick},
         "results": results,
         "goals": {"ratio_trainer_over_plain": 0.9},
         "method": {"trainer_steady_img_s": "N*batch / (train_runtime(2N) - train_runtime(N)), median over repeats",
                    "trainer_steady_wall_img_s": "N*batch / (wall(main, 2N) - wall(main, N)), median over repeats",
-                   "plain": "median over repeats of plain_steps*batch / round time, after one warm-up round"},
-        "trainer_runs": trainer["runs"], "plain_timings": plain["timings"],
+                   "plain": "median over repeats of images / round time (plain_steps steps), after one warm-up "
+                            "round; all paths interleaved round by round"},
+        "trainer_runs": res["trainer_runs"], "plain_rounds": res["plain_rounds"],
         "elapsed_s": round(time.perf_counter() - t_start, 2),
     })
     return 0

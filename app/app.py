@@ -101,7 +101,7 @@ def _details(result) -> str:
     if result.explainer:
         lines += ["", f"Heat map: {EXPLAINER_NAMES.get(result.explainer, result.explainer)}, "
                       f"for the class {result.positive_label}."]
-    return "\n".join(lines)
+    return "\n\n".join(line for line in lines if line)
 
 
 def predict(file, opacity: float = 0.4, show_heatmap: bool = True, *, predictor: Predictor):
@@ -187,8 +187,11 @@ def create_demo(predictor: Predictor) -> gr.Blocks:
                      concurrency_limit=2)
         opacity.release(reblend, inputs=[state, opacity], outputs=image, api_visibility="private")
         examples = _examples()
-        if examples:
-            gr.Examples(examples=[[e] for e in examples], inputs=[file], label="Examples (Kermany et al. 2018, CC BY 4.0)")
+        if examples:  # outputs cached for everyone after an example's first use
+            example_fn = functools.partial(predict, opacity=0.4, show_heatmap=True, predictor=predictor)
+            gr.Examples(examples=[[e] for e in examples], inputs=[file], outputs=outputs, fn=example_fn,
+                        cache_examples=True, cache_mode="lazy",
+                        label="Examples (Kermany et al. 2018, CC BY 4.0; from the training split)")
         with gr.Accordion("Learn: transfer learning and attention maps", open=False):
             gr.Markdown(TEACHING)
             gr.Markdown("### This model\n" + model_facts(predictor))

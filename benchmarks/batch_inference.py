@@ -130,6 +130,18 @@ def main(argv=None) -> int:
     results["predictor_bf16_img_s"] = e2e(lambda: p16.predict_batch(paths, batch_size=b)) if p16 else None
     results["predictor_fp32_img_s"] = e2e(lambda: p32.predict_batch(paths, batch_size=b))
 
+    if p16:  # precision switch: bf16 must agree with fp32 on these (real, when available) images
+        r16, r32 = p16.predict_batch(paths, batch_size=b), p32.predict_batch(paths, batch_size=b)
+        pairs = [(x, y) for x, y in zip(r16, r32) if not isinstance(x, Exception)]
+        diffs = [abs(x.positive_probability - y.positive_probability) for x, y in pairs]
+        results["bf16_vs_fp32"] = {
+            "images": len(pairs),
+            "label_agreement": sum(x.label == y.label for x, y in pairs) / max(1, len(pairs)),
+            "max_abs_prob_diff": max(diffs) if diffs else None,
+            "mean_abs_prob_diff": sum(diffs) / len(diffs) if diffs else None,
+        }
+        print(f"bf16 vs fp32: {results['bf16_vs_fp32']}", flush=True)
+
     print("pipeline ...", flush=True)
     pipe = pipeline("image-classification", model=str(model_dir), device="cpu", dtype=torch.float32)
     str_paths = [str(p) for p in paths]

@@ -107,11 +107,13 @@ def fit_operating_point(logits, labels, positive_id: int, id2label: dict, min_se
     p = positive_scores(logits, positive_id, temperature)
     ops = compute_operating_points(y, p, min_sensitivity)
     j = compute_threshold_metrics(y, p, ops["youden"])
+    source = "Youden's J on the validation split (temperature-scaled probabilities)"
     if j["sensitivity"] + j["specificity"] - 1 <= 0:  # an uninformative model: keep the neutral default
         ops["youden"] = 0.5
+        source = "default 0.5 (Youden's J on validation was not above 0)"
     return {
         "threshold": ops["youden"],
-        "source": "Youden's J on the validation split (temperature-scaled probabilities)",
+        "source": source,
         "youden_threshold": ops["youden"],
         "high_sensitivity_threshold": ops["high_sensitivity"],
         "min_sensitivity": min_sensitivity,

@@ -144,3 +144,9 @@ def test_transform_matches_processor_exactly(tmp_path):
     assert torch.equal(item["pixel_values"], ref)
     aug = ImageTransform(processor, augment=True)({"image": [raw[0]["image"]], "label": [0]})
     assert aug["pixel_values"].shape == (1, 3, 64, 64)
+
+
+def test_hub_dataset_id_offline_is_a_clear_error():
+    # HF_DATASETS_OFFLINE=1 (conftest): the Hub code path runs and fails with a named dataset
+    with pytest.raises(DataError, match="cannot load dataset 'someone/no-such-cxr-dataset'"):
+        prepare_data(DataArguments(dataset_name="someone/no-such-cxr-dataset"))

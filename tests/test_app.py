@@ -158,3 +158,61 @@ def test_app_refuses_bad_model_at_startup(trained_folder, tmp_path, capsys):
     assert app_module.main(["--model", str(bad)]) == 2
     err = capsys.readouterr().err
     assert "only pickle weights" in err and "Traceback" not in err
+
+
+def test_overload_is_refused_quickly(trained_folder, monkeypatch, tmp_path):
+    """A bounded queue: with 2 running and 1 waiting, further requests are refused at once."""
+    import threading
+    import time
+
+    from gradio_client import Client, handle_file
+
+    from app import app as app_module
+
+    monkeypatch.setenv("CXR_QUEUE_SIZE", "1")
+    predictor = Predictor.from_pretrained(trained_folder, precision="fp32")
+    original = predictor.predict
+
+    def slow_predict(*a, **k):  # hold the workers so the queue fills
+        time.sleep(1.5)
+        return original(*a, **k)
+
+    predictor.predict = slow_predict
+    demo = app_module.create_demo(predictor)
+    _, url, _ = app_module.launch(demo, server_name="127.0.0.1", prevent_thread_lock=True, quiet=True)
+    make_xray(9, True).save(tmp_path / "q.png")
+    outcomes, lock = [], threading.Lock()
+
+    def one():
+        t0 = time.perf_counter()
+        try:
+            Client(url, verbose=False, download_files=str(tmp_path), analytics_enabled=False).predict(
+                handle_file(str(tmp_path / "q.png")), 0.4, False, api_name="/predict")
+            result = "ok"
+        except Exception as e:  # noqa: BLE001
+            result = str(e)
+        with lock:
+            outcomes.append((result, time.perf_counter() - t0))
+
+    try:
+        threads = [threading.Thread(target=one) for _ in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=120)
+    finally:
+        demo.close()
+    assert len(outcomes) == 6
+    ok = [o for o in outcomes if o[0] == "ok"]
+    refused = [o for o in outcomes if o[0] != "ok"]
+    assert 1 <= len(ok) <= 3 and refused
+    assert all("queue" in r.lower() for r, _ in refused), refused
+    assert all(dt < 30 for _, dt in refused)
+
+
+def test_cache_cleaning_and_analytics_configured(trained_folder):
+    from app import app as app_module
+
+    demo = app_module.create_demo(Predictor.from_pretrained(trained_folder, precision="fp32"))
+    assert demo.delete_cache == (600, 1800)      # gradio removes cached uploads/outputs on a timer
+    assert demo.analytics_enabled is False

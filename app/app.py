@@ -66,6 +66,23 @@ performance on adults, other scanners or other findings. **Not a medical device.
 
 # ------------------------------------------------------------------ handlers
 
+class DecisionLabel(gr.Label):
+    """gr.Label whose headline is the thresholded decision, not the most probable class
+    (they differ when the saved operating threshold is not 0.5)."""
+
+    @classmethod
+    def get_block_name(cls) -> str:
+        return "label"  # the same front-end component
+
+    def postprocess(self, value):
+        if isinstance(value, dict) and "decision" in value:
+            data = super().postprocess(value["probabilities"])
+            if data and value["decision"]:
+                data.label = value["decision"]
+            return data
+        return super().postprocess(value)
+
+
 def _display_copy(image: Image.Image) -> Image.Image:
     image = image.convert("RGB")
     scale = DISPLAY_MAX_SIDE / max(image.size)
@@ -120,7 +137,7 @@ def predict(file, opacity: float = 0.4, show_heatmap: bool = True, *, predictor:
         logger.exception("prediction failed")
         raise gr.Error(GENERIC_ERROR) from None
     display = _display_copy(image)
-    label = {} if result.out_of_distribution else result.probabilities
+    label = {} if result.out_of_distribution else {"decision": result.label, "probabilities": result.probabilities}
     response = result.to_dict()
     heat_file, shown = None, display
     if result.heatmap is not None:
@@ -177,7 +194,7 @@ def create_demo(predictor: Predictor) -> gr.Blocks:
                 opacity = gr.Slider(0.0, 1.0, value=0.4, step=0.05, label="Heat-map opacity")
                 button = gr.Button("Predict", variant="primary")
             with gr.Column():
-                label = gr.Label(num_top_classes=2, label="Calibrated probabilities")
+                label = DecisionLabel(num_top_classes=2, label="Decision (saved threshold) and calibrated probabilities")
                 image = gr.Image(type="pil", label="X-ray with attention map", format="png")
                 details = gr.Markdown()
                 heat = gr.File(label="Raw heat map (PNG)")

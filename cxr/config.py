@@ -171,6 +171,8 @@ def parse_args(argv: list[str] | None = None):
     values = dict(DEFAULT_TRAINING)
     if cfg_path:
         values.update(load_yaml_config(cfg_path))
+    if "-h" in argv or "--help" in argv:  # argparse prints every field's help text and exits
+        HfArgumentParser(ALL_ARGS).parse_args_into_dataclasses(args=["--help"])
     known = _field_names()
     for a in argv:  # unknown command-line flags: name them (argparse would print usage and exit)
         if a.startswith("--"):

@@ -45,7 +45,7 @@ def check_ok(result, size=64):
     confidences = {c["label"]: c["confidence"] for c in label["confidences"]}
     assert set(confidences) == {"NORMAL", "PNEUMONIA"}
     assert sum(confidences.values()) == pytest.approx(1.0, abs=1e-5)
-    assert label["label"] in ("NORMAL", "PNEUMONIA")
+    assert label["label"] == response["label"]            # the headline is the thresholded decision
     assert response["disclaimer"] == DISCLAIMER and "not a medical device" in details
     assert response["threshold_source"]
     assert Image.open(heat_path).size == (size, size)
@@ -216,3 +216,13 @@ def test_cache_cleaning_and_analytics_configured(trained_folder):
     demo = app_module.create_demo(Predictor.from_pretrained(trained_folder, precision="fp32"))
     assert demo.delete_cache == (600, 1800)      # gradio removes cached uploads/outputs on a timer
     assert demo.analytics_enabled is False
+
+
+def test_headline_is_thresholded_decision_not_argmax(trained_folder):
+    from app import app as app_module
+
+    widget = app_module.DecisionLabel(num_top_classes=2)
+    data = widget.postprocess({"decision": "PNEUMONIA", "probabilities": {"NORMAL": 0.7, "PNEUMONIA": 0.3}})
+    assert data.label == "PNEUMONIA"                       # threshold 0.256 < 0.3: positive
+    assert [c.label for c in data.confidences] == ["NORMAL", "PNEUMONIA"]
+    assert app_module.DecisionLabel.get_block_name() == "label"

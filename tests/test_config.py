@@ -76,3 +76,11 @@ def test_resolved_config_round_trips(tmp_path):
     m2, d2, t2 = parse_args(["--config", write(tmp_path, cfg)])
     assert (m2, d2) == (m, d)
     assert resolved_config(m2, d2, t2) == cfg
+
+
+def test_help_prints_fields(capsys):
+    with pytest.raises(SystemExit) as e:
+        parse_args(["--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert "--strategy" in out and "--learning_rate" in out

@@ -169,6 +169,25 @@ def measure(fn: Callable[[], object], *, warmup: int = 1, repeats: int = 5) -> d
             "times_s": [round(t, 6) for t in times]}
 
 
+def measure_interleaved(fns: dict[str, Callable[[], object]], *, warmup: int = 1, repeats: int = 5) -> dict:
+    """Like :func:`measure` for several functions, timed in alternation (a, b, a, b, ...).
+
+    On a shared or throttling machine the speed drifts from minute to minute; alternating
+    rounds exposes every function to the same drift, so ratios between them are fair.
+    Returns ``{name: measure-style dict}``."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(max(1, repeats)):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return {name: {"median_s": statistics.median(t), "min_s": min(t), "max_s": max(t),
+                   "times_s": [round(x, 6) for x in t]} for name, t in times.items()}
+
+
 def rate(items: float, seconds: float) -> float | None:
     """items / seconds, or None when the time is not positive (too short to measure)."""
     return items / seconds if seconds and seconds > 0 else None

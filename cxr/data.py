@@ -13,6 +13,7 @@ import numpy as np
 from datasets import ClassLabel, DatasetDict, Image as ImageFeature, load_dataset
 
 from .imaging import ImageLoadError, load_image
+from .preprocessing import pixel_values
 
 logger = logging.getLogger(__name__)
 
@@ -258,7 +259,8 @@ def processor_size(processor) -> tuple[int, int]:
 
 
 class ImageTransform:
-    """datasets set_transform: undecoded image -> load_image -> [augment] -> image processor."""
+    """datasets set_transform: undecoded image -> load_image -> [augment] -> image processor
+    (through :func:`cxr.preprocessing.pixel_values`, the same call as the Predictor's)."""
 
     def __init__(self, processor, augment: bool = False):
         self.processor = processor
@@ -268,5 +270,4 @@ class ImageTransform:
         images = [load_image(_image_ref(x)) for x in batch["image"]]
         if self.augment is not None:
             images = [self.augment(im) for im in images]
-        pixel_values = self.processor(images=images, return_tensors="pt")["pixel_values"]
-        return {"pixel_values": pixel_values, "labels": batch["label"]}
+        return {"pixel_values": pixel_values(self.processor, images), "labels": batch["label"]}

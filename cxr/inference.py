@@ -13,6 +13,7 @@ import logging
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from PIL import Image
 from .imaging import ImageLoadError, check_is_radiograph, load_image
 from .metrics import compute_softmax
 from .modeling import is_cnn
+from .preprocessing import pixel_values
 
 logger = logging.getLogger(__name__)
 
@@ -133,9 +135,9 @@ class Predictor:
         return predictor
 
     # ------------------------------------------------------------ inference
-    def preprocess(self, images: list[Image.Image]) -> torch.Tensor:
+    def preprocess(self, images: list[Image.Image | np.ndarray]) -> torch.Tensor:
         """The saved image processor: the same call as training's eval transform."""
-        return self.processor(images=images, return_tensors="pt")["pixel_values"]
+        return pixel_values(self.processor, images)
 
     def _prepare(self, pixel_values: torch.Tensor) -> torch.Tensor:
         return pixel_values.contiguous(memory_format=torch.channels_last) if self.channels_last else pixel_values
@@ -179,25 +181,42 @@ class Predictor:
         return result
 
     def predict_batch(self, sources, batch_size: int = 32) -> list[Prediction | ImageLoadError]:
-        """Many images; a bad one yields its ImageLoadError in place, the rest still run."""
+        """Many images; a bad one yields its ImageLoadError in place, the rest still run.
+
+        Decoding and preprocessing of batch k+1 run in a worker thread while the model runs
+        on batch k (Pillow and torch release the GIL), so the model waits little for data. The
+        worker's torch ops are single-threaded (the setting is per thread in OpenMP): the
+        model keeps its threads and the cores are not oversubscribed.
+        """
+        if batch_size < 1:
+            raise ValueError("batch_size must be >= 1")
+        sources = list(sources)
+        chunks = [sources[i:i + batch_size] for i in range(0, len(sources), batch_size)]
         out: list = []
-        for start in range(0, len(sources), batch_size):
-            chunk, images, slots = sources[start:start + batch_size], [], []
-            for s in chunk:
-                try:
-                    images.append(s.convert("RGB") if isinstance(s, Image.Image) else load_image(s))
-                    slots.append(None)
-                except ImageLoadError as e:
-                    slots.append(e)
-            logits = self.logits(self.preprocess(images)) if images else []
-            it = iter(zip(images, logits))
-            for slot in slots:
-                if slot is not None:
-                    out.append(slot)
-                else:
-                    im, lg = next(it)
-                    out.append(self._result(lg, check_is_radiograph(im)))
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="cxr-decode",
+                                initializer=torch.set_num_threads, initargs=(1,)) as pool:
+            pending = pool.submit(self._load_chunk, chunks[0]) if chunks else None
+            for k in range(len(chunks)):
+                slots, pv = pending.result()
+                pending = pool.submit(self._load_chunk, chunks[k + 1]) if k + 1 < len(chunks) else None
+                logits = iter(self.logits(pv) if pv is not None else [])
+                for slot in slots:
+                    out.append(slot if isinstance(slot, ImageLoadError) else self._result(next(logits), slot))
         return out
+
+    def _load_chunk(self, chunk) -> tuple[list, torch.Tensor | None]:
+        """Decode, check and preprocess one batch: (per-source ImageLoadError or OOD warning, pixel values)."""
+        images, slots = [], []
+        for s in chunk:
+            try:
+                image = s if isinstance(s, Image.Image) else load_image(s)
+            except ImageLoadError as e:
+                slots.append(e)
+                continue
+            pixels = np.asarray(image if image.mode == "RGB" else image.convert("RGB"))  # one copy, used twice
+            slots.append(check_is_radiograph(pixels))
+            images.append(pixels)
+        return slots, (self.preprocess(images) if images else None)
 
     # ------------------------------------------------------------ explanations
     @property

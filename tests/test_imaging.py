@@ -528,3 +528,14 @@ def test_successful_dicom_load_exposes_no_metadata():
     out = load_image(make_dicom(ramp12()))
     assert out.info == {} or not any(word in str(out.info) for word in PHI)
     assert isinstance(out, Image.Image) and out.mode == "RGB"
+
+
+def test_colorfulness_of_array_equals_image():
+    rng = np.random.default_rng(3)
+    photo = Image.fromarray(rng.integers(0, 256, (300, 200, 3), dtype=np.uint8))
+    assert compute_colorfulness(np.asarray(photo)) == compute_colorfulness(photo) > 0.2
+    assert check_is_radiograph(np.asarray(photo)) is not None
+    grey = np.repeat(rng.integers(0, 256, (64, 64, 1), dtype=np.uint8), 3, axis=2)
+    assert compute_colorfulness(grey) == 0.0
+    with pytest.raises(ValueError, match="uint8"):
+        compute_colorfulness(np.zeros((8, 8), dtype=np.uint8))

@@ -157,3 +157,30 @@ def test_concurrent_explanations_do_not_mix(predictor, kermany_folder):
 def test_greyscale_pil_input(predictor):
     r = predictor.predict(make_xray(2, False))   # mode "L"
     assert set(r.probabilities) == {"NORMAL", "PNEUMONIA"}
+
+
+def test_predict_batch_across_chunks_matches_predict(predictor, kermany_folder, tmp_path):
+    """Decoding runs a batch ahead in a worker thread: order, errors and values must not change."""
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"\xff\xd8\xff" + b"\x00" * 40)   # JPEG magic, corrupt body
+    files = sorted((kermany_folder / "test" / "NORMAL").iterdir())[:3] + \
+        sorted((kermany_folder / "test" / "PNEUMONIA").iterdir())[:3]
+    sources = [files[0], bad, *files[1:4], bad, *files[4:]]
+    for batch_size in (1, 2, 3, 64):
+        out = predictor.predict_batch(sources, batch_size=batch_size)
+        assert len(out) == len(sources)
+        assert [isinstance(r, ImageLoadError) for r in out] == [s is bad for s in sources]
+        for src, r in zip(sources, out):
+            if src is not bad:
+                single = predictor.predict(src)
+                assert r.label == single.label
+                assert r.positive_probability == pytest.approx(single.positive_probability, abs=1e-6)
+    assert predictor.predict_batch([]) == []
+    with pytest.raises(ValueError, match="batch_size"):
+        predictor.predict_batch(files, batch_size=0)
+
+
+def test_torch_threads_of_the_caller_are_untouched(predictor, kermany_folder):
+    before = torch.get_num_threads()
+    predictor.predict_batch(sorted((kermany_folder / "test" / "NORMAL").iterdir())[:4], batch_size=2)
+    assert torch.get_num_threads() == before

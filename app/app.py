@@ -195,7 +195,7 @@ def create_demo(predictor: Predictor) -> gr.Blocks:
                 button = gr.Button("Predict", variant="primary")
             with gr.Column():
                 label = DecisionLabel(num_top_classes=2, label="Decision (saved threshold) and calibrated probabilities")
-                image = gr.Image(type="pil", label="X-ray with attention map", format="png")
+                image = gr.Image(type="pil", label="X-ray with attention map", format="jpeg")  # ~10x faster to encode than PNG
                 details = gr.Markdown()
                 heat = gr.File(label="Raw heat map (PNG)")
                 response = gr.JSON(label="API response", visible=False)

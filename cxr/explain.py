@@ -1,6 +1,16 @@
 """Where the model looked: attention rollout for ViTs (Abnar & Zuidema, 2020), Grad-CAM for
 CNNs (the ``grad-cam`` package), and an overlay on the X-ray. Maps are in [0, 1], at the
-model's input resolution; ``overlay`` stretches them back onto the displayed image."""
+model's input resolution; ``overlay`` stretches them back onto the displayed image.
+
+Fast paths used by the Predictor (same maps, one forward pass, no backward pass):
+
+* ViT: the attentions come from the prediction's own forward (``output_attentions=True``).
+* CNNs whose logits are ``Linear(global average pool(last stage))`` (ResNet): the gradient of
+  a logit with respect to the last feature map is the class's weight row / (h*w) at every
+  position, so Grad-CAM equals CAM (Zhou et al., 2016) computed from the prediction's own
+  last hidden state. :func:`gradcam_from_features` does that with the grad-cam package's
+  own scaling; a test checks it against ``pytorch_grad_cam.GradCAM``.
+"""
 
 from __future__ import annotations
 
@@ -81,12 +91,46 @@ class Explainer:
             return np.asarray(cam[0], dtype=np.float32)
         with torch.no_grad():
             out = self.model(pixel_values=pixel_values.float(), output_attentions=True)
-        if not out.attentions or out.attentions[0] is None:
-            raise RuntimeError("the model returned no attentions (load it with attn_implementation='eager')")
-        grid = compute_attention_rollout(out.attentions)[0]
-        up = torch.nn.functional.interpolate(torch.from_numpy(grid)[None, None], size=tuple(size),
-                                             mode="bilinear", align_corners=False)
-        return up[0, 0].clamp(0, 1).numpy().astype(np.float32)
+        return rollout_map(out.attentions, size)
+
+
+def gap_linear_head(model) -> torch.nn.Linear | None:
+    """The classifier's Linear layer when logits = Linear(global average pool(hidden_states[-1]))
+    (transformers ResNet), else None (other heads go through ``pytorch_grad_cam``)."""
+    if getattr(getattr(model, "config", None), "model_type", None) != "resnet":
+        return None
+    pooler = getattr(getattr(model, "resnet", None), "pooler", None)
+    head = getattr(model, "classifier", None)
+    if not isinstance(pooler, torch.nn.AdaptiveAvgPool2d) or pooler.output_size not in (1, (1, 1)):
+        return None
+    layers = list(head) if isinstance(head, torch.nn.Sequential) else [head]
+    layers = [m for m in layers if not isinstance(m, (torch.nn.Flatten, torch.nn.Identity))]
+    return layers[0] if len(layers) == 1 and isinstance(layers[0], torch.nn.Linear) else None
+
+
+def gradcam_from_features(features: torch.Tensor, head: torch.nn.Linear, class_id: int,
+                          size: tuple[int, int]) -> np.ndarray:
+    """Grad-CAM of ``class_id`` from the last stage's output ``features`` (1, C, h, w) for a
+    global-average-pool + ``head`` classifier, resized to ``size`` (H, W); the same steps as
+    ``pytorch_grad_cam.GradCAM`` (weights = mean gradient, ReLU, min-max scaling, resize)."""
+    from pytorch_grad_cam.utils.image import scale_cam_image
+
+    a = features[0].float()
+    h, w = a.shape[-2:]
+    weights = head.weight[class_id].detach().float() / (h * w)   # d logit / d features, at every position
+    cam = np.maximum(torch.einsum("c,chw->hw", weights, a).cpu().numpy(), 0)
+    scaled = scale_cam_image(cam[None], (int(size[1]), int(size[0])))
+    return np.asarray(scale_cam_image(np.maximum(scaled, 0))[0], dtype=np.float32)
+
+
+def rollout_map(attentions, size: tuple[int, int]) -> np.ndarray:
+    """Attention rollout of one image, bilinearly resized to ``size`` (H, W), in [0, 1]."""
+    if not attentions or attentions[0] is None:
+        raise RuntimeError("the model returned no attentions (load it with attn_implementation='eager')")
+    grid = compute_attention_rollout(attentions)[0]
+    up = torch.nn.functional.interpolate(torch.from_numpy(grid)[None, None], size=tuple(size),
+                                         mode="bilinear", align_corners=False)
+    return up[0, 0].clamp(0, 1).numpy().astype(np.float32)
 
 
 def overlay(image: Image.Image, heatmap: np.ndarray, opacity: float = 0.4) -> Image.Image:

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .explain import explainer_kind, gap_linear_head, gradcam_from_features, rollout_map
 from .imaging import ImageLoadError, check_is_radiograph, load_image
 from .metrics import compute_softmax
 from .modeling import is_cnn
@@ -103,6 +104,8 @@ class Predictor:
             self.model = self.model.to(memory_format=torch.channels_last)
         self._explainer = None
         self._explainer_lock = threading.Lock()
+        self.explainer_kind = explainer_kind(model)
+        self._cam_head = gap_linear_head(model)   # closed-form Grad-CAM (see cxr.explain)
 
     # ------------------------------------------------------------ loading
     @classmethod
@@ -143,14 +146,29 @@ class Predictor:
         return pixel_values.contiguous(memory_format=torch.channels_last) if self.channels_last else pixel_values
 
     @torch.inference_mode()
-    def logits(self, pixel_values: torch.Tensor) -> np.ndarray:
+    def _forward(self, pixel_values: torch.Tensor, **kwargs):
         x = self._prepare(pixel_values)
-        if self.autocast_dtype is not None:
-            with torch.autocast("cpu", dtype=self.autocast_dtype):
-                out = self.model(pixel_values=x).logits
-        else:
-            out = self.model(pixel_values=x).logits
-        return out.float().cpu().numpy()
+        with torch.autocast("cpu", dtype=self.autocast_dtype or torch.bfloat16,
+                            enabled=self.autocast_dtype is not None):
+            return self.model(pixel_values=x, **kwargs)
+
+    def logits(self, pixel_values: torch.Tensor) -> np.ndarray:
+        return self._forward(pixel_values).logits.float().cpu().numpy()
+
+    def logits_and_heatmap(self, pixel_values: torch.Tensor, class_id: int | None = None
+                           ) -> tuple[np.ndarray, np.ndarray]:
+        """Logits of one image and its map for ``class_id`` (default: the positive class), from
+        a single forward pass where the architecture allows (see ``cxr.explain``)."""
+        class_id = self.positive_id if class_id is None else class_id
+        size = tuple(pixel_values.shape[-2:])
+        if self.explainer_kind == "attention-rollout":
+            out = self._forward(pixel_values, output_attentions=True)
+            return out.logits.float().cpu().numpy(), rollout_map(out.attentions, size)
+        if self._cam_head is not None:
+            out = self._forward(pixel_values, output_hidden_states=True)
+            heat = gradcam_from_features(out.hidden_states[-1], self._cam_head, class_id, size)
+            return out.logits.float().cpu().numpy(), heat
+        return self.logits(pixel_values), self.explain_tensor(pixel_values, class_id)
 
     def _result(self, logits: np.ndarray, warning: str | None) -> Prediction:
         probs = compute_softmax(logits[None], self.temperature)[0]
@@ -174,10 +192,11 @@ class Predictor:
             image = image.convert("RGB")
         warning = check_is_radiograph(image)
         pv = self.preprocess([image])
-        result = self._result(self.logits(pv)[0], warning)
-        if explain:
-            result.heatmap = self.explain_tensor(pv, self.positive_id)
-            result.explainer = self.explainer.kind
+        if not explain:
+            return self._result(self.logits(pv)[0], warning)
+        logits, heatmap = self.logits_and_heatmap(pv)
+        result = self._result(logits[0], warning)
+        result.heatmap, result.explainer = heatmap, self.explainer_kind
         return result
 
     def predict_batch(self, sources, batch_size: int = 32) -> list[Prediction | ImageLoadError]:
@@ -236,6 +255,7 @@ class Predictor:
         return self._explainer
 
     def explain_tensor(self, pixel_values: torch.Tensor, class_id: int | None = None) -> np.ndarray:
+        """The map from a separate explainer (``pytorch_grad_cam.GradCAM`` or a rollout forward)."""
         return self.explainer(self._prepare(pixel_values), self.positive_id if class_id is None else class_id)
 
     def describe(self) -> dict:

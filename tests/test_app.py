@@ -50,6 +50,7 @@ def check_ok(result, size=64):
     assert response["threshold_source"]
     assert Image.open(heat_path).size == (size, size)
     assert Image.open(overlay_path).mode == "RGB"
+    assert Image.open(overlay_path).format == "JPEG"         # display copy; the raw map stays PNG
     return response
 
 

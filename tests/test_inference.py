@@ -184,3 +184,37 @@ def test_torch_threads_of_the_caller_are_untouched(predictor, kermany_folder):
     before = torch.get_num_threads()
     predictor.predict_batch(sorted((kermany_folder / "test" / "NORMAL").iterdir())[:4], batch_size=2)
     assert torch.get_num_threads() == before
+
+
+def test_single_pass_maps_equal_the_library_explainers(predictor, trained_vit_folder, kermany_folder):
+    """predict(explain=True) computes the map from its own forward pass; it must equal the
+    separate explainer's map (pytorch_grad_cam.GradCAM for the ResNet, a rollout forward for the
+    ViT), and its probabilities must equal predict() without a map."""
+    from cxr.imaging import load_image
+
+    vit = Predictor.from_pretrained(trained_vit_folder, precision="fp32")
+    assert predictor._cam_head is not None          # the closed-form Grad-CAM path is taken
+    for p in (predictor, vit):
+        peaks = []
+        for f in sorted((kermany_folder / "test" / "PNEUMONIA").iterdir())[:3]:
+            image = load_image(f)
+            fused = p.predict(image, explain=True)
+            plain = p.predict(image)
+            assert fused.positive_probability == pytest.approx(plain.positive_probability, abs=1e-6)
+            library = p.explain_tensor(p.preprocess([image]), p.positive_id)
+            assert fused.heatmap.shape == library.shape
+            assert np.abs(fused.heatmap - library).max() < 1e-3
+            peaks.append(fused.heatmap.max())
+        assert max(peaks) > 0.9   # real maps (min-max scaled), not all-zero ones that match trivially
+
+
+def test_bf16_map_agrees_with_fp32(trained_folder, kermany_folder):
+    from cxr.training import resolve_bf16
+
+    if not resolve_bf16("auto"):
+        pytest.skip("no native bf16 on this CPU")
+    fp32 = Predictor.from_pretrained(trained_folder, precision="fp32")
+    bf16 = Predictor.from_pretrained(trained_folder, precision="bf16")
+    for f in sorted((kermany_folder / "test" / "NORMAL").iterdir())[:3]:
+        a, b = fp32.predict(f, explain=True).heatmap, bf16.predict(f, explain=True).heatmap
+        assert np.abs(a - b).max() < 0.1

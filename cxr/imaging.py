@@ -42,7 +42,7 @@ __all__ = [
 MAX_PIXELS = 40_000_000  # per image, checked from the header before decoding
 MIN_SIDE = 32  # smaller side below this -> error
 MAX_ASPECT = 8.0  # long/short side above this -> error
-COLOUR_GRID = 128  # compute_colorfulness reads at most this many pixels per side
+COLOUR_GRID = 64  # compute_colorfulness reads at most this many pixels per side
 ACCEPTED_FORMATS = ("PNG", "JPEG")  # Pillow formats; DICOM is handled by pydicom
 
 _NOT_AN_IMAGE = "not a PNG, JPEG or DICOM image"

@@ -199,29 +199,30 @@ class Predictor:
         result.heatmap, result.explainer = heatmap, self.explainer_kind
         return result
 
-    def predict_batch(self, sources, batch_size: int = 32) -> list[Prediction | ImageLoadError]:
+    def predict_batch(self, sources, batch_size: int = 32, workers: int | None = None
+                      ) -> list[Prediction | ImageLoadError]:
         """Many images; a bad one yields its ImageLoadError in place, the rest still run.
 
-        Decoding and preprocessing of batch k+1 run in a worker thread while the model runs
-        on batch k (Pillow and torch release the GIL), so the model waits little for data. The
-        worker's torch ops are single-threaded (the setting is per thread in OpenMP): the
-        model keeps its threads and the cores are not oversubscribed.
+        Batches run in ``workers`` threads (default: ``torch.get_num_threads()``), each taking
+        one batch at a time through decode, checks, preprocessing and the model with a single
+        intra-op thread (the setting is per thread in OpenMP; the caller's is untouched). On
+        CPUs this beats one batch at a time on all threads: small convolutions scale poorly
+        across threads (2 threads: ~1.5x one), independent batches scale almost linearly, and
+        one batch's decoding overlaps the other's model time. Order is preserved.
         """
         if batch_size < 1:
             raise ValueError("batch_size must be >= 1")
         sources = list(sources)
         chunks = [sources[i:i + batch_size] for i in range(0, len(sources), batch_size)]
-        out: list = []
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="cxr-decode",
+        workers = max(1, min(workers or torch.get_num_threads(), len(chunks) or 1))
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="cxr-batch",
                                 initializer=torch.set_num_threads, initargs=(1,)) as pool:
-            pending = pool.submit(self._load_chunk, chunks[0]) if chunks else None
-            for k in range(len(chunks)):
-                slots, pv = pending.result()
-                pending = pool.submit(self._load_chunk, chunks[k + 1]) if k + 1 < len(chunks) else None
-                logits = iter(self.logits(pv) if pv is not None else [])
-                for slot in slots:
-                    out.append(slot if isinstance(slot, ImageLoadError) else self._result(next(logits), slot))
-        return out
+            return [r for chunk_results in pool.map(self._predict_chunk, chunks) for r in chunk_results]
+
+    def _predict_chunk(self, chunk) -> list[Prediction | ImageLoadError]:
+        slots, pv = self._load_chunk(chunk)
+        logits = iter(self.logits(pv) if pv is not None else [])
+        return [slot if isinstance(slot, ImageLoadError) else self._result(next(logits), slot) for slot in slots]
 
     def _load_chunk(self, chunk) -> tuple[list, torch.Tensor | None]:
         """Decode, check and preprocess one batch: (per-source ImageLoadError or OOD warning, pixel values)."""

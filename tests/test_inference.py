@@ -160,14 +160,14 @@ def test_greyscale_pil_input(predictor):
 
 
 def test_predict_batch_across_chunks_matches_predict(predictor, kermany_folder, tmp_path):
-    """Decoding runs a batch ahead in a worker thread: order, errors and values must not change."""
+    """Batches run in parallel worker threads: order, errors and values must not change."""
     bad = tmp_path / "bad.jpg"
     bad.write_bytes(b"\xff\xd8\xff" + b"\x00" * 40)   # JPEG magic, corrupt body
     files = sorted((kermany_folder / "test" / "NORMAL").iterdir())[:3] + \
         sorted((kermany_folder / "test" / "PNEUMONIA").iterdir())[:3]
     sources = [files[0], bad, *files[1:4], bad, *files[4:]]
-    for batch_size in (1, 2, 3, 64):
-        out = predictor.predict_batch(sources, batch_size=batch_size)
+    for batch_size, workers in ((1, None), (2, 1), (3, 2), (2, 4), (64, None)):
+        out = predictor.predict_batch(sources, batch_size=batch_size, workers=workers)
         assert len(out) == len(sources)
         assert [isinstance(r, ImageLoadError) for r in out] == [s is bad for s in sources]
         for src, r in zip(sources, out):
@@ -183,6 +183,7 @@ def test_predict_batch_across_chunks_matches_predict(predictor, kermany_folder, 
 def test_torch_threads_of_the_caller_are_untouched(predictor, kermany_folder):
     before = torch.get_num_threads()
     predictor.predict_batch(sorted((kermany_folder / "test" / "NORMAL").iterdir())[:4], batch_size=2)
+    predictor.predict_batch(sorted((kermany_folder / "test" / "NORMAL").iterdir())[:4], batch_size=1, workers=3)
     assert torch.get_num_threads() == before
 
 

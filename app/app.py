@@ -39,6 +39,8 @@ logger = logging.getLogger("cxr.app")
 MAX_FILE_SIZE = "10mb"
 ACCEPTED_TYPES = [".png", ".jpg", ".jpeg", ".dcm", ".dicom"]
 DISPLAY_MAX_SIDE = 512
+SESSION_CAPACITY = 256     # sessions kept in memory (env CXR_SESSION_CAPACITY)
+STATE_TTL_S = 1800         # the opacity slider's stored image + map expire after 30 min
 GENERIC_ERROR = "Something went wrong while analysing this image. Please try another file."
 HEATMAP_DIR = Path(tempfile.gettempdir()) / "cxr-app-heatmaps"
 EXAMPLES_DIR = HERE / "examples"
@@ -185,7 +187,7 @@ def create_demo(predictor: Predictor) -> gr.Blocks:
                    delete_cache=(600, 1800)) as demo:
         gr.Markdown("# Chest X-ray: NORMAL vs PNEUMONIA\n"
                     f"> ⚠️ **{DISCLAIMER}**")
-        state = gr.State()
+        state = gr.State(time_to_live=STATE_TTL_S)
         with gr.Row():
             with gr.Column():
                 file = gr.File(label="Chest X-ray (PNG, JPEG or DICOM)", file_types=ACCEPTED_TYPES,
@@ -217,8 +219,12 @@ def create_demo(predictor: Predictor) -> gr.Blocks:
 
 def launch(demo: gr.Blocks, **kwargs):
     """The hardened launch settings, shared by __main__ and the tests."""
+    # Sessions (each with a copy of the UI config and the opacity slider's state) are kept
+    # for at most SESSION_CAPACITY clients, oldest evicted first: API callers that open a new
+    # session per request cannot grow memory without bound (Gradio's default is 10,000).
     demo.queue(max_size=int(os.environ.get("CXR_QUEUE_SIZE", 16)), default_concurrency_limit=2)
-    settings = dict(max_file_size=MAX_FILE_SIZE, show_error=False, allowed_paths=[], footer_links=["api"],
+    settings = dict(state_session_capacity=int(os.environ.get("CXR_SESSION_CAPACITY", SESSION_CAPACITY)),
+                    max_file_size=MAX_FILE_SIZE, show_error=False, allowed_paths=[], footer_links=["api"],
                     theme=gr.themes.Soft())
     settings.update(kwargs)
     return demo.launch(**settings)

@@ -227,3 +227,28 @@ def test_headline_is_thresholded_decision_not_argmax(trained_folder):
     assert data.label == "PNEUMONIA"                       # threshold 0.256 < 0.3: positive
     assert [c.label for c in data.confidences] == ["NORMAL", "PNEUMONIA"]
     assert app_module.DecisionLabel.get_block_name() == "label"
+
+
+def test_sessions_are_bounded_for_api_callers(trained_folder, monkeypatch, tmp_path):
+    """Each raw HTTP API call opens a new Gradio session holding a UI-config copy and the
+    slider state; the app keeps at most CXR_SESSION_CAPACITY of them (memory stays bounded)."""
+    from app import app as app_module
+    from benchmarks.app_latency import HttpUser
+
+    monkeypatch.setenv("CXR_SESSION_CAPACITY", "3")
+    demo = app_module.create_demo(Predictor.from_pretrained(trained_folder, precision="fp32"))
+    _, url, _ = app_module.launch(demo, server_name="127.0.0.1", prevent_thread_lock=True, quiet=True)
+    make_xray(5, True).save(tmp_path / "s.png")
+    user = HttpUser(url.rstrip("/"))
+    try:
+        for _ in range(7):
+            data = user.predict(tmp_path / "s.png", heatmap=True)
+            assert data[4]["disclaimer"] == DISCLAIMER
+        sessions = demo.state_holder.session_data
+        assert 1 <= len(sessions) <= 3
+        stored = [s.state_data for s in sessions.values() if s.state_data]
+        assert stored, "the newest sessions keep the slider state"
+    finally:
+        user.close()
+        demo.close()
+    assert app_module.SESSION_CAPACITY <= 1000 and app_module.STATE_TTL_S > 0

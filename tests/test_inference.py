@@ -219,3 +219,23 @@ def test_bf16_map_agrees_with_fp32(trained_folder, kermany_folder):
     for f in sorted((kermany_folder / "test" / "NORMAL").iterdir())[:3]:
         a, b = fp32.predict(f, explain=True).heatmap, bf16.predict(f, explain=True).heatmap
         assert np.abs(a - b).max() < 0.1
+
+
+def test_bf16_and_fp32_agree_on_real_xrays_with_the_shipped_model():
+    """The precision switch on real films: the shipped model on the app's four Kermany examples
+    (CC BY 4.0) gives the same decision in bf16 and fp32, probabilities within 0.01.
+    bf16 autocast also runs (emulated, slowly) on CPUs without native bf16."""
+    from pathlib import Path
+
+    from cxr.inference import DEFAULT_MODEL_DIR
+
+    examples = sorted((Path(__file__).resolve().parent.parent / "app" / "examples").glob("*.jpeg"))
+    assert len(examples) == 4
+    fp32 = Predictor.from_pretrained(DEFAULT_MODEL_DIR, precision="fp32")
+    bf16 = Predictor.from_pretrained(DEFAULT_MODEL_DIR, precision="bf16")
+    assert fp32.autocast_dtype is None and bf16.autocast_dtype == torch.bfloat16
+    for a, b in zip(fp32.predict_batch(examples), bf16.predict_batch(examples)):
+        assert a.label == b.label
+        assert abs(a.positive_probability - b.positive_probability) < 0.01
+    # and the shipped model gets the examples right (two NORMAL, two PNEUMONIA)
+    assert [r.label for r in fp32.predict_batch(examples)] == ["NORMAL", "NORMAL", "PNEUMONIA", "PNEUMONIA"]

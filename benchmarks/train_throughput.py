@@ -63,14 +63,14 @@ def parse(argv=None):
     ap.add_argument("--steps", type=int, default=None,
                     help="N: the Trainer runs N and 2N steps (default 20; --quick 2)")
     ap.add_argument("--plain-steps", type=int, default=None, help="steps per timed plain round (default 10; quick 2)")
-    ap.add_argument("--repeats", type=int, default=None, help="timed rounds / Trainer run pairs (default 3; quick 1)")
+    ap.add_argument("--repeats", type=int, default=None, help="timed rounds / Trainer run pairs (default 5; quick 1)")
     ap.add_argument("--train-samples", type=int, default=None,
                     help="training images used (train_hf --max_train_samples; default 2048; quick 128)")
     args = ap.parse_args(argv)
     q = args.quick
     args.steps = args.steps or (2 if q else 20)
     args.plain_steps = args.plain_steps or (2 if q else 10)
-    args.repeats = args.repeats or (1 if q else 3)
+    args.repeats = args.repeats or (1 if q else 5)
     args.train_samples = args.train_samples or (128 if q else 2048)
     return args
 

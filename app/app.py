@@ -153,9 +153,10 @@ def predict(file, opacity: float = 0.4, show_heatmap: bool = True, *, predictor:
 
 
 def reblend(state, opacity: float):
-    """Opacity slider: re-blend the stored map, no new inference."""
+    """Opacity slider: re-blend the stored map, no new inference. Without a stored image
+    (nothing predicted yet, or the session's state expired) the shown image is left as is."""
     if not state or state.get("display") is None:
-        return None
+        return gr.skip()
     if state.get("heatmap") is None:
         return state["display"]
     return overlay(state["display"], state["heatmap"], opacity)

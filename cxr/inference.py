@@ -205,7 +205,8 @@ class Predictor:
 
         Batches run in ``workers`` threads (default: ``torch.get_num_threads()``), each taking
         one batch at a time through decode, checks, preprocessing and the model with a single
-        intra-op thread (the setting is per thread in OpenMP; the caller's is untouched). On
+        intra-op thread (per thread in OpenMP; torch's default for threads started later is
+        restored afterwards, the caller's own setting is never changed). On
         CPUs this beats one batch at a time on all threads: small convolutions scale poorly
         across threads (2 threads: ~1.5x one), independent batches scale almost linearly, and
         one batch's decoding overlaps the other's model time. Order is preserved.
@@ -214,10 +215,15 @@ class Predictor:
             raise ValueError("batch_size must be >= 1")
         sources = list(sources)
         chunks = [sources[i:i + batch_size] for i in range(0, len(sources), batch_size)]
-        workers = max(1, min(workers or torch.get_num_threads(), len(chunks) or 1))
-        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="cxr-batch",
-                                initializer=torch.set_num_threads, initargs=(1,)) as pool:
+        threads = torch.get_num_threads()
+        workers = max(1, min(workers or threads, len(chunks) or 1))
+        pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="cxr-batch",
+                                  initializer=torch.set_num_threads, initargs=(1,))
+        try:
             return [r for chunk_results in pool.map(self._predict_chunk, chunks) for r in chunk_results]
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)   # an unexpected error stops the queued batches
+            torch.set_num_threads(threads)   # set_num_threads in a worker also sets the default for new threads
 
     def _predict_chunk(self, chunk) -> list[Prediction | ImageLoadError]:
         slots, pv = self._load_chunk(chunk)

@@ -30,7 +30,13 @@ def has_fast_path(processor) -> bool:
     except ImportError:  # pragma: no cover - older transformers
         return False
     size = getattr(processor, "size", None)
-    return bool(isinstance(processor, TorchvisionBackend)
+    cls = type(processor)
+    # A subclass that overrides any step (EfficientNet's offset rescale, MobileViT's channel
+    # flip, DPT's aspect-preserving resize...) does something else: let it run itself.
+    inherited = all(getattr(cls, name, None) is getattr(TorchvisionBackend, name, None)
+                    for name in ("_preprocess", "_preprocess_image_like_inputs", "preprocess", "resize",
+                                 "rescale_and_normalize", "process_image"))
+    return bool(isinstance(processor, TorchvisionBackend) and inherited
             and bool(getattr(processor, "do_resize", False))
             and size is not None and getattr(size, "height", None) and getattr(size, "width", None)
             and not getattr(processor, "do_center_crop", False)
@@ -38,11 +44,17 @@ def has_fast_path(processor) -> bool:
             and getattr(processor, "do_convert_rgb", None) in (None, True))
 
 
+def _is_rgb8(image) -> bool:
+    """The fast path takes RGB PIL images and H x W x 3 uint8 arrays; anything else (alpha,
+    greyscale, channels-first...) goes through the processor's own conversion rules."""
+    if isinstance(image, Image.Image):
+        return image.mode == "RGB"
+    return isinstance(image, np.ndarray) and image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] == 3
+
+
 def to_uint8_batch(images: list) -> torch.Tensor:
     """Same-size RGB images (PIL or HxWx3 uint8 arrays) -> (N, 3, H, W) uint8 in channels_last."""
-    arrays = [np.asarray(im.convert("RGB") if isinstance(im, Image.Image) and im.mode != "RGB" else im)
-              for im in images]
-    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
+    return torch.from_numpy(np.stack([np.asarray(im) for im in images])).permute(0, 3, 1, 2)
 
 
 def pixel_values(processor, images: list) -> torch.Tensor:
@@ -53,7 +65,7 @@ def pixel_values(processor, images: list) -> torch.Tensor:
     """
     if not images:
         raise ValueError("no images to preprocess")
-    if not has_fast_path(processor):
+    if not (has_fast_path(processor) and all(_is_rgb8(im) for im in images)):
         return processor(images=list(images), return_tensors="pt")["pixel_values"]
     groups: dict[tuple[int, int], list[int]] = {}
     for i, im in enumerate(images):

@@ -252,3 +252,17 @@ def test_sessions_are_bounded_for_api_callers(trained_folder, monkeypatch, tmp_p
         user.close()
         demo.close()
     assert app_module.SESSION_CAPACITY <= 1000 and app_module.STATE_TTL_S > 0
+
+
+def test_reblend_keeps_the_image_when_the_state_is_gone():
+    import gradio as gr
+
+    from app import app as app_module
+
+    assert isinstance(app_module.reblend(None, 0.5), type(gr.skip()))      # expired / evicted state
+    display = make_xray(1, False).convert("RGB")
+    heat = np.linspace(0, 1, 64 * 64, dtype=np.float32).reshape(64, 64)
+    a = app_module.reblend({"display": display, "heatmap": heat}, 0.0)
+    b = app_module.reblend({"display": display, "heatmap": heat}, 1.0)
+    assert a.size == b.size == display.size and np.abs(np.asarray(a, int) - np.asarray(b, int)).max() > 50
+    assert app_module.reblend({"display": display, "heatmap": None}, 0.5) is display

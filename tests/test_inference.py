@@ -181,8 +181,19 @@ def test_predict_batch_across_chunks_matches_predict(predictor, kermany_folder, 
 
 
 def test_torch_threads_of_the_caller_are_untouched(predictor, kermany_folder):
-    before = torch.get_num_threads()
+    """Workers run single-threaded; neither the caller nor threads started later inherit that."""
+    import threading
+
+    def in_new_thread() -> int:
+        seen = []
+        t = threading.Thread(target=lambda: seen.append(torch.get_num_threads()))
+        t.start()
+        t.join()
+        return seen[0]
+
+    before, new_before = torch.get_num_threads(), in_new_thread()
     predictor.predict_batch(sorted((kermany_folder / "test" / "NORMAL").iterdir())[:4], batch_size=2)
+    assert in_new_thread() == new_before
     predictor.predict_batch(sorted((kermany_folder / "test" / "NORMAL").iterdir())[:4], batch_size=1, workers=3)
     assert torch.get_num_threads() == before
 

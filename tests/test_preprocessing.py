@@ -51,6 +51,29 @@ def test_fast_path_output_is_channels_last_for_uniform_stats():
     assert out.is_contiguous(memory_format=torch.channels_last)
 
 
+@pytest.mark.parametrize("make", [
+    lambda: __import__("transformers").EfficientNetImageProcessor(),           # offset rescale
+    lambda: __import__("transformers").MobileViTImageProcessor(size={"height": 96, "width": 96},
+                                                                 do_center_crop=False),  # channel flip
+    lambda: __import__("transformers").DPTImageProcessor(keep_aspect_ratio=True, ensure_multiple_of=32),
+], ids=["efficientnet", "mobilevit", "dpt"])
+def test_processors_with_their_own_steps_are_not_batched(make):
+    processor = make()
+    assert not has_fast_path(processor)
+    images = _images([(120, 100), (120, 100)])
+    assert torch.equal(pixel_values(processor, images), processor(images=images, return_tensors="pt")["pixel_values"])
+
+
+def test_non_rgb_inputs_follow_the_processors_own_rules():
+    processor = ViTImageProcessor(do_convert_rgb=True)
+    rng = np.random.default_rng(1)
+    rgba = Image.fromarray(rng.integers(0, 256, (80, 90, 4), dtype=np.uint8), "RGBA")
+    grey = Image.fromarray(rng.integers(0, 256, (80, 90), dtype=np.uint8), "L")
+    for images in ([rgba], [grey], [rgba, _images([(80, 90)])[0]]):
+        expected = processor(images=images, return_tensors="pt")["pixel_values"]
+        assert torch.equal(pixel_values(processor, images), expected)
+
+
 def test_no_images_is_an_error():
     with pytest.raises(ValueError, match="no images"):
         pixel_values(PROCESSORS["project-default"](), [])

@@ -14,11 +14,14 @@ map (if asked), overlay, encoding and the download of the results.
    (Grad-CAM / attention rollout) and without; p50/p95/mean latency (2 untimed warm-ups each)
    and the median time of each step. The same with ``gradio_client.Client.predict`` (the
    Python client) for comparison: it adds its own overhead (status polling every 50 ms).
-2. **load**: ``--concurrency`` users (threads, each its own connection, opened before the
-   clock starts) share a budget of ``--load-requests`` requests and a ``--time-limit``;
+2. **load**: ``--concurrency`` users (threads, each its own ``httpx.Client``, created
+   before the clock starts) share a budget of ``--load-requests`` requests and a ``--time-limit``;
    p50/p95 latency, throughput (successful requests/s over the test's wall time), errors.
 3. **memory**: this process's RSS (the server runs in it) after start-up, after model load +
-   launch, after the sequential runs and after the load test.
+   launch, every 100 sequential requests, after the sequential runs and after the load test.
+   Each HTTP API call opens a new Gradio session (a browser tab keeps one), so this is the
+   worst case for per-session memory. The download step also fetches the raw heat-map PNG,
+   which a browser only offers as a link: slightly pessimistic.
 
 Models: ``--model DIR`` (default: the shipped model, or a random-init cxr-resnet-small-scratch
 if it is missing), a preset name, or ``vit-b16-random`` for a random-init ViT-B/16
@@ -130,16 +133,21 @@ def gradio_client_call(client, path: Path, heatmap: bool):
     return client.predict(handle_file(str(path)), 0.4, heatmap, api_name="/predict")
 
 
-def sequential(call, images: list[Path], n: int, heatmap: bool) -> dict:
-    """``call(path, heatmap, steps)`` ``n`` times after 2 warm-ups; latency summary and step medians."""
+def sequential(call, images: list[Path], n: int, heatmap: bool, rss_every: int = 100) -> dict:
+    """``call(path, heatmap, steps)`` ``n`` times after 2 warm-ups; latency summary, step medians
+    and this process's RSS every ``rss_every`` requests (the server runs in it)."""
     for i in range(2):                                  # warm-up
         call(images[i % len(images)], heatmap, None)
-    lat, steps = [], {}
+    lat, steps, rss = [], {}, []
     for i in range(n):
         t0 = time.perf_counter()
         call(images[i % len(images)], heatmap, steps)
         lat.append(time.perf_counter() - t0)
+        if (i + 1) % rss_every == 0:
+            rss.append([i + 1, round(common.rss_mb(), 1)])
     out = summary(lat)
+    if rss:
+        out["rss_mb_every_%d" % rss_every] = rss
     if steps:
         out["step_p50_ms"] = {k: statistics.median(v) * 1000 for k, v in steps.items()}
     return out
@@ -254,7 +262,12 @@ def main(argv=None) -> int:
           f"{load['requests_sent']} sent{' (time limit hit)' if load['hit_time_limit'] else ''}")
     for e in load["error_examples"]:
         print(f"  error: {e}")
-    print("RSS MiB: " + ", ".join(f"{k[4:-3]} {v:,.0f}" for k, v in memory.items()) + "\n")
+    print("RSS MiB: " + ", ".join(f"{k[4:-3]} {v:,.0f}" for k, v in memory.items()))
+    for name, seq in (("heat map", seq_on), ("no heat map", seq_off)):
+        if seq.get("rss_mb_every_100"):
+            print(f"RSS MiB during the sequential requests ({name}), every 100: "
+                  + ", ".join(f"{v:,.0f}" for _, v in seq["rss_mb_every_100"]))
+    print()
 
     common.write_json(args.out, {
         "benchmark": NAME, "machine": info,

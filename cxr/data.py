@@ -250,6 +250,9 @@ def processor_size(processor) -> tuple[int, int]:
     """(height, width) of the processor's output."""
     from .modeling import size_dict
 
+    if getattr(processor, "data_config", None):  # timm (TimmWrapperImageProcessor)
+        h, w = processor.data_config["input_size"][-2:]
+        return int(h), int(w)
     crop = size_dict(getattr(processor, "crop_size", None)) if getattr(processor, "do_center_crop", False) else {}
     size = crop or size_dict(processor.size)
     if "height" in size:

@@ -110,7 +110,11 @@ def load_checkpoint(name: str, id2label: dict[int, str], image_size: int | None 
     try:
         config = AutoConfig.from_pretrained(name, revision=revision)
     except OSError as e:
-        raise ModelError(f"cannot load checkpoint '{name}': {str(e).splitlines()[0]}") from None
+        from .checkpoints import missing_checkpoint_hint
+
+        hint = missing_checkpoint_hint(name)
+        msg = f"cannot load checkpoint '{name}': {str(e).splitlines()[0]}"
+        raise ModelError(msg + (f"; offline, make it with: {hint}" if hint else "")) from None
     kwargs = dict(num_labels=len(id2label), id2label=id2label, label2id=label2id,
                   ignore_mismatched_sizes=True, revision=revision, use_safetensors=True)
     if config.model_type in ("vit", "deit", "dinov2", "beit"):
@@ -120,11 +124,31 @@ def load_checkpoint(name: str, id2label: dict[int, str], image_size: int | None 
         processor = AutoImageProcessor.from_pretrained(name, revision=revision)
     except (OSError, ValueError) as e:
         raise ModelError(f"cannot load checkpoint '{name}': {str(e).splitlines()[0]}") from None
-    if image_size:
+    if type(processor).__name__ == "TimmWrapperImageProcessor":
+        processor = timm_processor(model.config, image_size)
+    elif image_size:
         _set_processor_size(processor, image_size)
-        if hasattr(model.config, "image_size"):
-            model.config.image_size = image_size
+    if image_size and hasattr(model.config, "image_size"):
+        model.config.image_size = image_size
     return model, processor
+
+
+def timm_processor(config, image_size: int | None = None):
+    """A timm checkpoint's own preprocessing (``pretrained_cfg``: mean, std, interpolation) with the
+    whole film squashed to a square: ``crop_pct`` 1 and ``crop_mode`` "squash" instead of timm's
+    ImageNet eval crop, which cuts 12.5% of the border, where the lung apices and
+    costophrenic angles are. The config is updated in place, so the exported folder's
+    ``config.json`` (which ``AutoImageProcessor`` and ``pipeline()`` read for timm models)
+    holds exactly what training used."""
+    from transformers import TimmWrapperImageProcessor
+
+    cfg = dict(getattr(config, "pretrained_cfg", None) or {})
+    size = image_size or int((cfg.get("input_size") or (3, 224, 224))[-1])
+    cfg.update(input_size=[3, size, size], crop_pct=1.0, crop_mode="squash")
+    cfg.pop("test_input_size", None)
+    cfg.pop("test_crop_pct", None)
+    config.pretrained_cfg = cfg
+    return TimmWrapperImageProcessor(pretrained_cfg=cfg, architecture=getattr(config, "architecture", None))
 
 
 def build_model(model_name_or_path: str, id2label: dict[int, str], image_size: int | None = None,
@@ -184,6 +208,53 @@ def _final_norms(model) -> list[str]:
     return out
 
 
+def _after_blocks(model) -> list[str]:
+    """Modules that run after the last block and before the head (EfficientNet's conv_head +
+    bn2): part of the top of the network, so 'partial' trains them with the last stage."""
+    last = find_blocks(model)[-1][0]
+    parent_name, _, leaf = last.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    if isinstance(parent, (torch.nn.ModuleList, torch.nn.Sequential)):  # blocks.N inside 'blocks'
+        parent_name, _, leaf = parent_name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+    names = [n for n, _ in parent.named_children()]
+    if leaf not in names:
+        return []
+    head = set(find_head(model))
+    prefix = parent_name + "." if parent_name else ""
+    after = [prefix + n for n in names[names.index(leaf) + 1:]]
+    return [n for n in after if n not in head and any(True for _ in model.get_submodule(n).parameters())]
+
+
+def keep_frozen_batchnorm_in_eval(model) -> list[str]:
+    """Batch-norm layers with no trainable parameter stay in eval mode while training: a frozen
+    backbone is a fixed feature extractor (running statistics kept, not re-estimated on
+    16-image batches), as in Keras' transfer-learning recipe. Returns the names."""
+    names = []
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm) and not any(
+                p.requires_grad for p in module.parameters()):
+            module.__class__ = _eval_only(type(module))
+            module.eval()
+            names.append(name)
+    return names
+
+
+_EVAL_ONLY: dict[type, type] = {}
+
+
+def _eval_only(cls: type) -> type:
+    if getattr(cls, "_cxr_eval_only", False):
+        return cls
+    if cls not in _EVAL_ONLY:
+        def train(self, mode: bool = True):
+            return super(new, self).train(False)
+
+        new = type(cls.__name__, (cls,), {"train": train, "_cxr_eval_only": True, "__module__": cls.__module__})
+        _EVAL_ONLY[cls] = new
+    return _EVAL_ONLY[cls]
+
+
 def is_cnn(model) -> bool:
     return any(isinstance(m, torch.nn.Conv2d) for m in model.modules()) and not any(
         "attention" in n for n, _ in model.named_modules())
@@ -196,8 +267,10 @@ def lora_target_modules(model) -> list[str]:
             return list(pair)
     # CNNs: every convolution inside the backbone blocks (the stem and head stay as they are)
     blocks = [n for n, _ in find_blocks(model)]
+    # Grouped/depthwise convolutions are left out: peft cannot merge LoRA into them (and needs
+    # rank % groups == 0); the pointwise convolutions around them carry the adaptation.
     convs = [n for n, m in model.named_modules()
-             if isinstance(m, torch.nn.Conv2d) and any(n.startswith(b + ".") for b in blocks)]
+             if isinstance(m, torch.nn.Conv2d) and m.groups == 1 and any(n.startswith(b + ".") for b in blocks)]
     if convs:
         return convs
     raise ModelError(f"no LoRA target modules known for {model.__class__.__name__}; set lora_target_modules")
@@ -218,17 +291,20 @@ def apply_strategy(model, strategy: str, *, partial_stages: int = 1, lora_r: int
     if strategy == "frozen":
         for n, p in model.named_parameters():
             p.requires_grad = under(n, head)
+        keep_frozen_batchnorm_in_eval(model)
         return model
     if strategy == "partial":
         blocks = [n for n, _ in find_blocks(model)][-partial_stages:]
-        train = head + blocks + _final_norms(model)
+        train = head + blocks + _after_blocks(model) + _final_norms(model)
         for n, p in model.named_parameters():
             p.requires_grad = under(n, train)
+        keep_frozen_batchnorm_in_eval(model)
         return model
     if strategy == "lora":
         from peft import LoraConfig, get_peft_model
 
         targets = lora_target_modules_ or lora_target_modules(model)
+        _check_lora_targets(model, targets)
         to_save = list(head)
         if is_cnn(model):  # batch-norm statistics and affine must adapt too
             to_save += sorted({n for n, m in model.named_modules()
@@ -237,6 +313,21 @@ def apply_strategy(model, strategy: str, *, partial_stages: int = 1, lora_r: int
                          target_modules=targets, modules_to_save=to_save, bias="none")
         return get_peft_model(model, cfg)
     raise ModelError(f"unknown strategy '{strategy}'")
+
+
+def _check_lora_targets(model, targets: list[str]) -> None:
+    """Refuse, before training, targets peft would reject or could not merge for export."""
+    matched = False
+    for n, m in model.named_modules():
+        if not (n in targets or n.rsplit(".", 1)[-1] in targets):
+            continue
+        matched = True
+        if isinstance(m, torch.nn.Conv2d) and m.groups > 1:
+            raise ModelError(f"LoRA target '{n}' is a grouped/depthwise convolution (groups={m.groups}): peft "
+                             "cannot merge LoRA into it for export; target the pointwise convolutions instead "
+                             "(leave lora_target_modules unset to choose them automatically)")
+    if not matched:
+        raise ModelError(f"LoRA target modules {targets} match nothing in {model.__class__.__name__}")
 
 
 def count_parameters(model) -> tuple[int, int]:

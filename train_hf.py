@@ -3,6 +3,7 @@
 evaluate it with clinical metrics, and write a Hub-ready model folder.
 
     python train_hf.py --config hub_configs/cxr-resnet-small-scratch.yaml [--field value ...]
+    python train_hf.py --config ... --cv_folds 5      # K-fold CV first; operating point on out-of-fold scores
 
 Research and education only: not a medical device.
 """
@@ -11,86 +12,60 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import shlex
+import shutil
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import yaml
 
 from cxr.config import ConfigError, parse_args, resolved_config
-from cxr.data import DataError, ImageTransform, check_images, check_patient_disjoint, prepare_data, processor_size
-from cxr.hub import KERMANY_NOTE, PushError, push_folder, render_model_card
-from cxr.modeling import (
-    ModelError, apply_strategy, build_model, count_parameters, is_cnn, is_preset, merge_for_export,
-    save_model_folder,
+from cxr.data import (
+    DataError, ImageTransform, PreparedData, check_images, check_patient_disjoint, cv_fold, cv_folds,
+    prepare_data, processor_size,
 )
+from cxr.hub import PushError, card_facts, push_folder, render_model_card
+from cxr.modeling import (
+    ModelError, apply_strategy, build_model, count_parameters, is_cnn, merge_for_export, save_model_folder,
+)
+from cxr.operating_point import CONFIG_KEY
 from cxr.training import (
-    WeightedCrossEntropy, build_compute_metrics, fit_operating_point, score_split,
+    WeightedCrossEntropy, binary_labels, build_compute_metrics, fit_operating_point, prefixed, score_split,
+    summarise_folds,
 )
 
 logger = logging.getLogger("train_hf")
 USER_ERRORS = (ConfigError, DataError, ModelError, PushError)
 
 
+@dataclass
+class Fitted:
+    """One trained model and the logits of the splits it was asked to predict."""
+    trainer: object
+    logits: dict            # split -> (logits, labels)
+    trainable: int
+    total: int
+    train_seconds: float
+
+
 def _predict(trainer, dataset):
     out = trainer.predict(dataset, metric_key_prefix="predict")
     logits = out.predictions[0] if isinstance(out.predictions, tuple) else out.predictions
-    return logits, out.label_ids
-
-
-def _scores(logits, labels, positive_id: int, op: dict) -> dict:
-    """Per-image calibrated positive-class scores (for ROC curves and re-analysis)."""
-    from cxr.training import binary_labels, positive_scores
-
-    return {"labels": binary_labels(labels, positive_id).tolist(),
-            "scores": [round(float(x), 6) for x in positive_scores(logits, positive_id, op["temperature"])],
-            "threshold": op["threshold"]}
-
-
-def _figures(out_dir: Path, logits, labels, positive_id: int, op: dict) -> dict:
-    """ROC and reliability diagrams of the validation split, for the model card."""
-    from cxr.plots import render_calibration, render_roc
-    from cxr.training import binary_labels, positive_scores
-
-    y = binary_labels(labels, positive_id)
-    if len(set(y.tolist())) < 2:
-        return {}
-    cal = positive_scores(logits, positive_id, op["temperature"])
-    render_roc({"validation": (y, cal)}, out_dir / "roc_validation.png")
-    render_calibration(y, positive_scores(logits, positive_id), cal, out_dir / "calibration_validation.png")
-    return {"roc": "roc_validation.png", "calibration": "calibration_validation.png"}
+    return np.asarray(logits), np.asarray(out.label_ids)
 
 
 def _write_json(path: Path, obj) -> None:
     path.write_text(json.dumps(obj, indent=2, default=float) + "\n")
 
 
-def run(argv: list[str] | None = None) -> dict:
-    from transformers import EarlyStoppingCallback, Trainer, set_seed
+def train_one(model_args, data_args, training_args, data: PreparedData, predict: tuple[str, ...]) -> Fitted:
+    """Build the model, apply the strategy, train with the Trainer on data.splits['train']
+    (early stopping and checkpoint choice on 'validation'), and predict the named splits."""
+    from transformers import EarlyStoppingCallback, Trainer
 
-    # 1. Arguments: YAML defaults, command-line overrides, checked before any work.
-    model_args, data_args, training_args = parse_args(argv)
-    out_dir = Path(training_args.output_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    config = resolved_config(model_args, data_args, training_args)
-    (out_dir / "run_config.yaml").write_text(yaml.safe_dump(config, sort_keys=True))
-    set_seed(training_args.seed)
-    logger.info("precision: %s", "bf16 autocast" if training_args.bf16 else "fp32")
-
-    # 2. Data: splits grouped by patient, every image decoded once up front.
-    data = prepare_data(data_args, seed=training_args.seed, need_test=training_args.do_predict)
-    if len(data.id2label) != 2:
-        raise DataError(f"clinical metrics need a binary task; the data has {len(data.id2label)} labels "
-                        f"({', '.join(data.id2label.values())})")
-    check_patient_disjoint(data.splits)
-    check_images(data.splits)
-    logger.info("data: %s", {k: len(v) for k, v in data.splits.items()})
-    logger.info("class weights: %s", [round(w, 3) for w in data.class_weights])
-
-    # 3. Model: checkpoint or preset, fresh head, strategy.
     model, processor = build_model(model_args.model_name_or_path, data.id2label, model_args.image_size,
                                    model_args.model_revision, reinit_head=model_args.reinit_head)
     model = apply_strategy(model, model_args.strategy, partial_stages=model_args.partial_stages,
@@ -100,17 +75,11 @@ def run(argv: list[str] | None = None) -> dict:
     trainable, total = count_parameters(model)
     logger.info("trainable parameters: %s of %s (%.2f%%), strategy %s", f"{trainable:,}", f"{total:,}",
                 100 * trainable / total, model_args.strategy)
-    channels_last = model_args.channels_last and is_cnn(model)
-    if channels_last:
+    if model_args.channels_last and is_cnn(model):
         model = model.to(memory_format=torch.channels_last)
+    for split, ds in data.splits.items():
+        ds.set_transform(ImageTransform(processor, augment=data_args.augment and split == "train"))
 
-    data.splits["train"].set_transform(ImageTransform(processor, augment=data_args.augment))
-    for split in ("validation", "test"):
-        if split in data.splits:
-            data.splits[split].set_transform(ImageTransform(processor, augment=False))
-
-    # 4. Trainer. (The Hub push is ours, at the end, once the folder is complete.)
-    push, training_args.push_to_hub = training_args.push_to_hub, False
     callbacks = []
     if data_args.early_stopping_patience and training_args.eval_strategy != "no" and training_args.load_best_model_at_end:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=data_args.early_stopping_patience))
@@ -122,57 +91,179 @@ def run(argv: list[str] | None = None) -> dict:
         compute_metrics=build_compute_metrics(data.positive_id),
         callbacks=callbacks,
     )
-
-    # 5. Train (resumable).
-    train_seconds = 0.0
+    seconds = 0.0
     if training_args.do_train:
         resume = training_args.resume_from_checkpoint
         if isinstance(resume, str) and resume.lower() in ("true", "latest", "last"):
             resume = True
         t0 = time.time()
         result = trainer.train(resume_from_checkpoint=resume)
-        train_seconds = time.time() - t0
+        seconds = time.time() - t0
         trainer.save_metrics("train", result.metrics)
         trainer.save_state()
+    logits = {split: _predict(trainer, data.splits[split]) for split in predict}
+    return Fitted(trainer, logits, trainable, total, seconds)
 
-    # 6. Evaluate: operating point + temperature chosen on validation only.
+
+def cross_validate(model_args, data_args, training_args, data: PreparedData, out_dir: Path) -> dict:
+    """K models, each trained on the other folds' patients and scoring its own fold once:
+    out-of-fold (OOF) logits for every training image, and per-fold metrics."""
+    k = data_args.cv_folds
+    pool = data.splits["train"]
+    folds = cv_folds(pool, k, training_args.seed)
+    n_classes = len(data.id2label)
+    oof = np.full((len(pool), n_classes), np.nan)
+    fold_of = np.full(len(pool), -1)
+    main_dir, seconds = training_args.output_dir, 0.0
+    try:
+        for i, held in enumerate(folds):
+            fold = cv_fold(data, held, data_args, training_args.seed)
+            check_patient_disjoint(fold.splits)
+            logger.info("CV fold %d/%d: %s", i + 1, k, {s: len(d) for s, d in fold.splits.items()})
+            fold_dir = out_dir / "cv" / f"fold{i}"
+            training_args.output_dir = str(fold_dir)
+            fitted = train_one(model_args, data_args, training_args, fold, predict=("held_out",))
+            oof[held] = fitted.logits["held_out"][0]
+            fold_of[held] = i
+            seconds += fitted.train_seconds
+            if fitted.trainer.is_world_process_zero():  # keep the fold's weights (ensembles), not its checkpoints
+                save_model_folder(merge_for_export(fitted.trainer.model).to(memory_format=torch.contiguous_format),
+                                  fitted.trainer.processing_class, fold_dir / "model")
+                for ckpt in fold_dir.glob("checkpoint-*"):
+                    shutil.rmtree(ckpt, ignore_errors=True)
+            del fitted
+    finally:
+        training_args.output_dir = main_dir
+    labels = np.asarray(pool["label"])
+    names = [Path(item.get("path") or "").name for item in pool["image"]]
+    return {"k": k, "oof_logits": oof, "labels": labels, "fold": fold_of, "names": names,
+            "patients": list(pool["patient_id"]), "train_seconds": seconds}
+
+
+def score_cv(cv: dict, op, positive_id: int, seed: int) -> dict:
+    """Per-fold metrics at the (OOF-fitted) operating point, mean ± sd, and the pooled OOF metrics."""
+    per_fold = []
+    for i in range(cv["k"]):
+        m = cv["fold"] == i
+        per_fold.append(score_split(cv["oof_logits"][m], cv["labels"][m], positive_id, op, n_boot=0))
+    pooled = score_split(cv["oof_logits"], cv["labels"], positive_id, op, seed=seed)
+    return {"k": cv["k"], "per_fold": per_fold, "summary": summarise_folds(per_fold), "pooled": pooled}
+
+
+def score_external(folder: str, trainer, processor, id2label: dict, positive_id: int, op) -> dict:
+    """A folder of other patients' films (<LABEL>/<image>), scored once at the saved operating point."""
+    from cxr.imaging import load_image
+    from cxr.preprocessing import pixel_values
+
+    label2id = {v: k for k, v in id2label.items()}
+    files = sorted(p for p in Path(folder).glob("*/*") if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".dcm"))
+    unknown = sorted({p.parent.name for p in files} - set(label2id))
+    if unknown or not files:
+        raise DataError(f"external_dataset {folder}: expected <LABEL>/<image> with labels {list(label2id)}"
+                        + (f", found {unknown}" if unknown else ", found no images"))
+    model = trainer.model.eval()
+    device = next(model.parameters()).device
+    logits = []
+    with torch.no_grad():
+        for f in files:
+            x = pixel_values(processor, [load_image(f)]).to(device)
+            logits.append(model(pixel_values=x).logits.float().cpu().numpy()[0])
+    logits, labels = np.stack(logits), np.array([label2id[f.parent.name] for f in files])
+    m = score_split(logits, labels, positive_id, op, n_boot=0)
+    p = op.probabilities(logits)[:, positive_id]
+    m["per_image"] = [{"file": f.name, "label": f.parent.name, "p_positive": round(float(s), 4),
+                       "decision": id2label[positive_id] if s >= op.threshold else
+                       next(v for k, v in id2label.items() if k != positive_id)} for f, s in zip(files, p)]
+    return m
+
+
+def run(argv: list[str] | None = None) -> dict:
+    from transformers import set_seed
+
+    # 1. Arguments: YAML defaults, command-line overrides, checked before any work.
+    model_args, data_args, training_args = parse_args(argv)
+    out_dir = Path(training_args.output_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ConfigError(f"output_dir {out_dir} exists and is not a folder")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    config = resolved_config(model_args, data_args, training_args)
+    (out_dir / "run_config.yaml").write_text(yaml.safe_dump(config, sort_keys=True))
+    set_seed(training_args.seed)
+    logger.info("precision: %s", "bf16 autocast" if training_args.bf16 else "fp32")
+
+    # 2. Data: splits grouped by patient, every image decoded once up front.
+    cv_mode = bool(data_args.cv_folds)
+    data = prepare_data(data_args, seed=training_args.seed, need_test=training_args.do_predict,
+                        carve_validation=not cv_mode)
+    if len(data.id2label) != 2:
+        raise DataError(f"clinical metrics need a binary task; the data has {len(data.id2label)} labels "
+                        f"({', '.join(data.id2label.values())})")
+    check_patient_disjoint(data.splits)
+    check_images(data.splits)
+    logger.info("data: %s", {k: len(v) for k, v in data.splits.items()})
+
+    # 3. Cross-validation (optional): K models, out-of-fold scores of every training image.
+    push, training_args.push_to_hub = training_args.push_to_hub, False  # our push, once the folder is complete
+    cv = cv_scores = None
+    if cv_mode:
+        cv = cross_validate(model_args, data_args, training_args, data, out_dir)
+        data = prepare_data(data_args, seed=training_args.seed, need_test=training_args.do_predict)
+        check_patient_disjoint(data.splits)
+    logger.info("class weights: %s", [round(w, 3) for w in data.class_weights])
+
+    # 4. The model to ship: trained on the training split, validation for early stopping.
+    predict = ("validation",) + (("test",) if training_args.do_predict else ())
+    set_seed(training_args.seed)
+    fitted = train_one(model_args, data_args, training_args, data, predict)
+    trainer = fitted.trainer
+    val_logits, val_labels = fitted.logits["validation"]
+
+    # 5. Operating point + temperature: on out-of-fold scores with CV, else on validation.
+    if cv is not None:
+        op = fit_operating_point(cv["oof_logits"], cv["labels"], data.positive_id, data.id2label,
+                                 policy=data_args.threshold_policy,
+                                 fitted_on=f"out-of-fold scores ({cv['k']} folds, {len(cv['labels']):,} images)")
+        cv_scores = score_cv(cv, op, data.positive_id, training_args.seed)
+    else:
+        op = fit_operating_point(val_logits, val_labels, data.positive_id, data.id2label,
+                                 policy=data_args.threshold_policy, fitted_on="the validation split")
+    logger.info("operating point: %s", op.describe())
+
+    # 6. Scores at the operating point.
     metrics: dict[str, dict] = {}
-    val_logits, val_labels = _predict(trainer, data.splits["validation"])
-    op = fit_operating_point(val_logits, val_labels, data.positive_id, data.id2label)
     if training_args.do_eval:
-        metrics["eval"] = score_split(val_logits, val_labels, data.positive_id, "eval",
-                                      threshold=op["threshold"], temperature=op["temperature"],
-                                      seed=training_args.seed)
-        trainer.save_metrics("eval", metrics["eval"], combined=False)
+        metrics["validation"] = score_split(val_logits, val_labels, data.positive_id, op, seed=training_args.seed)
+        trainer.save_metrics("eval", prefixed(metrics["validation"], "eval"), combined=False)
         _write_json(out_dir / "eval_scores.json", _scores(val_logits, val_labels, data.positive_id, op))
     if training_args.do_predict:
-        test_logits, test_labels = _predict(trainer, data.splits["test"])
-        metrics["test"] = score_split(test_logits, test_labels, data.positive_id, "test",
-                                      threshold=op["threshold"], temperature=op["temperature"],
-                                      seed=training_args.seed)
-        trainer.save_metrics("test", metrics["test"], combined=False)
+        test_logits, test_labels = fitted.logits["test"]
+        metrics["test"] = score_split(test_logits, test_labels, data.positive_id, op, seed=training_args.seed)
+        trainer.save_metrics("test", prefixed(metrics["test"], "test"), combined=False)
         _write_json(out_dir / "test_scores.json", _scores(test_logits, test_labels, data.positive_id, op))
+    if cv_scores is not None:
+        _write_json(out_dir / "cv_results.json", cv_scores)
+        _write_json(out_dir / "oof_scores.json", {
+            "operating_point": op.to_config(), "files": cv["names"], "patients": cv["patients"],
+            "fold": cv["fold"].tolist(), "labels": binary_labels(cv["labels"], data.positive_id).tolist(),
+            "scores": [round(float(x), 6) for x in op.probabilities(cv["oof_logits"])[:, data.positive_id]]})
+    if data_args.external_dataset:
+        metrics["external"] = score_external(data_args.external_dataset, trainer, trainer.processing_class,
+                                             data.id2label, data.positive_id, op)
+        _write_json(out_dir / "external_results.json", metrics["external"])
 
     # 7. Export: merged weights (safetensors), processor, adapter beside them, card.
     if not trainer.is_world_process_zero():  # under accelerate launch, one process writes
-        return {"output_dir": str(out_dir), "metrics": metrics, "operating_point": op}
+        return {"output_dir": str(out_dir), "metrics": metrics, "operating_point": op, "cv": cv_scores}
     model = trainer.model
     if model_args.strategy == "lora":
         model.save_pretrained(out_dir / "adapter", safe_serialization=True)
     model = merge_for_export(model).to(memory_format=torch.contiguous_format)
-    model.config.cxr_operating_point = op
-    model.config.cxr_training = {"strategy": model_args.strategy, "base_model": model_args.model_name_or_path,
-                                 "dataset": data_args.dataset_name, "image_size": processor_size(processor)[0]}
-    if "eval" in metrics:
-        model.config.cxr_training["validation_metrics"] = {
-            k: round(float(metrics["eval"][f"eval_{k}"]), 4)
-            for k in ("roc_auc", "accuracy", "sensitivity", "specificity")}
-    save_model_folder(model, processor, out_dir)
-    figures = _figures(out_dir, val_logits, val_labels, data.positive_id, op) if training_args.do_eval else {}
-    info = _card_info(argv, model_args, data_args, training_args, data, metrics, op,
-                      trainable, total, train_seconds, trainer)
-    info["figures"] = figures
-    render_model_card(info).save(out_dir / "README.md")
+    setattr(model.config, CONFIG_KEY, op.to_config())
+    facts = card_facts(argv, model_args, data_args, training_args, data, metrics, op, fitted, cv_scores)
+    model.config.cxr_training = facts.config_summary()
+    save_model_folder(model, trainer.processing_class, out_dir)
+    facts.figures = _figures(out_dir, val_logits, val_labels, data.positive_id, op, cv) if training_args.do_eval else {}
+    render_model_card(facts).save(out_dir / "README.md")
     logger.info("model folder ready: %s", out_dir)
 
     # 8. Push (the local folder is complete whatever happens here).
@@ -180,57 +271,32 @@ def run(argv: list[str] | None = None) -> dict:
         url = push_folder(out_dir, training_args.hub_model_id, private=data_args.hub_private,
                           token=training_args.hub_token)
         logger.info("pushed: %s", url)
-    return {"output_dir": str(out_dir), "metrics": metrics, "operating_point": op}
+    return {"output_dir": str(out_dir), "metrics": metrics, "operating_point": op, "cv": cv_scores}
 
 
-def _card_info(argv, model_args, data_args, training_args, data, metrics, op, trainable, total,
-               train_seconds, trainer) -> dict:
-    import platform
+def _scores(logits, labels, positive_id: int, op) -> dict:
+    """Per-image calibrated positive-class scores (for ROC curves and re-analysis)."""
+    return {"labels": binary_labels(labels, positive_id).tolist(),
+            "scores": [round(float(x), 6) for x in op.probabilities(logits)[:, positive_id]],
+            "threshold": op.threshold}
 
-    preset = is_preset(model_args.model_name_or_path)
-    dataset_id = data_args.dataset_name
-    is_kermany = "chest_xray" in dataset_id.lower() or "kermany" in dataset_id.lower()
-    strategy_text = {
-        "frozen": "frozen backbone, classification head trained",
-        "partial": f"last {model_args.partial_stages} backbone stage(s) and the head fine-tuned",
-        "full": "all weights trained" + (" from random initialisation" if preset else ", fine-tuned"),
-        "lora": f"LoRA (r={model_args.lora_r}, alpha={model_args.lora_alpha}) merged into the base weights",
-    }[model_args.strategy]
-    args_str = " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
-    return {
-        "model_name": training_args.hub_model_id or Path(training_args.output_dir).name,
-        "repo_id": training_args.hub_model_id or training_args.output_dir,
-        "dataset_id": Path(dataset_id).name if Path(dataset_id).exists() else dataset_id,
-        "dataset_name": "Kermany 2018 paediatric chest X-ray" if is_kermany else Path(dataset_id).name,
-        "dataset": dataset_id if not Path(dataset_id).exists() else Path(dataset_id).name,
-        "dataset_note": KERMANY_NOTE if is_kermany else "",
-        "base_model": None if preset else model_args.model_name_or_path,
-        "base_model_text": f"none: {model_args.model_name_or_path} preset, random init" if preset
-                           else model_args.model_name_or_path,
-        "labels": list(data.id2label.values()), "positive_label": data.id2label[data.positive_id],
-        "strategy": model_args.strategy, "strategy_text": strategy_text,
-        "trainable_text": f"{trainable:,} of {total:,} ({100 * trainable / total:.1f}%)",
-        "n_train": len(data.splits["train"]), "n_validation": len(data.splits["validation"]),
-        "validation_text": ("carved out of the training split, stratified and grouped by patient "
-                            f"({data_args.validation_fraction:.0%} of patients, seed {training_args.seed})")
-                           if not data_args.validation_split else f"the dataset's '{data_args.validation_split}' split",
-        "image_size": processor_size(trainer.processing_class)[0],
-        "epochs": round(trainer.state.epoch or 0, 2), "steps": trainer.state.global_step,
-        "batch_size": training_args.per_device_train_batch_size * max(1, training_args.world_size),
-        "learning_rate": training_args.learning_rate,
-        "class_weights": [round(w, 3) for w in data.class_weights],
-        "precision": "bf16 autocast" if training_args.bf16 else "fp32",
-        "augmentation": "random resized crop (75–100%), rotation ±10°, shift 5%, brightness/contrast ±20%; no flips"
-                        if data_args.augment else "none",
-        "train_time": f"{train_seconds / 60:.1f} min", "hardware": f"{os.cpu_count()} CPU cores ({platform.machine()})"
-                      if not torch.cuda.is_available() else torch.cuda.get_device_name(),
-        "command": f"python train_hf.py {args_str}".strip(),
-        "metrics": metrics, "operating_point": op,
-        "operating_point_text": (f"threshold {op['threshold']:.4f} ({op['source']}); temperature "
-                                 f"{op['temperature']:.3f}; high-sensitivity threshold (sensitivity ≥ "
-                                 f"{op.get('min_sensitivity', 0.95):.0%}) {op.get('high_sensitivity_threshold', float('nan')):.4f}"),
-        "extra_sections": "", "is_kermany": is_kermany,
-    }
+
+def _figures(out_dir: Path, logits, labels, positive_id: int, op, cv: dict | None) -> dict:
+    """ROC (validation, and out-of-fold with CV) and the reliability diagram, for the model card."""
+    from cxr.plots import render_calibration, render_roc
+    from cxr.training import positive_scores
+
+    y = binary_labels(labels, positive_id)
+    if len(set(y.tolist())) < 2:
+        return {}
+    cal = op.probabilities(logits)[:, positive_id]
+    curves = {"validation": (y, cal)}
+    if cv is not None:
+        curves[f"out-of-fold ({cv['k']} folds)"] = (binary_labels(cv["labels"], positive_id),
+                                                    op.probabilities(cv["oof_logits"])[:, positive_id])
+    render_roc(curves, out_dir / "roc_validation.png")
+    render_calibration(y, positive_scores(logits, positive_id), cal, out_dir / "calibration_validation.png")
+    return {"roc": "roc_validation.png", "calibration": "calibration_validation.png"}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -238,7 +304,6 @@ def main(argv: list[str] | None = None) -> int:
     try:
         run(argv)
     except USER_ERRORS as e:
-        logger.error("%s", e)
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -75,6 +75,18 @@ class DataArguments:
     class_weights: list[float] | None = field(
         default=None, metadata={"help": "Cross-entropy class weights; default: inverse class frequency of train."})
     augment: bool = field(default=True, metadata={"help": "Training augmentation (affine, crop, contrast)."})
+    cv_folds: int = field(
+        default=0, metadata={"help": "K >= 2: patient-grouped, stratified K-fold cross-validation first (K models, "
+                                     "per-fold and mean ± sd metrics, out-of-fold scores of every training image); "
+                                     "the operating point is then fitted on the out-of-fold scores and the shipped "
+                                     "model is trained on all the data. 0 = off."})
+    threshold_policy: str = field(
+        default="equal_error", metadata={"help": "How the decision threshold is chosen on the fitting scores "
+                                                 "(out-of-fold with --cv_folds, else validation): equal_error "
+                                                 "(sensitivity = specificity), youden, or default (0.5)."})
+    external_dataset: str | None = field(
+        default=None, metadata={"help": "A local image folder <LABEL>/<image> of other patients, scored once with "
+                                        "the final model at its saved operating point (reported, never tuned on)."})
     early_stopping_patience: int = field(
         default=5, metadata={"help": "Evaluations without AUROC improvement before stopping (0 = off)."})
     precision: str = field(
@@ -218,6 +230,13 @@ def validate_args(model_args: ModelArguments, data_args: DataArguments, training
         raise ConfigError("validation_fraction must be between 0 and 1")
     if data_args.precision not in ("auto", "bf16", "fp32"):
         raise ConfigError(f"unknown precision '{data_args.precision}': choose auto, bf16 or fp32")
+    if data_args.cv_folds == 1 or data_args.cv_folds < 0:
+        raise ConfigError("cv_folds must be 0 (off) or at least 2")
+    if data_args.threshold_policy not in ("equal_error", "youden", "default"):
+        raise ConfigError(f"unknown threshold_policy '{data_args.threshold_policy}': choose equal_error, youden "
+                          "or default")
+    if data_args.external_dataset and not Path(data_args.external_dataset).is_dir():
+        raise ConfigError(f"external_dataset folder not found: {data_args.external_dataset}")
     if model_args.partial_stages < 1:
         raise ConfigError("partial_stages must be >= 1")
     if model_args.image_size is not None and model_args.image_size < 32:

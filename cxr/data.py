@@ -150,7 +150,9 @@ class PreparedData:
     class_weights: list[float]
 
 
-def prepare_data(data_args, seed: int = 42, need_test: bool = False) -> PreparedData:
+def prepare_data(data_args, seed: int = 42, need_test: bool = False, carve_validation: bool = True) -> PreparedData:
+    """The splits to train on. ``carve_validation=False`` (cross-validation) returns the whole
+    training split as 'train': :func:`cv_fold` carves each fold's own validation."""
     ds = load_raw_dataset(data_args.dataset_name, data_args.dataset_config_name, data_args.dataset_revision)
     if data_args.train_split not in ds:
         raise DataError(f"no '{data_args.train_split}' split in {data_args.dataset_name}; it has {list(ds)}")
@@ -183,7 +185,12 @@ def prepare_data(data_args, seed: int = 42, need_test: bool = False) -> Prepared
     val_name = data_args.validation_split or next((v for v in VALIDATION_NAMES if v in ds), None)
     if data_args.validation_split and data_args.validation_split not in ds:
         raise DataError(f"no '{data_args.validation_split}' split; the dataset has {list(ds)}")
-    if val_name:
+    if not carve_validation:
+        validation = None
+        if val_name:
+            logger.warning("cross-validation uses the '%s' split only; the '%s' split is not used",
+                           data_args.train_split, val_name)
+    elif val_name:
         validation = ds[val_name]
     else:
         train, validation = split_by_patient(train, data_args.validation_fraction, seed)
@@ -191,21 +198,51 @@ def prepare_data(data_args, seed: int = 42, need_test: bool = False) -> Prepared
                     data_args.train_split, len(train), len(validation))
     if data_args.max_train_samples or data_args.max_samples_per_class:
         train = _subsample(train, data_args.max_train_samples, data_args.max_samples_per_class, seed)
-    if data_args.max_eval_samples:
+    if data_args.max_eval_samples and validation is not None:
         validation = _subsample(validation, data_args.max_eval_samples, None, seed)
-    splits = {"train": train, "validation": validation}
+    splits = {"train": train} if validation is None else {"train": train, "validation": validation}
     if need_test:
         if data_args.test_split not in ds:
             raise DataError(f"--do_predict needs a '{data_args.test_split}' split; the dataset has {list(ds)}")
         splits["test"] = ds[data_args.test_split]
-    counts = np.bincount(np.asarray(train["label"]), minlength=len(names)).astype(float)
+    return PreparedData(DatasetDict(splits), id2label, positive_id, class_weights(train, len(names), data_args))
+
+
+def class_weights(train, n_classes: int, data_args) -> list[float]:
+    """The given weights, or inverse class frequency of the training images."""
     if data_args.class_weights is not None:
-        if len(data_args.class_weights) != len(names):
-            raise DataError(f"class_weights needs {len(names)} values, got {len(data_args.class_weights)}")
-        weights = [float(w) for w in data_args.class_weights]
-    else:
-        weights = (counts.sum() / (len(names) * np.maximum(counts, 1))).tolist()
-    return PreparedData(DatasetDict(splits), id2label, positive_id, weights)
+        if len(data_args.class_weights) != n_classes:
+            raise DataError(f"class_weights needs {n_classes} values, got {len(data_args.class_weights)}")
+        return [float(w) for w in data_args.class_weights]
+    counts = np.bincount(np.asarray(train["label"]), minlength=n_classes).astype(float)
+    return (counts.sum() / (n_classes * np.maximum(counts, 1))).tolist()
+
+
+def cv_folds(train, k: int, seed: int) -> list[np.ndarray]:
+    """Held-out indices of K stratified, patient-grouped folds (StratifiedGroupKFold): every
+    image is held out exactly once, and a patient's images all fall in one fold."""
+    from sklearn.model_selection import StratifiedGroupKFold
+
+    labels = np.asarray(train["label"])
+    groups = np.asarray(train["patient_id"])
+    if len(set(groups)) < k:
+        raise DataError(f"only {len(set(groups))} patients: too few for {k}-fold cross-validation")
+    if np.bincount(labels).min() < k:
+        raise DataError(f"a class has fewer than {k} images: too few for {k}-fold cross-validation")
+    sgkf = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed)
+    return [np.sort(held) for _, held in sgkf.split(np.zeros(len(labels)), labels, groups)]
+
+
+def cv_fold(data: PreparedData, held_out: np.ndarray, data_args, seed: int) -> PreparedData:
+    """One fold: the other folds' patients train (a patient-grouped validation carved out of
+    them for early stopping and checkpoint choice), the fold's patients are 'held_out'."""
+    pool = data.splits["train"]
+    mask = np.ones(len(pool), dtype=bool)
+    mask[held_out] = False
+    train, validation = split_by_patient(pool.select(np.flatnonzero(mask)), data_args.validation_fraction, seed)
+    splits = DatasetDict({"train": train, "validation": validation, "held_out": pool.select(held_out)})
+    return PreparedData(splits, data.id2label, data.positive_id,
+                        class_weights(train, len(data.id2label), data_args))
 
 
 def check_images(ds: DatasetDict, max_report: int = 10) -> None:

@@ -4,6 +4,7 @@ and pushes to the Hub."""
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData
@@ -27,50 +28,193 @@ def _fmt(v) -> str:
     return f"{v:.4f}" if isinstance(v, float) else str(v)
 
 
-def build_metric_table(title: str, metrics: dict, prefix: str) -> dict:
-    get = lambda k: metrics.get(f"{prefix}_{k}")  # noqa: E731
-    ci = metrics.get(f"{prefix}_ci") or {}
+def build_metric_table(title: str, metrics: dict) -> dict:
+    ci = metrics.get("ci") or {}
     rows = []
     for key, name in METRIC_ROWS:
-        if get(key) is None:
+        if metrics.get(key) is None:
             continue
         c = ci.get(key)
-        rows.append({"name": name, "value": _fmt(get(key)),
+        rows.append({"name": name, "value": _fmt(metrics[key]),
                      "ci": f"{c[0]:.4f} – {c[1]:.4f}" if c else ""})
-    return {"title": title, "n": get("n_samples"), "threshold": _fmt(get("threshold")),
-            "rows": rows, "ci": bool(ci), "confusion": get("confusion_matrix")}
+    return {"title": title, "n": metrics.get("n_samples"), "threshold": _fmt(metrics.get("threshold")),
+            "rows": rows, "ci": bool(ci), "confusion": metrics.get("confusion_matrix")}
 
 
-def render_model_card(info: dict, template_path: str | Path = TEMPLATE) -> ModelCard:
-    """info: the facts of a run (see train_hf.py). Returns a ModelCard with model-index."""
+def build_cv_table(cv: dict) -> dict:
+    """Per-fold rows and the mean ± sd row, for the card (cv: train_hf.score_cv's output)."""
+    keys = [(k, n) for k, n in METRIC_ROWS if k in cv["summary"]]
+    folds = [{"name": f"fold {i + 1}", "n": f["n_samples"], "cells": [_fmt(f[k]) for k, _ in keys]}
+             for i, f in enumerate(cv["per_fold"])]
+    mean = [f"{cv['summary'][k]['mean']:.4f} ± {cv['summary'][k]['sd']:.4f}" for k, _ in keys]
+    return {"k": cv["k"], "columns": [n for _, n in keys], "folds": folds, "mean": mean,
+            "pooled": build_metric_table(f"Pooled out-of-fold scores ({cv['pooled']['n_samples']} images)", cv["pooled"])}
+
+
+@dataclass
+class CardFacts:
+    """What a run's model card and config.json say about it (typed; rendered by model_card.md)."""
+    model_name: str
+    repo_id: str
+    dataset_id: str                 # Hub id, or the local folder's name
+    dataset_is_hub: bool
+    dataset_name: str
+    dataset_note: str
+    base_model: str | None
+    base_model_text: str
+    labels: list
+    positive_label: str
+    strategy: str
+    strategy_text: str
+    trainable_text: str
+    n_train: int
+    n_validation: int
+    validation_text: str
+    image_size: int
+    epochs: float
+    steps: int
+    batch_size: int
+    learning_rate: float
+    class_weights: list
+    precision: str
+    augmentation: str
+    train_time: str
+    hardware: str
+    command: str
+    operating_point: object          # OperatingPoint
+    metrics: dict                    # split -> plain-named metrics (validation, test, external)
+    cv: dict | None = None
+    is_kermany: bool = False
+    license: str = "cc-by-4.0"
+    figures: dict = field(default_factory=dict)
+
+    def warnings(self) -> list[str]:
+        """Reasons this run is not a usable model, said loudly at the top of the card."""
+        out = []
+        if self.epochs < 1:
+            out.append(f"trained for {self.epochs} epoch(s) only (a smoke run)")
+        auroc = (self.metrics.get("validation") or {}).get("roc_auc")
+        if auroc is not None and not (auroc == auroc and auroc >= 0.6):
+            out.append(f"validation AUROC {auroc:.3f} is near chance")
+        t = self.operating_point.temperature
+        if t <= 0.051 or t >= 19.9:
+            out.append(f"the calibration temperature ({t:.3f}) hit its fitting bound")
+        if self.operating_point.policy == "default" and "no" not in self.operating_point.source:
+            out.append("no informative operating point could be fitted")
+        return out
+
+    def config_summary(self) -> dict:
+        """config.json's cxr_training: what serving (the app's facts panel) shows."""
+        pick = lambda m: {k: round(float(m[k]), 4) for k in ("roc_auc", "accuracy", "sensitivity", "specificity")  # noqa: E731
+                          if m.get(k) is not None and m[k] == m[k]}
+        out = {"strategy": self.strategy, "base_model": self.base_model or self.base_model_text,
+               "dataset": self.dataset_id, "image_size": self.image_size}
+        if self.metrics.get("validation"):
+            out["validation_metrics"] = pick(self.metrics["validation"])
+        if self.cv:
+            out["cv_metrics"] = {"k": self.cv["k"], **{k: {"mean": round(v["mean"], 4), "sd": round(v["sd"], 4)}
+                                                        for k, v in self.cv["summary"].items()
+                                                        if k in ("roc_auc", "accuracy", "sensitivity", "specificity")}}
+        if self.metrics.get("external"):
+            out["external_metrics"] = {"n": self.metrics["external"]["n_samples"], **pick(self.metrics["external"])}
+        return out
+
+    def template_kwargs(self) -> dict:
+        kw = {f.name: getattr(self, f.name) for f in fields(self)}
+        op = self.operating_point
+        kw.update(operating_point=op.to_config(), operating_point_text=op.describe(), warnings=self.warnings())
+        tables = []
+        for split, title in (("validation", "Validation (a patient-grouped split of the training data)"),
+                             ("test", "Test"), ("external", "External check (other patients' films)")):
+            if self.metrics.get(split):
+                tables.append(build_metric_table(title, self.metrics[split]))
+        kw["metric_tables"] = tables
+        kw["cv_table"] = build_cv_table(self.cv) if self.cv else None
+        kw["external_images"] = (self.metrics.get("external") or {}).get("per_image")
+        return kw
+
+
+def card_facts(argv, model_args, data_args, training_args, data, metrics: dict, op, fitted, cv) -> CardFacts:
+    """Facts of a train_hf.py run (arguments, data, trainer state, scores) for the card."""
+    import os
+    import platform
+    import shlex
+    import sys
+
+    import torch
+
+    from .data import processor_size
+    from .modeling import is_preset
+
+    preset = is_preset(model_args.model_name_or_path)
+    dataset = data_args.dataset_name
+    local = Path(dataset).exists()
+    is_kermany = "chest_xray" in dataset.lower() or "kermany" in dataset.lower()
+    strategy_text = {
+        "frozen": "frozen backbone, classification head trained",
+        "partial": f"last {model_args.partial_stages} backbone stage(s) and the head fine-tuned",
+        "full": "all weights trained" + (" from random initialisation" if preset else ", fine-tuned"),
+        "lora": f"LoRA (r={model_args.lora_r}, alpha={model_args.lora_alpha}) merged into the base weights",
+    }[model_args.strategy]
+    trainer = fitted.trainer
+    args_str = " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
+    return CardFacts(
+        model_name=training_args.hub_model_id or Path(training_args.output_dir).name,
+        repo_id=training_args.hub_model_id or training_args.output_dir,
+        dataset_id=Path(dataset).name if local else dataset, dataset_is_hub=not local,
+        dataset_name="Kermany 2018 paediatric chest X-ray" if is_kermany else Path(dataset).name,
+        dataset_note=KERMANY_NOTE if is_kermany else "",
+        base_model=None if preset else model_args.model_name_or_path,
+        base_model_text=f"none: {model_args.model_name_or_path} preset, random init" if preset
+        else model_args.model_name_or_path,
+        labels=list(data.id2label.values()), positive_label=data.id2label[data.positive_id],
+        strategy=model_args.strategy, strategy_text=strategy_text,
+        trainable_text=f"{fitted.trainable:,} of {fitted.total:,} ({100 * fitted.trainable / fitted.total:.1f}%)",
+        n_train=len(data.splits["train"]), n_validation=len(data.splits["validation"]),
+        validation_text=("carved out of the training split, stratified and grouped by patient "
+                         f"({data_args.validation_fraction:.0%} of patients, seed {training_args.seed})")
+        if not data_args.validation_split else f"the dataset's '{data_args.validation_split}' split",
+        image_size=processor_size(trainer.processing_class)[0],
+        epochs=round(trainer.state.epoch or 0, 2), steps=trainer.state.global_step,
+        batch_size=training_args.per_device_train_batch_size * max(1, training_args.world_size),
+        learning_rate=training_args.learning_rate,
+        class_weights=[round(w, 3) for w in data.class_weights],
+        precision="bf16 autocast" if training_args.bf16 else "fp32",
+        augmentation="random resized crop (75–100%), rotation ±10°, shift 5%, brightness/contrast ±20%; no flips"
+        if data_args.augment else "none",
+        train_time=f"{fitted.train_seconds / 60:.1f} min" + (f" (+ {cv_minutes(cv)} for {cv['k']}-fold CV)" if cv else ""),
+        hardware=torch.cuda.get_device_name() if torch.cuda.is_available()
+        else f"{os.cpu_count()} CPU cores ({platform.machine()})",
+        command=f"python train_hf.py {args_str}".strip(),
+        operating_point=op, metrics=metrics, cv=cv, is_kermany=is_kermany,
+    )
+
+
+def cv_minutes(cv: dict) -> str:
+    return f"{cv.get('train_seconds', 0) / 60:.1f} min"
+
+
+def render_model_card(facts: CardFacts, template_path: str | Path = TEMPLATE) -> ModelCard:
+    """The card: huggingface_hub ModelCard from the Jinja template, with model-index results."""
     eval_results = []
-    dataset_id = info["dataset_id"]
-    for split, prefix in (("validation", "eval"), ("test", "test")):
-        m = info.get("metrics", {}).get(prefix)
-        if not m:
+    for split, m in facts.metrics.items():
+        if split == "external" or not m:
             continue
         for key, name in (("accuracy", "Accuracy"), ("roc_auc", "AUROC"),
                           ("sensitivity", "Sensitivity"), ("specificity", "Specificity"), ("f1", "F1")):
-            if m.get(f"{prefix}_{key}") is not None:
+            if m.get(key) is not None and m[key] == m[key]:
                 eval_results.append(EvalResult(
-                    task_type="image-classification", dataset_type=dataset_id, dataset_name=info["dataset_name"],
-                    dataset_split=split, metric_type=key, metric_name=name, metric_value=round(float(m[f"{prefix}_{key}"]), 4)))
+                    task_type="image-classification", dataset_type=facts.dataset_id, dataset_name=facts.dataset_name,
+                    dataset_split=split, metric_type=key, metric_name=name, metric_value=round(float(m[key]), 4)))
     card_data = ModelCardData(
-        library_name="transformers", pipeline_tag="image-classification", license=info.get("license", "cc-by-4.0"),
-        base_model=info.get("base_model"), datasets=[dataset_id] if "/" in dataset_id and not Path(dataset_id).exists() else None,
+        library_name="transformers", pipeline_tag="image-classification", license=facts.license,
+        base_model=facts.base_model, datasets=[facts.dataset_id] if facts.dataset_is_hub else None,
         tags=["medical", "chest-x-ray", "radiology", "pneumonia", "transfer-learning", "research-only",
-              f"strategy-{info['strategy']}"],
+              f"strategy-{facts.strategy}"],
         metrics=["accuracy", "roc_auc", "sensitivity", "specificity"],
-        model_name=info["model_name"], eval_results=eval_results or None,
+        model_name=facts.model_name, eval_results=eval_results or None,
     )
-    tables = []
-    for title, prefix in (("Validation (patient-grouped split of the training data)", "eval"), ("Test", "test")):
-        m = info.get("metrics", {}).get(prefix)
-        if m:
-            tables.append(build_metric_table(title, m, prefix))
-    kwargs = dict(info)
-    kwargs["metric_tables"] = tables
-    return ModelCard.from_template(card_data, template_path=str(template_path), **kwargs)
+    return ModelCard.from_template(card_data, template_path=str(template_path), **facts.template_kwargs())
 
 
 def push_folder(folder: str | Path, repo_id: str, *, private: bool = False, token: str | None = None,

@@ -23,7 +23,7 @@ from PIL import Image
 
 from .explain import explainer_kind, gap_linear_head, gradcam_from_features, rollout_map
 from .imaging import ImageLoadError, check_is_radiograph, load_image
-from .metrics import compute_softmax
+from .operating_point import OperatingPoint, softmax as compute_softmax
 from .modeling import is_cnn
 from .preprocessing import pixel_values
 
@@ -88,16 +88,15 @@ class Predictor:
         self.name = name
         self.config = model.config
         self.id2label = {int(k): v for k, v in model.config.id2label.items()}
-        op = getattr(model.config, "cxr_operating_point", None) or {}
-        pos_name = op.get("positive_label")
+        self.operating_point = op = OperatingPoint.from_config(model.config)
+        pos_name = op.positive_label
         if pos_name not in self.id2label.values():
             others = [i for i, n in self.id2label.items() if n.upper() != "NORMAL"]
             pos_name = self.id2label[others[0] if len(others) == 1 else max(self.id2label)]
         self.positive_id = {v: k for k, v in self.id2label.items()}[pos_name]
-        self.temperature = float(op.get("temperature", 1.0))
-        self.threshold = float(op.get("threshold", 0.5))
-        self.threshold_source = op.get("source", "default 0.5 (the model has no saved operating point)") \
-            if op else "default 0.5 (the model has no saved operating point)"
+        self.temperature = float(op.temperature)
+        self.threshold = float(op.threshold)
+        self.threshold_source = op.source
         self.autocast_dtype = resolve_precision(precision, model)
         self.channels_last = is_cnn(model)
         if self.channels_last:

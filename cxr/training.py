@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .operating_point import POLICIES, OperatingPoint
 from .metrics import (
     compute_bootstrap_ci,
     compute_calibration,
@@ -82,41 +83,77 @@ def build_compute_metrics(positive_id: int):
     return compute_metrics
 
 
-def score_split(logits, labels, positive_id: int, prefix: str, *, threshold: float = 0.5,
-                temperature: float = 1.0, n_boot: int = 1000, seed: int = 0) -> dict:
-    """All metrics for one split, with the calibrated scores, plus bootstrap CIs."""
+CARD_METRICS = ("roc_auc", "accuracy", "sensitivity", "specificity", "precision", "npv", "f1", "pr_auc",
+                "brier", "ece")   # the metrics a model card, the CV table and config.json report
+
+
+def score_split(logits, labels, positive_id: int, op: OperatingPoint, *, n_boot: int = 1000,
+                seed: int = 0) -> dict:
+    """All metrics for one split at the operating point (plain names; a prefix is added only
+    when they are saved), with bootstrap CIs."""
     y = binary_labels(labels, positive_id)
-    p = positive_scores(logits, positive_id, temperature)
-    m = compute_clinical_metrics(y, p, threshold)
-    m["temperature"] = float(temperature)
+    p = op.probabilities(logits)[:, positive_id]
+    m = compute_clinical_metrics(y, p, op.threshold)
+    m["temperature"] = float(op.temperature)
     raw = compute_calibration(y, positive_scores(logits, positive_id))
     m["brier_uncalibrated"], m["ece_uncalibrated"] = raw["brier"], raw["ece"]
     if n_boot:
-        m["ci"] = compute_bootstrap_ci(y, p, threshold, n_boot=n_boot, seed=seed)
-    return {f"{prefix}_{k}": v for k, v in m.items()}
+        m["ci"] = compute_bootstrap_ci(y, p, op.threshold, n_boot=n_boot, seed=seed)
+    return m
 
 
-def fit_operating_point(logits, labels, positive_id: int, id2label: dict, min_sensitivity: float = 0.95) -> dict:
-    """Temperature scaling, then Youden's J and a high-sensitivity threshold, on validation."""
+def prefixed(metrics: dict, prefix: str) -> dict:
+    return {f"{prefix}_{k}": v for k, v in metrics.items()}
+
+
+def summarise_folds(per_fold: list[dict], keys=CARD_METRICS) -> dict:
+    """{metric: {"mean", "sd", "per_fold"}} over the folds (sd with ddof=1)."""
+    out = {}
+    for k in keys:
+        vals = np.array([float(f[k]) for f in per_fold if f.get(k) is not None], dtype=float)
+        vals = vals[~np.isnan(vals)]
+        if vals.size:
+            out[k] = {"mean": float(vals.mean()), "sd": float(vals.std(ddof=1)) if vals.size > 1 else 0.0,
+                      "per_fold": [round(float(v), 6) for v in vals]}
+    return out
+
+
+def equal_error_threshold(y, p) -> float:
+    """The threshold where sensitivity and specificity are closest (the ROC's equal-error point)."""
+    from sklearn.metrics import roc_curve
+
+    fpr, tpr, thr = roc_curve(y, p)
+    thr = np.clip(thr, 0.0, 1.0)
+    i = int(np.argmin(np.abs(tpr - (1 - fpr))))
+    return float(thr[i])
+
+
+def fit_operating_point(logits, labels, positive_id: int, id2label: dict, *, policy: str = "equal_error",
+                        fitted_on: str = "the validation split", min_sensitivity: float = 0.95) -> OperatingPoint:
+    """Temperature scaling (NLL), then the decision threshold by ``policy``, on the given scores.
+
+    Policies: ``equal_error`` (sensitivity = specificity: errors balanced, the threshold sits
+    between the two classes' score distributions rather than at the edge of the negatives'
+    as Youden's J tends to on an easy split), ``youden``, ``default`` (0.5). The
+    high-sensitivity threshold (sensitivity >= ``min_sensitivity``) is kept beside it."""
     y = binary_labels(labels, positive_id)
+    positive = id2label[positive_id]
     if len(np.unique(y)) < 2:
-        logger.warning("validation has one class only: keeping threshold 0.5 and temperature 1")
-        return {"threshold": 0.5, "temperature": 1.0, "source": "default (validation had one class)",
-                "positive_label": id2label[positive_id]}
+        logger.warning("%s has one class only: keeping threshold 0.5 and temperature 1", fitted_on)
+        return OperatingPoint(positive_label=positive, policy="default", fitted_on=fitted_on, n_fit=len(y),
+                              source=f"default 0.5 ({fitted_on} had one class only)")
     temperature = compute_temperature(np.asarray(logits), np.asarray(labels))
     p = positive_scores(logits, positive_id, temperature)
     ops = compute_operating_points(y, p, min_sensitivity)
-    j = compute_threshold_metrics(y, p, ops["youden"])
-    source = "Youden's J on the validation split (temperature-scaled probabilities)"
-    if j["sensitivity"] + j["specificity"] - 1 <= 0:  # an uninformative model: keep the neutral default
-        ops["youden"] = 0.5
-        source = "default 0.5 (Youden's J on validation was not above 0)"
-    return {
-        "threshold": ops["youden"],
-        "source": source,
-        "youden_threshold": ops["youden"],
-        "high_sensitivity_threshold": ops["high_sensitivity"],
-        "min_sensitivity": min_sensitivity,
-        "temperature": temperature,
-        "positive_label": id2label[positive_id],
-    }
+    eer = equal_error_threshold(y, p)
+    chosen = {"equal_error": eer, "youden": ops["youden"], "default": 0.5}[policy]
+    source = f"{POLICIES[policy]} on {fitted_on}"
+    m = compute_threshold_metrics(y, p, chosen)
+    if policy != "default" and m["sensitivity"] + m["specificity"] - 1 <= 0:  # uninformative model
+        chosen, policy = 0.5, "default"
+        source = f"default 0.5 (the model does not separate the classes on {fitted_on})"
+    chosen = float(min(max(chosen, 1e-6), 1 - 1e-6))
+    return OperatingPoint(threshold=chosen, temperature=temperature, positive_label=positive, policy=policy,
+                          source=source, fitted_on=fitted_on, n_fit=int(len(y)),
+                          youden_threshold=ops["youden"], equal_error_threshold=eer,
+                          high_sensitivity_threshold=ops["high_sensitivity"], min_sensitivity=min_sensitivity)

@@ -101,3 +101,36 @@ def test_local_evaluate_module_offline():
     assert out["confusion_matrix"] == [[1, 1], [1, 1]]
     out = metric.compute(predictions=[0.1, 0.9, 0.6, 0.3], references=[0, 1, 0, 1], threshold=0.7)
     assert out["confusion_matrix"] == [[2, 0], [1, 1]]
+
+
+def test_operating_point_policies_and_round_trip():
+    import numpy as np
+
+    from cxr.operating_point import OperatingPoint
+    from cxr.training import equal_error_threshold, fit_operating_point
+
+    rng = np.random.default_rng(0)
+    # negatives tight, positives spread: the two policies pick different thresholds
+    neg = rng.normal(-3.0, 0.5, 400)
+    pos = rng.normal(1.0, 2.0, 1200)
+    margin = np.concatenate([neg, pos])
+    logits = np.stack([np.zeros_like(margin), margin], axis=1)
+    labels = np.r_[np.zeros(400, int), np.ones(1200, int)]
+    eer = fit_operating_point(logits, labels, 1, {0: "NORMAL", 1: "PNEUMONIA"}, policy="equal_error")
+    you = fit_operating_point(logits, labels, 1, {0: "NORMAL", 1: "PNEUMONIA"}, policy="youden")
+    assert eer.policy == "equal_error" and you.policy == "youden"
+    assert eer.youden_threshold == you.threshold and eer.equal_error_threshold == eer.threshold
+    p = eer.probabilities(logits)[:, 1]
+    sens = eer.decide(p[labels == 1]).mean()
+    spec = 1 - eer.decide(p[labels == 0]).mean()
+    assert abs(sens - spec) < 0.01                                     # errors balanced
+    j = lambda op: (op.decide(p[labels == 1]).mean() - op.decide(p[labels == 0]).mean())  # noqa: E731
+    assert j(you) >= j(eer) and you.threshold != eer.threshold        # Youden maximises J, EER balances
+    assert eer.high_sensitivity_threshold <= eer.threshold
+    assert abs(equal_error_threshold((labels == 1).astype(int), p) - eer.threshold) < 1e-12
+    # config round trip, and the 0.5 default for a model without one
+    back = OperatingPoint.from_config({"cxr_operating_point": eer.to_config()})
+    assert abs(back.threshold - eer.threshold) < 1e-6 and back.fitted_on == "the validation split"
+    assert OperatingPoint.from_config({}).threshold == 0.5
+    with pytest.raises(ValueError):
+        OperatingPoint.from_config({"cxr_operating_point": {"threshold": 1.5}})

@@ -151,3 +151,47 @@ def test_accelerate_two_cpu_processes(kermany_folder, tmp_path):
     assert state["global_step"] == 2
     # two processes x 4 images per device: the card records a global batch of 8
     assert "| batch size | 8 |" in (out / "README.md").read_text()
+
+
+def test_cv_folds_trains_k_models_and_fits_the_operating_point_out_of_fold(kermany_folder, tmp_path):
+    """--cv_folds 5 on a small subset: every training image scored once by a model that never saw its
+    patient; per-fold + mean ± sd metrics; threshold/temperature fitted on those scores."""
+    from cxr.data import patient_id_from_filename
+
+    out = tmp_path / "cv"
+    args = base_args(kermany_folder, out, "--cv_folds", "5", "--save_strategy", "no",
+                     "--load_best_model_at_end", "False", "--external_dataset", str(kermany_folder / "test"))
+    assert train_hf.main(args) == 0
+    oof = json.loads((out / "oof_scores.json").read_text())
+    n_train_pool = sum(1 for _ in (kermany_folder / "train").glob("*/*"))
+    assert len(oof["scores"]) == len(oof["files"]) == n_train_pool        # every training image, once
+    assert sorted(set(oof["fold"])) == [0, 1, 2, 3, 4]
+    fold_of_patient = {}
+    for f, k in zip(oof["files"], oof["fold"]):
+        pid = patient_id_from_filename(f)
+        assert fold_of_patient.setdefault(pid, k) == k                      # a patient lives in one fold
+    cv = json.loads((out / "cv_results.json").read_text())
+    assert cv["k"] == 5 and len(cv["per_fold"]) == 5
+    aucs = [f["roc_auc"] for f in cv["per_fold"]]
+    assert abs(cv["summary"]["roc_auc"]["mean"] - sum(aucs) / 5) < 1e-9
+    assert cv["pooled"]["n_samples"] == n_train_pool
+    cfg = json.loads((out / "config.json").read_text())
+    op = cfg["cxr_operating_point"]
+    assert op["fitted_on"].startswith("out-of-fold scores (5 folds") and op["n_fit"] == n_train_pool
+    assert op["policy"] in ("equal_error", "default")
+    assert cfg["cxr_training"]["cv_metrics"]["k"] == 5
+    assert cfg["cxr_training"]["external_metrics"]["n"] == 48
+    for i in range(5):                                                       # fold weights kept, checkpoints not
+        assert (out / "cv" / f"fold{i}" / "model" / "model.safetensors").is_file()
+        assert not list((out / "cv" / f"fold{i}").glob("checkpoint-*"))
+    card = (out / "README.md").read_text()
+    assert "5-fold cross-validation" in card and "mean ± sd" in card
+    assert "External check" in card and "is **unknown**" in card
+    assert "Warning: not a usable model" in card                           # 2 steps: a smoke run, said so
+
+
+def test_cv_folds_bad_values_are_rejected_before_training(kermany_folder, tmp_path):
+    assert train_hf.main(base_args(kermany_folder, tmp_path / "a", "--cv_folds", "1")) == 2
+    assert train_hf.main(base_args(kermany_folder, tmp_path / "b", "--threshold_policy", "median")) == 2
+    assert train_hf.main(base_args(kermany_folder, tmp_path / "c", "--external_dataset", str(tmp_path / "nope"))) == 2
+    assert not (tmp_path / "a" / "model.safetensors").exists()

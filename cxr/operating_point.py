@@ -1,0 +1,81 @@
+"""The operating point: the one contract between training, the model card and serving.
+
+A model folder's ``config.json`` holds ``cxr_operating_point``: the temperature that
+calibrates the softmax, the decision threshold on the calibrated positive-class probability,
+the policy that chose it and on which scores. :class:`OperatingPoint` reads and writes that
+dict, turns logits into calibrated probabilities and probabilities into decisions. It needs
+numpy only (serving imports it); fitting it on scores lives in :mod:`cxr.training`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+
+import numpy as np
+
+CONFIG_KEY = "cxr_operating_point"
+NO_OPERATING_POINT = "default 0.5 (the model has no saved operating point)"
+
+# Policies a threshold can come from (the ``policy`` field).
+POLICIES = {
+    "equal_error": "sensitivity = specificity",
+    "youden": "Youden's J (sensitivity + specificity - 1) maximal",
+    "default": "0.5 on the calibrated probability",
+}
+
+
+def softmax(logits, temperature: float = 1.0) -> np.ndarray:
+    z = np.asarray(logits, dtype=np.float64) / float(temperature)
+    z = z - z.max(axis=-1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+@dataclass
+class OperatingPoint:
+    threshold: float = 0.5
+    temperature: float = 1.0
+    positive_label: str | None = None
+    policy: str = "default"
+    source: str = NO_OPERATING_POINT           # one plain sentence: what chose it, on what
+    fitted_on: str | None = None               # e.g. "out-of-fold scores (5 folds, 5,216 images)"
+    n_fit: int | None = None
+    youden_threshold: float | None = None
+    equal_error_threshold: float | None = None
+    high_sensitivity_threshold: float | None = None
+    min_sensitivity: float | None = None
+    borderline_margin: float = 0.05            # |p - threshold| below this: "borderline"
+
+    # ------------------------------------------------------------ config.json
+    def to_config(self) -> dict:
+        return {k: (round(v, 6) if isinstance(v, float) else v) for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_config(cls, config) -> "OperatingPoint":
+        """From a transformers config (or its dict); a model without one gets the 0.5 default."""
+        raw = config.get(CONFIG_KEY) if isinstance(config, dict) else getattr(config, CONFIG_KEY, None)
+        if not raw:
+            return cls()
+        known = {f.name for f in fields(cls)}
+        op = cls(**{k: v for k, v in raw.items() if k in known})
+        if not (0.0 < float(op.threshold) < 1.0) or not float(op.temperature) > 0:
+            raise ValueError(f"invalid {CONFIG_KEY}: threshold {op.threshold}, temperature {op.temperature}")
+        return op
+
+    # ------------------------------------------------------------ use
+    def probabilities(self, logits) -> np.ndarray:
+        """Calibrated (temperature-scaled) softmax, (N, C)."""
+        return softmax(logits, self.temperature)
+
+    def decide(self, positive_probability) -> np.ndarray:
+        """True where the positive class is called (at or above the threshold)."""
+        return np.asarray(positive_probability) >= self.threshold
+
+    def borderline(self, positive_probability) -> np.ndarray:
+        return np.abs(np.asarray(positive_probability) - self.threshold) < self.borderline_margin
+
+    def describe(self) -> str:
+        return (f"threshold {self.threshold:.3f} ({self.source}); temperature {self.temperature:.3f}"
+                + (f"; high-sensitivity threshold {self.high_sensitivity_threshold:.3f} "
+                   f"(sensitivity >= {self.min_sensitivity:.0%})" if self.high_sensitivity_threshold is not None
+                   and self.min_sensitivity is not None else ""))

@@ -43,6 +43,7 @@ import logging
 import os
 import queue
 import select
+import stat
 import struct
 import subprocess
 import sys
@@ -74,7 +75,7 @@ COLOUR_GRID = 64  # compute_colorfulness reads at most this many pixels per side
 ACCEPTED_FORMATS = ("PNG", "JPEG")  # Pillow formats; DICOM is handled by pydicom
 MAX_FILE_BYTES = 128 * 2**20  # larger files are refused before they are read
 MAX_JPEG_SCANS = 64  # libjpeg's progressive JPEGs have 6-10 scans; hostile ones thousands
-DECODE_TIMEOUT_S = 1.0  # wall clock per file, in the worker
+DECODE_TIMEOUT_S = 2.0  # wall clock per file, in the worker (40 MP, the largest accepted: <= ~1 s)
 DECODE_MEMORY_MB = 512  # address space per worker above its idle size (RLIMIT_AS)
 DECODE_WORKERS = max(1, min(2, os.cpu_count() or 1))
 
@@ -290,6 +291,13 @@ class _Worker:
                                      stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env,
                                      close_fds=True, bufsize=0)
         self.ready = False
+        try:  # 1 MB pipes (Linux): a 1.5-megapixel film crosses in two reads, not 24
+            import fcntl
+
+            for f in (self.proc.stdin, self.proc.stdout):
+                fcntl.fcntl(f.fileno(), fcntl.F_SETPIPE_SZ, 1 << 20)
+        except (ImportError, AttributeError, OSError):
+            pass
 
     def kill(self) -> None:
         proc, self.proc, self.ready = self.proc, None, False
@@ -369,7 +377,7 @@ class _Worker:
             self.spawn()
             raise ImageLoadError(f"image needs too much memory or time to decode "
                                  f"(the limit is {self.memory_mb} MB)") from None
-        return Image.frombuffer(mode, (width, height), bytes(pixels), "raw", mode, 0, 1)
+        return Image.frombuffer(mode, (width, height), pixels, "raw", mode, 0, 1)
 
 
 def _safe_text(text) -> str:
@@ -386,7 +394,7 @@ def default_pool() -> DecodePool:
     global _POOL
     with _POOL_LOCK:
         if _POOL is None or _POOL.pid != os.getpid():
-            _POOL = DecodePool()
+            _POOL = DecodePool().start()  # workers import in the background meanwhile
         return _POOL
 
 
@@ -464,11 +472,15 @@ def _worker_main(memory_mb: int) -> None:
         except Exception:  # noqa: BLE001 - never leak the text
             reply({"ok": False, "error": "could not read the image"})
             continue
-        reply({"ok": True, "mode": image.mode, "size": list(image.size)})
+        text = json.dumps({"ok": True, "mode": image.mode, "size": list(image.size)}).encode()
         width, height = image.size
-        step = max(1, (1 << 22) // (width * len(image.mode)))
-        for y in range(0, height, step):  # in strips: no full-size copy of the pixels
-            out.write(image.crop((0, y, width, min(height, y + step))).tobytes())
+        if width * height * len(image.mode) <= 1 << 23:  # one write: header and pixels
+            out.write(struct.pack(">I", len(text)) + text + image.tobytes())
+        else:  # in strips: no full-size copy of the pixels
+            out.write(struct.pack(">I", len(text)) + text)
+            step = max(1, (1 << 22) // (width * len(image.mode)))
+            for y in range(0, height, step):
+                out.write(image.crop((0, y, width, min(height, y + step))).tobytes())
         del image
 
 
@@ -490,13 +502,11 @@ def _read_source(source) -> tuple[bytes, str]:
             raise ImageLoadError("file not found") from None
         except OSError:
             raise ImageLoadError("could not open the file") from None
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode) or info.st_size > MAX_FILE_BYTES:
+            os.close(fd)
+            raise ImageLoadError("not a regular file" if not stat.S_ISREG(info.st_mode) else too_big)
         with os.fdopen(fd, "rb") as fp:
-            import stat
-
-            if not stat.S_ISREG(os.fstat(fd).st_mode):
-                raise ImageLoadError("not a regular file")
-            if os.fstat(fd).st_size > MAX_FILE_BYTES:
-                raise ImageLoadError(too_big)
             try:
                 data = fp.read(MAX_FILE_BYTES + 1)
             except OSError:
@@ -553,9 +563,11 @@ def _load_pillow(fp, head: bytes, max_pixels: int) -> Image.Image:
             try:
                 image.load()
                 ImageOps.exif_transpose(image, in_place=True)
-                return _to_rgb8(image)
+                return _to_canonical(image)
             except (Image.DecompressionBombError, Image.DecompressionBombWarning):
                 raise ImageLoadError("image too large (decompression bomb protection)") from None
+            except MemoryError:
+                raise
             except Exception:  # OSError "image file is truncated", SyntaxError, zlib...
                 raise ImageLoadError(_CORRUPT) from None
 
@@ -573,12 +585,20 @@ def _unsupported_message(head: bytes) -> str:
 
 def _to_rgb8(image: Image.Image) -> Image.Image:
     """Convert any Pillow mode to 8-bit RGB, deterministically (see module docstring)."""
+    out = _to_canonical(image)
+    return out if out.mode == "RGB" else out.convert("RGB")
+
+
+def _to_canonical(image: Image.Image) -> Image.Image:
+    """:func:`_to_rgb8`, except that greyscale results stay ``L`` (a third of the bytes to
+    move; ``convert("RGB")`` of the result is the same image)."""
     mode = image.mode
-    if mode == "RGB" and "transparency" not in image.info:
+    if mode in ("RGB", "L") and "transparency" not in image.info:
         return image.copy()  # detached from the source file
     if mode in ("I", "F") or mode.startswith("I;"):
-        grey = _scale_to_uint8(np.asarray(image))
-        return Image.fromarray(grey, "L").convert("RGB")
+        return Image.fromarray(_scale_to_uint8(np.asarray(image)), "L")
+    if mode == "1":
+        return image.convert("L")
     if mode in ("LA", "La", "PA", "RGBA", "RGBa") or "transparency" in image.info:
         rgba = image.convert("RGBA")
         canvas = Image.new("RGB", rgba.size, (0, 0, 0))
@@ -637,6 +657,8 @@ def _load_dicom(data: bytes, max_pixels: int, *, force: bool) -> Image.Image:
         _check_encoded_frame(dataset, rows, columns)
         try:
             pixels = dataset.pixel_array
+        except MemoryError:
+            raise
         except Exception:
             raise ImageLoadError(_pixel_error_message(dataset)) from None
         if pixels.ndim != 2 or pixels.shape != (rows, columns):
@@ -652,9 +674,25 @@ def _load_dicom(data: bytes, max_pixels: int, *, force: bool) -> Image.Image:
 
 
 def _dicom_to_uint8(pixels: np.ndarray, dataset, *, invert: bool) -> np.ndarray:
-    """Modality LUT, VOI LUT, then min-max to uint8, in strips of rows: the same numbers as
-    ``_scale_to_uint8(apply_voi_lut(apply_modality_lut(pixels)))`` (every step is per pixel),
-    without float64 copies of the whole image."""
+    """Modality LUT, VOI LUT, then min-max to uint8: the same numbers as
+    ``_scale_to_uint8(apply_voi_lut(apply_modality_lut(pixels)))`` (every step is a function
+    of the pixel's stored value), without float64 copies of the whole image: integer pixels
+    go through a table of their stored values (min-max over the values present), others
+    through strips of rows."""
+    if pixels.dtype.kind in "iu" and pixels.size:
+        lo, hi = int(pixels.min()), int(pixels.max())
+        if hi - lo < 1 << 20:  # integer pixels: map each stored value once, then index
+            index = (pixels - lo).astype(np.intp) if lo else pixels.astype(np.intp, copy=False)
+            present = np.bincount(index.ravel(), minlength=hi - lo + 1) > 0
+            domain = np.arange(lo, hi + 1).astype(pixels.dtype)
+            mapped = apply_voi_lut(apply_modality_lut(domain, dataset), dataset)
+            mapped = np.nan_to_num(np.asarray(mapped, dtype=np.float64), nan=0.0, posinf=0.0, neginf=0.0)
+            low, high = float(mapped[present].min()), float(mapped[present].max())
+            if high <= low:
+                return np.zeros(pixels.shape, dtype=np.uint8)
+            offset = (high - mapped) if invert else (mapped - low)
+            table = np.rint(np.clip(offset, 0, None) * (255.0 / (high - low))).clip(0, 255).astype(np.uint8)
+            return table[index]
     step = max(1, (1 << 20) // max(1, pixels.shape[1]))
 
     def values(y: int) -> np.ndarray:
@@ -718,8 +756,8 @@ def _check_jpeg_stream(data: bytes, expect: tuple[int, int] | None = None, sampl
         if frame is None:
             raise ImageLoadError("no JPEG frame header")
         if (frame[0], frame[1]) != expect or (samples is not None and frame[2] != samples):
-            raise ImageLoadError(f"its frame is {frame[1]}x{frame[0]} pixels x {frame[2]} channel(s) but the "
-                                 f"DICOM header says {expect[1]}x{expect[0]} x {samples}")
+            raise ImageLoadError(f"frame is {frame[1]}x{frame[0]}x{frame[2]}, "
+                                 f"header says {expect[1]}x{expect[0]}x{samples}")
 
 
 _SOF_MARKERS = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC} | {0xF7}  # + JPEG-LS SOF55
@@ -734,8 +772,8 @@ def _check_j2k_stream(data: bytes, expect: tuple[int, int], samples: int) -> Non
     components = struct.unpack(">H", data[pos + 40:pos + 42])[0]
     width, height = xsiz - xo, ysiz - yo
     if (height, width) != expect or components != samples:
-        raise ImageLoadError(f"its frame is {width}x{height} pixels x {components} channel(s) but the "
-                             f"DICOM header says {expect[1]}x{expect[0]} x {samples}")
+        raise ImageLoadError(f"frame is {width}x{height}x{components}, "
+                             f"header says {expect[1]}x{expect[0]}x{samples}")
 
 
 _JPEG_SYNTAXES = {uid.JPEGBaseline8Bit, uid.JPEGExtended12Bit, uid.JPEGLossless, uid.JPEGLosslessSV1,
@@ -756,7 +794,7 @@ def _check_encoded_frame(dataset, rows: int, columns: int) -> None:
             raise ImageLoadError(_pixel_error_message(dataset))
         return
     try:
-        frame = b"".join(pydicom.encaps.generate_fragments(dataset.PixelData))
+        frame = pydicom.encaps.get_frame(dataset.PixelData, 0, number_of_frames=1)
     except Exception:
         raise ImageLoadError("truncated or corrupt DICOM pixel data") from None
     samples = int(dataset.get("SamplesPerPixel") or 1)
@@ -768,7 +806,7 @@ def _check_encoded_frame(dataset, rows: int, columns: int) -> None:
     except ImageLoadError as e:
         if str(e).startswith("JPEG with too many scans"):
             raise
-        raise ImageLoadError(f"{_pixel_error_message(dataset)}: {e}") from None
+        raise ImageLoadError(f"compressed DICOM frame does not match its header ({syntax.name}): {e}") from None
     if syntax not in _JPEG_SYNTAXES | _J2K_SYNTAXES | {uid.RLELossless}:  # RLE output size comes from Rows x Columns
         raise ImageLoadError(_pixel_error_message(dataset))
 

@@ -1,0 +1,154 @@
+"""Issue 12: crash-safe checkpoints, no remote code / no pickle, small robustness items.
+
+Everything offline on CPU; every hostile input is built by the test.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+import train_hf
+from cxr.checkpointing import find_resume_checkpoint, incomplete_reason
+from tests.conftest import ROOT, base_args
+
+# ------------------------------------------------------------------ crash-safe checkpoints
+
+# Runs train_hf.main in a real subprocess and SIGKILLs it at a chosen point of the save of
+# checkpoint-<step>: the files on disk are exactly those a kill at that moment leaves.
+KILLER = textwrap.dedent('''
+    import os, signal, sys
+    sys.path.insert(0, {root!r})
+    import transformers.trainer as T
+    from transformers.trainer_callback import TrainerState
+
+    point, step = sys.argv[1], int(sys.argv[2])
+
+    def die():
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    def at(self):
+        return self.state.global_step == step
+
+    if point == "mid_weights":            # weights file half written
+        orig_save_model = T.Trainer.save_model
+        def save_model(self, output_dir=None, _internal_call=False):
+            orig_save_model(self, output_dir, _internal_call)
+            if _internal_call and at(self):
+                f = os.path.join(output_dir, "model.safetensors")
+                os.truncate(f, os.path.getsize(f) // 2)
+                die()
+        T.Trainer.save_model = save_model
+    elif point == "before_optimizer":     # weights written, optimizer not yet
+        orig_opt = T.Trainer._save_optimizer_and_scheduler
+        def save_opt(self, output_dir):
+            if at(self):
+                die()
+            orig_opt(self, output_dir)
+        T.Trainer._save_optimizer_and_scheduler = save_opt
+    elif point == "mid_state":            # trainer_state.json half written (it is written last)
+        orig_json = TrainerState.save_to_json
+        def save_to_json(self, json_path):
+            if self.global_step == step and "checkpoint-" in json_path:
+                orig_json(self, json_path)
+                os.truncate(json_path, os.path.getsize(json_path) // 2)
+                die()
+            orig_json(self, json_path)
+        TrainerState.save_to_json = save_to_json
+
+    import train_hf
+    sys.exit(train_hf.main(sys.argv[3:]))
+''')
+
+MAX_STEPS = 6
+
+
+def _run_args(data, out):
+    return base_args(data, out, "--max_steps", str(MAX_STEPS), "--save_strategy", "steps", "--save_steps", "2",
+                     "--eval_strategy", "no", "--load_best_model_at_end", "False", "--save_total_limit", "2",
+                     "--augment", "False")
+
+
+def _env():
+    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+
+
+def _check_resumed(out: Path) -> None:
+    state = json.loads((out / "trainer_state.json").read_text())
+    assert state["global_step"] == MAX_STEPS
+    steps = [h["step"] for h in state["log_history"] if "loss" in h]
+    assert steps == list(range(1, MAX_STEPS + 1))          # the step count continued, no step twice
+    assert incomplete_reason(out / f"checkpoint-{MAX_STEPS}") is None
+    assert (out / "model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("point", ["mid_weights", "before_optimizer", "mid_state", "external"])
+def test_killed_during_a_save_resumes_to_the_same_final_step(kermany_folder, tmp_path, point):
+    """SIGKILL while checkpoint-4 is being written; then --resume_from_checkpoint true.
+    Before: every resume crashed (FileNotFoundError trainer_state.json / Can't find a valid
+    checkpoint), and every rerun the same way."""
+    out = tmp_path / "run"
+    args = [str(a) for a in _run_args(kermany_folder, out)]
+    if point == "external":   # a real kill from outside, as soon as checkpoint-4/ appears
+        proc = subprocess.Popen([sys.executable, str(ROOT / "train_hf.py"), *args], env=_env(),
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 300
+        while not (out / "checkpoint-4").exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.002)
+        proc.send_signal(signal.SIGKILL)
+        rc = proc.wait()
+    else:
+        script = tmp_path / "killer.py"
+        script.write_text(KILLER.format(root=str(ROOT)))
+        rc = subprocess.run([sys.executable, str(script), point, "4", *args], env=_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=300).returncode
+    assert rc == -signal.SIGKILL
+    assert (out / "checkpoint-4").is_dir() or point == "external"
+    assert incomplete_reason(out / "checkpoint-2") is None
+    if point != "external":
+        assert incomplete_reason(out / "checkpoint-4") is not None
+
+    assert train_hf.main(args + ["--resume_from_checkpoint", "true"]) == 0
+    _check_resumed(out)
+    assert incomplete_reason(out / "checkpoint-4") is None   # rewritten, complete
+
+
+def test_incomplete_checkpoints_are_ignored_and_removed(tmp_path, caplog):
+    good = tmp_path / "checkpoint-2"
+    good.mkdir()
+    (tmp_path / "checkpoint-3").mkdir()                       # created, nothing written yet
+    assert find_resume_checkpoint(tmp_path, clean=False) is None
+    assert incomplete_reason(tmp_path / "checkpoint-3") == "no trainer_state.json"
+    partial = tmp_path / "checkpoint-5"
+    partial.mkdir()
+    (partial / "trainer_state.json").write_text('{"global_step": 5, "log_hi')
+    assert "truncated" in incomplete_reason(partial)
+    assert find_resume_checkpoint(tmp_path) is None
+    assert not partial.exists() and not (tmp_path / "checkpoint-3").exists()
+
+
+def test_resume_from_a_named_incomplete_checkpoint_is_a_clear_error(kermany_folder, tmp_path, capsys):
+    out = tmp_path / "run"
+    (out / "checkpoint-3").mkdir(parents=True)
+    rc = train_hf.main(base_args(kermany_folder, out, "--resume_from_checkpoint", str(out / "checkpoint-3")))
+    err = capsys.readouterr().err
+    assert rc == 2 and "incomplete checkpoint" in err and "Traceback" not in err
+
+
+def test_output_dir_that_is_a_file_is_a_clear_error(kermany_folder, tmp_path, capsys):
+    target = tmp_path / "not_a_folder"
+    target.write_text("x")
+    rc = train_hf.main(base_args(kermany_folder, target))
+    err = capsys.readouterr().err
+    assert rc == 2 and "is not a folder" in err and "Traceback" not in err
+    rc = train_hf.main(base_args(kermany_folder, target / "sub"))
+    err = capsys.readouterr().err
+    assert rc == 2 and "output_dir" in err and "Traceback" not in err

@@ -38,21 +38,39 @@ def _safetensors_ok(path: Path) -> bool:
             if not 0 < n < 100 << 20:
                 return False
             header = json.loads(f.read(n))
+        if not isinstance(header, dict):
+            return False
         end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
         return path.stat().st_size >= 8 + n + end
     except (OSError, ValueError, KeyError, TypeError):
         return False
 
 
+def index_problem(folder: str | Path) -> str | None:
+    """``None`` if every shard named by ``model.safetensors.index.json`` is a ``.safetensors``
+    file inside ``folder`` with a valid header; else what is wrong (no path in the text)."""
+    folder = Path(folder)
+    try:
+        shards = set(json.loads((folder / "model.safetensors.index.json").read_text())["weight_map"].values())
+    except (OSError, ValueError, KeyError, AttributeError, TypeError):
+        return "model.safetensors.index.json is unreadable"
+    if not shards:
+        return "model.safetensors.index.json names no shard"
+    root = folder.resolve()
+    for shard in sorted(shards):
+        if not isinstance(shard, str) or not shard.endswith(".safetensors"):
+            return "the index names a shard that is not a .safetensors file"
+        path = (folder / shard).resolve()
+        if path.parent != root:
+            return "the index names a shard outside the model folder"
+        if not path.is_file() or not _safetensors_ok(path):
+            return f"shard {Path(shard).name[:80]} is missing or not a valid safetensors file"
+    return None
+
+
 def _weights_ok(folder: Path) -> bool:
-    index = folder / "model.safetensors.index.json"
-    if index.is_file():
-        try:
-            shards = set(json.loads(index.read_text())["weight_map"].values())
-        except (OSError, ValueError, KeyError, AttributeError):
-            return False
-        return bool(shards) and all(_safetensors_ok(folder / s) for s in shards
-                                    if Path(s).name == s) and all(Path(s).name == s for s in shards)
+    if (folder / "model.safetensors.index.json").is_file():
+        return index_problem(folder) is None
     present = [folder / w for w in _WEIGHTS if (folder / w).is_file()]
     return bool(present) and all(_safetensors_ok(p) for p in present)
 

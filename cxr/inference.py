@@ -63,6 +63,12 @@ def _check_weights(folder: Path) -> None:
         raise ModelLoadError(f"model folder not found: {folder}")
     if not (folder / "config.json").is_file():
         raise ModelLoadError(f"{folder.name}: not a model folder (no config.json)")
+    if (folder / "model.safetensors.index.json").is_file():
+        from .checkpointing import index_problem
+
+        problem = index_problem(folder)
+        if problem:  # the index could name a torch.save (pickle) file, or one outside the folder
+            raise ModelLoadError(f"{folder.name}: {problem}; only safetensors weights are loaded")
     has_st = (folder / "model.safetensors").is_file() or (folder / "model.safetensors.index.json").is_file()
     if not has_st:
         pickles = [p.name for p in folder.glob("*.bin")] + [p.name for p in folder.glob("*.pt*")]
@@ -121,13 +127,14 @@ class Predictor:
             model_id = str(local)
         name = local.name if is_local else model_id
         try:
-            config = AutoConfig.from_pretrained(model_id, revision=revision, token=token)
+            config = AutoConfig.from_pretrained(model_id, revision=revision, token=token, trust_remote_code=False)
             kwargs = {}
             if not is_cnn_config(config):
                 kwargs["attn_implementation"] = "eager"   # attention maps need eager attention
             model = AutoModelForImageClassification.from_pretrained(
                 model_id, revision=revision, token=token, use_safetensors=True, trust_remote_code=False, **kwargs)
-            processor = AutoImageProcessor.from_pretrained(model_id, revision=revision, token=token)
+            processor = AutoImageProcessor.from_pretrained(model_id, revision=revision, token=token,
+                                                           trust_remote_code=False)
         except Exception as e:  # noqa: BLE001 - every failure ends as one clear message
             first = (str(e).splitlines() or [type(e).__name__])[0]
             if "safetensors" in type(e).__module__ or "header" in first.lower() or "deserializ" in first.lower():

@@ -152,3 +152,92 @@ def test_output_dir_that_is_a_file_is_a_clear_error(kermany_folder, tmp_path, ca
     rc = train_hf.main(base_args(kermany_folder, target / "sub"))
     err = capsys.readouterr().err
     assert rc == 2 and "output_dir" in err and "Traceback" not in err
+
+
+# ------------------------------------------------------------- no remote code, no pickle
+
+
+def _tiny_model_folder(path: Path) -> Path:
+    from cxr.modeling import build_preset, save_model_folder
+
+    model, processor = build_preset("tiny-resnet-scratch", {0: "NORMAL", 1: "PNEUMONIA"})
+    save_model_folder(model, processor, path)
+    return path
+
+
+EVIL = "import pathlib; pathlib.Path({marker!r}).write_text('remote code ran')\n"
+
+
+def _plant_remote_code(folder: Path, marker: Path, *, where: str) -> None:
+    (folder / "evil.py").write_text(EVIL.format(marker=str(marker)) + "class Evil: pass\n")
+    if where == "config":   # a model type transformers does not know: only the folder's code could build it
+        config = json.loads((folder / "config.json").read_text())
+        config.update(model_type="evil-net", architectures=["EvilModel"],
+                      auto_map={"AutoConfig": "evil.Evil", "AutoModelForImageClassification": "evil.Evil"})
+        (folder / "config.json").write_text(json.dumps(config))
+    else:
+        pre = json.loads((folder / "preprocessor_config.json").read_text())
+        pre.update(image_processor_type="EvilImageProcessor", auto_map={"AutoImageProcessor": "evil.Evil"})
+        (folder / "preprocessor_config.json").write_text(json.dumps(pre))
+
+
+@pytest.mark.parametrize("where", ["config", "processor"])
+def test_auto_map_never_runs_the_folders_code(tmp_path, monkeypatch, where):
+    """`echo y | python app/app.py --model folder` ran the folder's Python: the loaders left
+    trust_remote_code unset, so transformers asked on stdin. Answer 'y' to any prompt here."""
+    from cxr.inference import ModelLoadError, Predictor
+    from cxr.modeling import ModelError, load_checkpoint
+
+    folder = _tiny_model_folder(tmp_path / "model")
+    marker = tmp_path / "MARKER"
+    _plant_remote_code(folder, marker, where=where)
+    monkeypatch.setattr("builtins.input", lambda *a, **k: "y")
+    monkeypatch.syspath_prepend(str(folder))
+    try:
+        Predictor.from_pretrained(folder)
+    except ModelLoadError:
+        pass
+    try:
+        load_checkpoint(str(folder), {0: "NORMAL", 1: "PNEUMONIA"})
+    except ModelError:
+        pass
+    assert not marker.exists()
+
+
+def test_index_naming_a_pickle_file_is_refused(tmp_path):
+    """A model.safetensors.index.json whose shard is a torch.save file passed the
+    'safetensors only' check and was loaded (unpickled)."""
+    import torch
+    from safetensors.torch import load_file
+
+    from cxr.inference import ModelLoadError, Predictor
+    from cxr.modeling import ModelError, load_checkpoint
+
+    folder = _tiny_model_folder(tmp_path / "model")
+    weights = load_file(folder / "model.safetensors")
+    (folder / "model.safetensors").unlink()
+    torch.save(weights, folder / "model-00001-of-00001.bin")
+    for shard in ("model-00001-of-00001.bin", "../outside.safetensors", "model-00001-of-00001.safetensors"):
+        if shard.endswith(".safetensors") and "/" not in shard:  # a pickle renamed .safetensors
+            (folder / shard).write_bytes((folder / "model-00001-of-00001.bin").read_bytes())
+        index = {"metadata": {}, "weight_map": {k: shard for k in weights}}
+        (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+        with pytest.raises(ModelLoadError, match="safetensors") as info:
+            Predictor.from_pretrained(folder)
+        assert str(tmp_path) not in str(info.value)
+        with pytest.raises(ModelError, match="safetensors"):
+            load_checkpoint(str(folder), {0: "NORMAL", 1: "PNEUMONIA"})
+
+
+def test_sharded_safetensors_folder_still_loads(tmp_path):
+    from cxr.inference import Predictor
+
+    folder = _tiny_model_folder(tmp_path / "model")
+    (folder / "model.safetensors").rename(folder / "model-00001-of-00001.safetensors")
+    from safetensors import safe_open
+
+    with safe_open(folder / "model-00001-of-00001.safetensors", "pt") as f:
+        keys = list(f.keys())
+    index = {"metadata": {}, "weight_map": {k: "model-00001-of-00001.safetensors" for k in keys}}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    assert Predictor.from_pretrained(folder).id2label == {0: "NORMAL", 1: "PNEUMONIA"}

@@ -173,7 +173,7 @@ def run(argv: list[str] | None = None) -> dict:
                                  "dataset": data_args.dataset_name, "image_size": processor_size(processor)[0]}
     if "eval" in metrics:
         model.config.cxr_training["validation_metrics"] = {
-            k: round(float(metrics["eval"][f"eval_{k}"]), 4)
+            k: None if metrics["eval"][f"eval_{k}"] is None else round(float(metrics["eval"][f"eval_{k}"]), 4)
             for k in ("roc_auc", "accuracy", "sensitivity", "specificity")}
     save_model_folder(model, processor, out_dir)
     figures = _figures(out_dir, val_logits, val_labels, data.positive_id, op) if training_args.do_eval else {}
@@ -236,7 +236,9 @@ def _card_info(argv, model_args, data_args, training_args, data, metrics, op, tr
         "metrics": metrics, "operating_point": op,
         "operating_point_text": (f"threshold {op['threshold']:.4f} ({op['source']}); temperature "
                                  f"{op['temperature']:.3f}; high-sensitivity threshold (sensitivity ≥ "
-                                 f"{op.get('min_sensitivity', 0.95):.0%}) {op.get('high_sensitivity_threshold', float('nan')):.4f}"),
+                                 f"{op.get('min_sensitivity', 0.95):.0%}) "
+                                 + (f"{op['high_sensitivity_threshold']:.4f}" if "high_sensitivity_threshold" in op
+                                    else "n/a")),
         "extra_sections": "", "is_kermany": is_kermany,
     }
 

@@ -24,7 +24,7 @@ class PushError(RuntimeError):
 
 
 def _fmt(v) -> str:
-    return f"{v:.4f}" if isinstance(v, float) else str(v)
+    return "n/a" if v is None or v != v else f"{v:.4f}" if isinstance(v, float) else str(v)  # None/NaN: undefined
 
 
 def build_metric_table(title: str, metrics: dict, prefix: str) -> dict:
@@ -32,7 +32,7 @@ def build_metric_table(title: str, metrics: dict, prefix: str) -> dict:
     ci = metrics.get(f"{prefix}_ci") or {}
     rows = []
     for key, name in METRIC_ROWS:
-        if get(key) is None:
+        if f"{prefix}_{key}" not in metrics:
             continue
         c = ci.get(key)
         rows.append({"name": name, "value": _fmt(get(key)),
@@ -51,7 +51,7 @@ def render_model_card(info: dict, template_path: str | Path = TEMPLATE) -> Model
             continue
         for key, name in (("accuracy", "Accuracy"), ("roc_auc", "AUROC"),
                           ("sensitivity", "Sensitivity"), ("specificity", "Specificity"), ("f1", "F1")):
-            if m.get(f"{prefix}_{key}") is not None:
+            if m.get(f"{prefix}_{key}") is not None and m[f"{prefix}_{key}"] == m[f"{prefix}_{key}"]:  # not NaN
                 eval_results.append(EvalResult(
                     task_type="image-classification", dataset_type=dataset_id, dataset_name=info["dataset_name"],
                     dataset_split=split, metric_type=key, metric_name=name, metric_value=round(float(m[f"{prefix}_{key}"]), 4)))

@@ -194,9 +194,7 @@ class Predictor:
 
     def predict(self, source, *, explain: bool = False) -> Prediction:
         """source: path, bytes, file object or PIL image. Raises ImageLoadError for bad input."""
-        image = source if isinstance(source, Image.Image) else load_image(source)
-        if image.mode != "RGB":
-            image = image.convert("RGB")
+        image = load_image(source)  # a PIL image too: the same checks and conversions as a file
         warning = check_is_radiograph(image)
         pv = self.preprocess([image])
         if not explain:
@@ -242,7 +240,7 @@ class Predictor:
         images, slots = [], []
         for s in chunk:
             try:
-                image = s if isinstance(s, Image.Image) else load_image(s)
+                image = load_image(s)
             except ImageLoadError as e:
                 slots.append(e)
                 continue
@@ -280,6 +278,9 @@ class Predictor:
             ev = json.loads((folder / "eval_results.json").read_text())
             facts["validation_metrics"] = {k: ev[f"eval_{k}"] for k in ("roc_auc", "accuracy", "sensitivity",
                                                                           "specificity") if f"eval_{k}" in ev}
+        if facts.get("validation_metrics"):  # undefined ones (null: one-class validation) are left out
+            facts["validation_metrics"] = {k: v for k, v in facts["validation_metrics"].items()
+                                           if isinstance(v, (int, float)) and v == v}
         facts.update(model=self.name, architecture=self.config.model_type, labels=list(self.id2label.values()),
                      threshold=self.threshold, threshold_source=self.threshold_source,
                      temperature=self.temperature, explainer=explainer_kind_name(self.model))

@@ -18,6 +18,7 @@ import pytest
 
 import train_hf
 from cxr.checkpointing import find_resume_checkpoint, incomplete_reason
+from cxr.hub import METRIC_ROWS
 from tests.conftest import ROOT, base_args
 
 # ------------------------------------------------------------------ crash-safe checkpoints
@@ -241,3 +242,102 @@ def test_sharded_safetensors_folder_still_loads(tmp_path):
     index = {"metadata": {}, "weight_map": {k: "model-00001-of-00001.safetensors" for k in keys}}
     (folder / "model.safetensors.index.json").write_text(json.dumps(index))
     assert Predictor.from_pretrained(folder).id2label == {0: "NORMAL", 1: "PNEUMONIA"}
+
+
+# ------------------------------------------------------------------ smaller items (issue 9)
+
+
+def _exif_rotated_jpeg(path: Path) -> Path:
+    from PIL import Image
+
+    from cxr.synthetic import make_xray
+
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90° on display
+    make_xray(1, True, 96).crop((0, 0, 96, 64)).save(path, "JPEG", exif=exif.tobytes())
+    return path
+
+
+def test_predict_on_a_pil_image_equals_the_file_upload(trained_folder, tmp_path):
+    """Predictor.predict(PIL.Image) skipped the loader: EXIF, 16-bit scaling and alpha differed."""
+    import numpy as np
+    from PIL import Image
+
+    from cxr.inference import Predictor
+    from cxr.synthetic import make_xray
+
+    predictor = Predictor.from_pretrained(trained_folder, precision="fp32")
+    grey = np.asarray(make_xray(2, False, 64), dtype=np.uint16) * 16  # 12-bit values in 16 bits
+    rgba = make_xray(3, True, 64).convert("RGBA")
+    rgba.putalpha(Image.fromarray(np.tile(np.linspace(0, 255, 64).astype(np.uint8), (64, 1))))
+    files = [_exif_rotated_jpeg(tmp_path / "rotated.jpg"), tmp_path / "deep.png", tmp_path / "alpha.png"]
+    Image.fromarray(grey).save(files[1])
+    rgba.save(files[2])
+    for path in files:
+        from_file = predictor.predict(path)
+        with Image.open(path) as opened:
+            from_pil = predictor.predict(opened)
+            batch = predictor.predict_batch([opened])[0]
+        assert from_pil.probabilities == from_file.probabilities == batch.probabilities, path.name
+
+
+def test_cli_refuses_a_fifo_instead_of_hanging(trained_folder, tmp_path, capsys):
+    import threading
+
+    from cxr import inference
+
+    fifo = tmp_path / "film.png"
+    os.mkfifo(fifo)
+    result = {}
+    worker = threading.Thread(target=lambda: result.setdefault(
+        "rc", inference.main([str(fifo), "--model", str(trained_folder)])), daemon=True)
+    worker.start()
+    worker.join(120)
+    assert not worker.is_alive(), "the CLI hangs on a FIFO"
+    assert result["rc"] == 1
+    row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert row["file"] == "film.png" and "regular file" in row["error"]
+
+
+def test_undefined_metrics_are_null_in_json_and_na_in_the_card(kermany_folder, tmp_path):
+    """NORMAL with one image: precision (no positive prediction) etc. were NaN in the JSON and
+    .nan in the card."""
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(kermany_folder / "train", data / "train")
+    normal = sorted((data / "train" / "NORMAL").iterdir())
+    for f in normal[1:]:
+        f.unlink()                                   # NORMAL: one image
+    out = tmp_path / "run"
+    assert train_hf.main(base_args(data, out, "--max_steps", "1", "--save_strategy", "no",
+                                   "--load_best_model_at_end", "False")) == 0
+    text = (out / "eval_results.json").read_text()
+    assert "NaN" not in text
+    ev = json.loads(text)
+    undefined = [k for k, v in ev.items() if v is None]
+    assert undefined  # this split leaves at least one metric undefined (0/0)
+    card = (out / "README.md").read_text()
+    assert "nan" not in card.lower().replace("nan-", "")
+    names = dict(METRIC_ROWS)
+    for key in undefined:
+        if key[len("eval_"):] in names:
+            assert f"| {names[key[len('eval_'):]]} | n/a" in card
+    for name in ("config.json", "all_results.json", "eval_scores.json"):
+        assert "NaN" not in (out / name).read_text(), name
+    from cxr.inference import Predictor
+
+    facts = Predictor.from_pretrained(out).describe()
+    assert all(v == v for v in facts["validation_metrics"].values())
+
+
+def test_score_split_of_a_one_class_split_has_no_nan():
+    import numpy as np
+
+    from cxr.training import score_split
+
+    logits = np.array([[0.2, 0.8], [0.6, 0.4], [0.1, 0.9]])
+    m = score_split(logits, np.array([1, 1, 1]), 1, "test", n_boot=50)
+    json.dumps(m, allow_nan=False)
+    assert m["test_roc_auc"] is None and m["test_specificity"] is None and m["test_ci"]["roc_auc"] is None
+    assert m["test_sensitivity"] == 2 / 3

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 import yaml
 
+from cxr.checkpointing import resolve_resume
 from cxr.config import ConfigError, parse_args, resolved_config
 from cxr.data import (
     DataError, ImageTransform, PreparedData, check_images, check_patient_disjoint, cv_fold, cv_folds,
@@ -93,9 +94,11 @@ def train_one(model_args, data_args, training_args, data: PreparedData, predict:
     )
     seconds = 0.0
     if training_args.do_train:
-        resume = training_args.resume_from_checkpoint
-        if isinstance(resume, str) and resume.lower() in ("true", "latest", "last"):
-            resume = True
+        try:  # the newest COMPLETE checkpoint; partial ones (killed mid-save) are removed
+            resume = resolve_resume(training_args.resume_from_checkpoint, Path(training_args.output_dir),
+                                    model_only=training_args.save_only_model)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
         t0 = time.time()
         result = trainer.train(resume_from_checkpoint=resume)
         seconds = time.time() - t0
@@ -184,8 +187,11 @@ def run(argv: list[str] | None = None) -> dict:
     model_args, data_args, training_args = parse_args(argv)
     out_dir = Path(training_args.output_dir)
     if out_dir.exists() and not out_dir.is_dir():
-        raise ConfigError(f"output_dir {out_dir} exists and is not a folder")
-    out_dir.mkdir(parents=True, exist_ok=True)
+        raise ConfigError(f"output_dir '{out_dir.name}' exists and is not a folder")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"cannot create output_dir '{out_dir.name}': {e.strerror or type(e).__name__}") from None
     config = resolved_config(model_args, data_args, training_args)
     (out_dir / "run_config.yaml").write_text(yaml.safe_dump(config, sort_keys=True))
     set_seed(training_args.seed)

@@ -201,7 +201,8 @@ def main(argv=None) -> int:
         print(f"bf16 vs fp32: {results['bf16_vs_fp32']}", flush=True)
 
     print("pipeline ...", flush=True)
-    pipe = pipeline("image-classification", model=str(model_dir), device="cpu", dtype=torch.float32)
+    pipe = pipeline("image-classification", model=str(model_dir), device="cpu", dtype=torch.float32,
+                    trust_remote_code=False)
     str_paths = [str(p) for p in paths]
     results["pipeline_fp32_img_s"] = e2e(lambda: pipe(str_paths, batch_size=b))
     del pipe

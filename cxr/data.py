@@ -251,7 +251,7 @@ def check_images(ds: DatasetDict, max_report: int = 10) -> None:
     for split, d in ds.items():
         for i, item in enumerate(d["image"]):
             try:
-                load_image(_image_ref(item))
+                load_image(_image_ref(item), isolate=False)
             except ImageLoadError as e:
                 name = Path(item.get("path") or f"{split}[{i}]").name
                 bad.append(f"{split}/{name}: {e}")
@@ -307,7 +307,7 @@ class ImageTransform:
         self.augment = build_augmentation(processor_size(processor)) if augment else None
 
     def __call__(self, batch: dict) -> dict:
-        images = [load_image(_image_ref(x)) for x in batch["image"]]
+        images = [load_image(_image_ref(x), isolate=False) for x in batch["image"]]  # training data: chosen by the user, decoded in-process (same checks)
         if self.augment is not None:
             images = [self.augment(im) for im in images]
         return {"pixel_values": pixel_values(self.processor, images), "labels": batch["label"]}

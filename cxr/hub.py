@@ -25,14 +25,14 @@ class PushError(RuntimeError):
 
 
 def _fmt(v) -> str:
-    return f"{v:.4f}" if isinstance(v, float) else str(v)
+    return "n/a" if v is None or v != v else f"{v:.4f}" if isinstance(v, float) else str(v)  # None/NaN: undefined
 
 
 def build_metric_table(title: str, metrics: dict) -> dict:
     ci = metrics.get("ci") or {}
     rows = []
     for key, name in METRIC_ROWS:
-        if metrics.get(key) is None:
+        if key not in metrics:
             continue
         c = ci.get(key)
         rows.append({"name": name, "value": _fmt(metrics[key]),
@@ -202,7 +202,7 @@ def render_model_card(facts: CardFacts, template_path: str | Path = TEMPLATE) ->
             continue
         for key, name in (("accuracy", "Accuracy"), ("roc_auc", "AUROC"),
                           ("sensitivity", "Sensitivity"), ("specificity", "Specificity"), ("f1", "F1")):
-            if m.get(key) is not None and m[key] == m[key]:
+            if m.get(key) is not None and m[key] == m[key]:  # not None/NaN
                 eval_results.append(EvalResult(
                     task_type="image-classification", dataset_type=facts.dataset_id, dataset_name=facts.dataset_name,
                     dataset_split=split, metric_type=key, metric_name=name, metric_value=round(float(m[key]), 4)))

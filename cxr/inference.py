@@ -63,6 +63,12 @@ def _check_weights(folder: Path) -> None:
         raise ModelLoadError(f"model folder not found: {folder}")
     if not (folder / "config.json").is_file():
         raise ModelLoadError(f"{folder.name}: not a model folder (no config.json)")
+    if (folder / "model.safetensors.index.json").is_file():
+        from .checkpointing import index_problem
+
+        problem = index_problem(folder)
+        if problem:  # the index could name a torch.save (pickle) file, or one outside the folder
+            raise ModelLoadError(f"{folder.name}: {problem}; only safetensors weights are loaded")
     has_st = (folder / "model.safetensors").is_file() or (folder / "model.safetensors.index.json").is_file()
     if not has_st:
         pickles = [p.name for p in folder.glob("*.bin")] + [p.name for p in folder.glob("*.pt*")]
@@ -120,13 +126,14 @@ class Predictor:
             model_id = str(local)
         name = local.name if is_local else model_id
         try:
-            config = AutoConfig.from_pretrained(model_id, revision=revision, token=token)
+            config = AutoConfig.from_pretrained(model_id, revision=revision, token=token, trust_remote_code=False)
             kwargs = {}
             if not is_cnn_config(config):
                 kwargs["attn_implementation"] = "eager"   # attention maps need eager attention
             model = AutoModelForImageClassification.from_pretrained(
                 model_id, revision=revision, token=token, use_safetensors=True, trust_remote_code=False, **kwargs)
-            processor = AutoImageProcessor.from_pretrained(model_id, revision=revision, token=token)
+            processor = AutoImageProcessor.from_pretrained(model_id, revision=revision, token=token,
+                                                           trust_remote_code=False)
         except Exception as e:  # noqa: BLE001 - every failure ends as one clear message
             first = (str(e).splitlines() or [type(e).__name__])[0]
             if "safetensors" in type(e).__module__ or "header" in first.lower() or "deserializ" in first.lower():
@@ -186,9 +193,7 @@ class Predictor:
 
     def predict(self, source, *, explain: bool = False) -> Prediction:
         """source: path, bytes, file object or PIL image. Raises ImageLoadError for bad input."""
-        image = source if isinstance(source, Image.Image) else load_image(source)
-        if image.mode != "RGB":
-            image = image.convert("RGB")
+        image = load_image(source)  # a PIL image too: the same checks and conversions as a file
         warning = check_is_radiograph(image)
         pv = self.preprocess([image])
         if not explain:
@@ -234,7 +239,7 @@ class Predictor:
         images, slots = [], []
         for s in chunk:
             try:
-                image = s if isinstance(s, Image.Image) else load_image(s)
+                image = load_image(s)
             except ImageLoadError as e:
                 slots.append(e)
                 continue
@@ -272,6 +277,9 @@ class Predictor:
             ev = json.loads((folder / "eval_results.json").read_text())
             facts["validation_metrics"] = {k: ev[f"eval_{k}"] for k in ("roc_auc", "accuracy", "sensitivity",
                                                                           "specificity") if f"eval_{k}" in ev}
+        if facts.get("validation_metrics"):  # undefined ones (null: one-class validation) are left out
+            facts["validation_metrics"] = {k: v for k, v in facts["validation_metrics"].items()
+                                           if isinstance(v, (int, float)) and v == v}
         facts.update(model=self.name, architecture=self.config.model_type, labels=list(self.id2label.values()),
                      threshold=self.threshold, threshold_source=self.threshold_source,
                      temperature=self.temperature, explainer=explainer_kind_name(self.model))

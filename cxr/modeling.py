@@ -107,21 +107,27 @@ def load_checkpoint(name: str, id2label: dict[int, str], image_size: int | None 
     local = Path(name).exists()
     if local and not Path(name, "config.json").is_file():
         raise ModelError(f"{name}: not a model folder (no config.json)")
+    if local and Path(name, "model.safetensors.index.json").is_file():
+        from .checkpointing import index_problem
+
+        problem = index_problem(name)
+        if problem:
+            raise ModelError(f"{name}: {problem}; only safetensors weights are loaded")
     try:
-        config = AutoConfig.from_pretrained(name, revision=revision)
-    except OSError as e:
+        config = AutoConfig.from_pretrained(name, revision=revision, trust_remote_code=False)
+    except (OSError, ValueError) as e:  # ValueError: e.g. remote code refused
         from .checkpoints import missing_checkpoint_hint
 
         hint = missing_checkpoint_hint(name)
         msg = f"cannot load checkpoint '{name}': {str(e).splitlines()[0]}"
         raise ModelError(msg + (f"; offline, make it with: {hint}" if hint else "")) from None
     kwargs = dict(num_labels=len(id2label), id2label=id2label, label2id=label2id,
-                  ignore_mismatched_sizes=True, revision=revision, use_safetensors=True)
+                  ignore_mismatched_sizes=True, revision=revision, use_safetensors=True, trust_remote_code=False)
     if config.model_type in ("vit", "deit", "dinov2", "beit"):
         kwargs["attn_implementation"] = "sdpa"
     try:
         model = AutoModelForImageClassification.from_pretrained(name, **kwargs)
-        processor = AutoImageProcessor.from_pretrained(name, revision=revision)
+        processor = AutoImageProcessor.from_pretrained(name, revision=revision, trust_remote_code=False)
     except (OSError, ValueError) as e:
         raise ModelError(f"cannot load checkpoint '{name}': {str(e).splitlines()[0]}") from None
     if type(processor).__name__ == "TimmWrapperImageProcessor":

@@ -99,7 +99,20 @@ def score_split(logits, labels, positive_id: int, op: OperatingPoint, *, n_boot:
     m["brier_uncalibrated"], m["ece_uncalibrated"] = raw["brier"], raw["ece"]
     if n_boot:
         m["ci"] = compute_bootstrap_ci(y, p, op.threshold, n_boot=n_boot, seed=seed)
-    return m
+    return {k: nan_to_none(v) for k, v in m.items()}
+
+
+def nan_to_none(value):
+    """Undefined metrics (NaN: e.g. AUROC of a one-class split) become ``None``: ``null`` in
+    JSON (not the non-standard ``NaN``), "n/a" in the model card. An interval with an
+    undefined end becomes ``None`` as a whole."""
+    if isinstance(value, float) and value != value:
+        return None
+    if isinstance(value, (list, tuple)) and value and all(isinstance(v, (int, float)) for v in value):
+        return None if any(v != v for v in value) else list(value)
+    if isinstance(value, dict):
+        return {k: nan_to_none(v) for k, v in value.items()}
+    return value
 
 
 def prefixed(metrics: dict, prefix: str) -> dict:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import logging
+import os
 import struct
 import time
 import traceback
@@ -18,8 +19,11 @@ import pytest
 from PIL import Image, ImageFile
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import (
+    DeflatedExplicitVRLittleEndian,
     ExplicitVRLittleEndian,
     JPEG2000,
+    JPEG2000Lossless,
+    JPEGBaseline8Bit,
     RLELossless,
     SecondaryCaptureImageStorage,
     generate_uid,
@@ -27,6 +31,7 @@ from pydicom.uid import (
 
 from cxr.imaging import (
     MAX_PIXELS,
+    DecodePool,
     ImageLoadError,
     _to_rgb8,
     check_is_radiograph,
@@ -510,7 +515,7 @@ def test_dicom_size_checked_before_pixels_are_read(monkeypatch):
     monkeypatch.setattr(pydicom, "dcmread", spy)
     start = time.perf_counter()
     with pytest.raises(ImageLoadError, match="too large"):
-        load_image(huge)
+        load_image(huge, isolate=False)  # in this process, where the spy can see the reads
     assert time.perf_counter() - start < 1.0
     assert calls == [True]  # only the header-only read happened
     frames = make_dicom(None, Rows=2000, Columns=2000, NumberOfFrames=20,
@@ -539,3 +544,186 @@ def test_colorfulness_of_array_equals_image():
     assert compute_colorfulness(grey) == 0.0
     with pytest.raises(ValueError, match="uint8"):
         compute_colorfulness(np.zeros((8, 8), dtype=np.uint8))
+
+
+# ------------------------------------ decode budget (hostile files; issue 12, items 1, 2, 7)
+
+
+def _encapsulated_dicom(syntax: str, frame: bytes, rows: int, columns: int) -> bytes:
+    """8-bit MONOCHROME2 DICOM whose pixel data is one encapsulated ``frame``."""
+    ds = pydicom.dcmread(io.BytesIO(make_dicom(ramp12())))
+    ds.file_meta.TransferSyntaxUID = syntax
+    ds.Rows, ds.Columns = rows, columns
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit = 8, 8, 7
+    ds.PixelData = pydicom.encaps.encapsulate([frame])
+    ds["PixelData"].VR = "OB"
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    return buf.getvalue()
+
+
+def _j2k_codestream(image: Image.Image, declare: tuple[int, int] | None = None) -> bytes:
+    """A real JPEG 2000 codestream; ``declare`` = (width, height) patched into its SIZ segment."""
+    data = bytearray(encode(image, "JPEG2000", no_jp2=True))
+    if declare:
+        siz = data.index(b"\xff\x4f\xff\x51")
+        data[siz + 8:siz + 16] = struct.pack(">II", *declare)   # Xsiz, Ysiz
+        data[siz + 24:siz + 32] = struct.pack(">II", *declare)  # one tile of that size
+    return bytes(data)
+
+
+def test_legit_compressed_dicom_frames_are_decoded():
+    image = gradient(96, 64)
+    for syntax, frame in ((JPEG2000Lossless, _j2k_codestream(image)),
+                          (JPEGBaseline8Bit, encode(image, "JPEG", quality=95))):
+        out = load_image(_encapsulated_dicom(syntax, frame, 64, 96))
+        assert out.size == (96, 64) and out.mode == "RGB"
+
+
+def test_dicom_frame_larger_than_its_header_is_refused_before_decoding():
+    """Header 512x512, embedded JPEG 2000 frame 13000x13000 (a 7 KB file): the old loader
+    trusted Rows/Columns, silenced Pillow's bomb warning and decoded ~169 M pixels."""
+    frame = _j2k_codestream(gradient(512, 512), declare=(13_000, 13_000))
+    data = _encapsulated_dicom(JPEG2000, frame, 512, 512)
+    assert len(data) < 20_000
+    start = time.perf_counter()
+    with pytest.raises(ImageLoadError, match="13000x13000") as info:
+        load_image(data)
+    assert time.perf_counter() - start < 1.0
+    assert "JPEG 2000" in str(info.value)
+    assert_clean(info.value, *PHI)
+    jpeg = jpeg_with_header(13_000, 13_000)  # the same lie in a baseline JPEG frame
+    with pytest.raises(ImageLoadError, match="13000x13000"):
+        load_image(_encapsulated_dicom(JPEGBaseline8Bit, jpeg, 512, 512))
+
+
+def _deflated_dicom(zero_bytes: int) -> bytes:
+    """Deflated Explicit VR Little Endian DICOM (64x80 12-bit ramp) with a private OB element
+    of ``zero_bytes`` zeros after the pixel data, compressed as a stream (never held in full)."""
+    plain = make_dicom(ramp12())
+    ds = pydicom.dcmread(io.BytesIO(plain))
+    meta_end = 132 + 12 + int(ds.file_meta.FileMetaInformationGroupLength)
+    body = plain[meta_end:]
+    creator = b"ACME"
+    body += struct.pack("<HH2sH", 0x7FE1, 0x0010, b"LO", len(creator)) + creator
+    body += struct.pack("<HH2sHI", 0x7FE1, 0x1010, b"OB", 0, zero_bytes)
+    ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    meta = pydicom.filebase.DicomBytesIO()
+    pydicom.filewriter.write_file_meta_info(meta, ds.file_meta)
+    deflate = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+    parts = [plain[:132], meta.getvalue(), deflate.compress(body)]
+    zeros = bytes(1 << 20)
+    for _ in range(zero_bytes >> 20):
+        parts.append(deflate.compress(zeros))
+    parts.append(deflate.compress(bytes(zero_bytes & ((1 << 20) - 1))))
+    parts.append(deflate.flush())
+    return b"".join(parts)
+
+
+def test_deflated_dicom_inflates_in_a_capped_stream():
+    """A ~100 KB deflated DICOM holding 120 MB of zeros: the old loader let pydicom inflate
+    all of it (972 KB -> +3.8 GB in the red-team run), then accepted the file."""
+    bomb = _deflated_dicom(120 << 20)
+    assert len(bomb) < 300_000
+    start = time.perf_counter()
+    with pytest.raises(ImageLoadError, match="deflated DICOM inflates to more than") as info:
+        load_image(bomb)
+    assert time.perf_counter() - start < 4.0  # inflating up to the 88 MB cap: ~0.7 s here
+    assert_clean(info.value, *PHI)
+    # the same syntax within the cap decodes like its uncompressed twin
+    small = _deflated_dicom(1000)
+    assert load_image(small).tobytes() == load_image(make_dicom(ramp12())).tobytes()
+
+
+def _progressive_jpeg(size: int, scans: int) -> bytes:
+    """A flat progressive JPEG whose smallest AC scan is repeated ``scans`` times."""
+    data = encode(Image.new("L", (size, size), 128), "JPEG", progressive=True, quality=90)
+    marks = [i for i in range(len(data) - 1) if data[i:i + 2] == b"\xff\xda"] + [len(data) - 2]
+    sizes = {i: marks[i + 1] - marks[i] for i in range(1, len(marks) - 1)}
+    smallest = min(sizes, key=sizes.get)
+    scan = data[marks[smallest]:marks[smallest + 1]]
+    return data[:-2] + scan * scans + data[-2:]
+
+
+def test_progressive_jpeg_with_thousands_of_scans_is_refused_before_decoding():
+    """2000x2000, one AC scan repeated 3,000 times: 60 KB, ~10 s in Pillow with the old loader."""
+    data = _progressive_jpeg(2000, 3000)
+    assert len(data) < 200_000
+    start = time.perf_counter()
+    with pytest.raises(ImageLoadError, match="too many scans"):
+        load_image(data)
+    assert time.perf_counter() - start < 1.0
+    assert load_image(_progressive_jpeg(64, 0)).size == (64, 64)  # an ordinary progressive JPEG
+
+
+def test_decode_time_limit_kills_the_worker_and_the_pool_recovers():
+    """Within every structural limit (61 scans, 36 M pixels) but seconds of CPU: the worker is
+    killed at the pool's time limit and replaced; the caller's thread is free again."""
+    slow = _progressive_jpeg(6000, 55)
+    pool = DecodePool(1, timeout_s=0.5).start()
+    try:
+        assert load_image(encode(gradient()), isolate=pool).size == (64, 48)  # warm
+        start = time.perf_counter()
+        with pytest.raises(ImageLoadError, match="too long to decode"):
+            load_image(slow, isolate=pool)
+        assert time.perf_counter() - start < 2.0
+        assert load_image(encode(gradient()), isolate=pool).size == (64, 48)
+    finally:
+        pool.close()
+
+
+def test_decode_memory_limit_is_enforced_in_the_worker():
+    """A 4000x4000 RGB PNG (16 M pixels, 64 MB once decoded) in a pool capped at 48 MB."""
+    big = encode(Image.new("RGB", (4000, 4000), (90, 90, 90)), "PNG")
+    pool = DecodePool(1, memory_mb=48).start()
+    try:
+        with pytest.raises(ImageLoadError, match="too much memory"):
+            load_image(big, isolate=pool)
+        assert load_image(encode(gradient()), isolate=pool).size == (64, 48)  # replaced
+    finally:
+        pool.close()
+    assert load_image(big).size == (4000, 4000)  # within the default budget
+
+
+def test_worker_and_in_process_decodes_are_identical(tmp_path):
+    rgba = Image.new("RGBA", (64, 64), (200, 10, 10, 128))
+    cases = [encode(gradient()), encode(Image.fromarray(ramp12() * 16)), encode(rgba),
+             make_dicom(ramp12(), photometric="MONOCHROME1", RescaleSlope=2, WindowCenter=3000,
+                        WindowWidth=2000)]
+    for data in cases:
+        assert load_image(data).tobytes() == load_image(data, isolate=False).tobytes()
+
+
+def test_dicom_lut_table_equals_per_pixel_formula():
+    rng = np.random.default_rng(5)
+    stored = rng.integers(0, 4096, (70, 90)).astype(np.uint16)
+    data = make_dicom(stored, RescaleSlope=0.5, RescaleIntercept=-1024, WindowCenter=-200, WindowWidth=900)
+    ds = pydicom.dcmread(io.BytesIO(data))
+    from pydicom.pixels import apply_modality_lut, apply_voi_lut
+
+    values = apply_voi_lut(apply_modality_lut(stored, ds), ds).astype(np.float64)
+    expected = np.rint((values - values.min()) * (255.0 / (values.max() - values.min()))).astype(np.uint8)
+    assert np.array_equal(np.asarray(load_image(data))[..., 0], expected)
+
+
+def test_pydicom_log_never_quotes_file_values(caplog, recwarn):
+    """pydicom logged 'Unknown encoding 'Doe^Jane'' and 'Invalid value for VR UI' from the file."""
+    data = make_dicom(ramp12(), SpecificCharacterSet="Doe^Jane", StudyInstanceUID="1.2.3.Doe^Jane")
+    caplog.set_level(logging.DEBUG)
+    caplog.clear()
+    recwarn.clear()  # building the file warned; loading it must not
+    for isolate in (False, True):
+        assert load_image(data, isolate=isolate).size == (80, 64)
+    assert "Doe^Jane" not in caplog.text
+    assert not [w for w in recwarn if "Doe^Jane" in str(w.message)]
+
+
+def test_fifo_and_other_non_regular_files_are_refused(tmp_path):
+    fifo = tmp_path / "pipe.png"
+    os.mkfifo(fifo)
+    start = time.perf_counter()
+    for source in (fifo, tmp_path):
+        with pytest.raises(ImageLoadError) as info:
+            load_image(source)
+        assert_clean(info.value, str(tmp_path))
+    assert time.perf_counter() - start < 1.0

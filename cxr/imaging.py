@@ -259,6 +259,7 @@ def _load_dicom(fp, max_pixels: int, *, force: bool) -> Image.Image:
             photometric = str(header.get("PhotometricInterpretation", "")).strip().upper()
         except Exception:
             raise ImageLoadError("unreadable DICOM file or missing image attributes") from None
+        _check_modality(header)
         if rows * columns * frames > max_pixels:
             raise ImageLoadError(f"image too large ({columns}x{rows} pixels x {frames} "
                                  f"frame(s); the limit is {max_pixels:,} pixels)")
@@ -289,6 +290,23 @@ def _load_dicom(fp, max_pixels: int, *, force: bool) -> Image.Image:
             raise ImageLoadError("invalid DICOM rescale or window (VOI LUT) attributes") from None
     grey = _scale_to_uint8(values, invert=photometric == "MONOCHROME1")
     return Image.fromarray(grey, "L").convert("RGB")
+
+
+RADIOGRAPH_MODALITIES = ("CR", "DX", "RG")
+_MODALITY_NAMES = {"CT": "a CT scan", "MR": "an MR scan", "US": "an ultrasound image", "NM": "a nuclear medicine image",
+                   "PT": "a PET scan", "MG": "a mammogram", "XA": "an angiogram", "RF": "a fluoroscopy image",
+                   "OT": "an 'other' modality image", "SC": "a secondary capture", "IO": "an intra-oral X-ray",
+                   "PX": "a panoramic dental X-ray", "OP": "an eye photograph", "XC": "a photograph", "SM": "a microscopy slide"}
+
+
+def _check_modality(header) -> None:
+    """Refuse DICOMs whose Modality says they are not a radiograph (CR, DX, RG); a file
+    without Modality is accepted. Only known codes are named (never free text from the file)."""
+    modality = str(header.get("Modality", "") or "").strip().upper()
+    if modality and modality not in RADIOGRAPH_MODALITIES:
+        what = _MODALITY_NAMES.get(modality, "not a radiograph")
+        raise ImageLoadError(f"this DICOM is {what}" + (f" (Modality {modality})" if modality in _MODALITY_NAMES else "")
+                             + "; only chest radiographs (Modality CR, DX or RG) are accepted")
 
 
 def _ensure_transfer_syntax(dataset) -> None:

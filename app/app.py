@@ -17,6 +17,7 @@ import argparse
 import atexit
 import functools
 import html
+import json
 import logging
 import os
 import shutil
@@ -192,6 +193,8 @@ class Janitor:
         self.protected: set[str] = set()
         self.blocks: list[gr.Blocks] = []
         self.rounds = self.removed = self.errors = 0
+        self._pending: dict[str, int] = {}      # upload path -> uploads not yet read (same bytes, same path)
+        self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -224,6 +227,8 @@ class Janitor:
                     if os.lstat(path).st_mtime <= cutoff:
                         os.unlink(path)
                         removed.append(path)
+                        with self._lock:
+                            self._pending.pop(path, None)
                 except FileNotFoundError:
                     pass
         for dirpath, dirnames, filenames in os.walk(self.root, topdown=False):
@@ -240,13 +245,27 @@ class Janitor:
         self.removed += len(removed)
         return len(removed)
 
+    def register_upload(self, paths) -> None:
+        """Gradio stores an upload at <sha256 of its bytes>/<name>: two clients sending the same
+        file share one path, so it is deleted only when every such upload has been read."""
+        with self._lock:
+            for path in paths:
+                p = os.path.realpath(str(path))
+                self._pending[p] = self._pending.get(p, 0) + 1
+
     def discard(self, path: str | None) -> None:
-        """Delete one upload now (after its prediction), if it lies in the app's cache folder."""
+        """Delete one upload now (after its prediction), if it lies in the app's cache folder
+        and no other upload of the same bytes is still waiting to be read."""
         if not path:
             return
         p = os.path.realpath(path)
         if p in self.protected or not p.startswith(str(self.root) + os.sep):
             return
+        with self._lock:
+            left = self._pending.pop(p, 1) - 1
+            if left > 0:
+                self._pending[p] = left
+                return
         try:
             os.unlink(p)
         except OSError:
@@ -287,7 +306,10 @@ class UploadGuard:
             return await self.app(scope, receive, send)
         path = scope.get("path", "")
         is_file_route = "/file=" in path
-        if scope.get("method") == "POST" and path.rstrip("/").endswith("/upload"):
+        is_upload = scope.get("method") == "POST" and path.rstrip("/").endswith("/upload")
+        response_body: list[bytes] = []
+        status = [0]
+        if is_upload:
             body, refused = await self._read_upload(scope, receive)
             if refused:
                 return await self._refuse(send, refused)
@@ -309,6 +331,14 @@ class UploadGuard:
                 if is_file_route:
                     headers.append((b"content-disposition", b"attachment"))
                 message = dict(message, headers=headers)
+                status[0] = message.get("status", 0)
+            elif is_upload and message["type"] == "http.response.body" and status[0] == 200:
+                response_body.append(message.get("body", b""))
+                if not message.get("more_body", False):
+                    try:
+                        janitor().register_upload(json.loads(b"".join(response_body)))
+                    except (ValueError, TypeError):
+                        pass
             await send(message)
 
         return await self.app(scope, receive, send_with_headers)

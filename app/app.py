@@ -539,7 +539,7 @@ def _fmt_metrics(m) -> str:
             if isinstance(v, (int, float)) and not isinstance(v, bool):
                 parts.append(f"{k.replace('_', ' ')} {v:.3f}")
             elif isinstance(v, dict):
-                parts.append(f"{k.replace('_', ' ')}: {_fmt_metrics(v)}")
+                parts.append(f"{k}: {_fmt_metrics(v)}")          # a data set or fold name, as written
             elif isinstance(v, str):
                 parts.append(f"{k.replace('_', ' ')} {v}")
         return "; ".join(parts)

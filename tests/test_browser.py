@@ -58,6 +58,9 @@ def browser():
 
 
 def open_page(browser, url, width=1280, height=1000):
+    from playwright.sync_api import expect
+
+    expect.set_options(timeout=30_000)      # this shared 2-core machine can be slow
     context = browser.new_context(viewport={"width": width, "height": height}, accept_downloads=False)
     context.set_default_timeout(TIMEOUT_MS)
     page = context.new_page()
@@ -72,9 +75,17 @@ def upload(page, path: Path):
     page.locator("#cxr-file input[type=file]").set_input_files(str(path))
 
 
-def chroma(png: bytes) -> float:
-    """Largest per-pixel colour saturation (max - min over RGB) in a screenshot: 0 for grey."""
-    a = np.asarray(Image.open(io.BytesIO(png)).convert("RGB"), dtype=int)
+PIXELS_JS = """img => { const c = document.createElement('canvas'); c.width = img.naturalWidth;
+  c.height = img.naturalHeight; c.getContext('2d').drawImage(img, 0, 0); return c.toDataURL('image/png'); }"""
+
+
+def chroma(img) -> float:
+    """Colour saturation (max - min over RGB, 99.5th percentile) of the pixels an <img> shows,
+    read back through a canvas: ~0 for a grey film, high where a heat map is drawn."""
+    import base64
+
+    url = img.evaluate(PIXELS_JS)
+    a = np.asarray(Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1]))).convert("RGB"), dtype=int)
     return float(np.percentile(a.max(-1) - a.min(-1), 99.5))
 
 
@@ -117,24 +128,24 @@ def test_upload_shows_film_then_side_by_side_answers(app_url, browser, tmp_path,
     expect(page.locator("#cxr-caption-0")).to_contain_text("Grad-CAM for PNEUMONIA")
     expect(page.locator("#cxr-caption-0")).to_contain_text("not a map of disease")
     page.wait_for_timeout(500)
-    assert chroma(o1.screenshot()) > 60                          # a visible map on the borderline film
-    assert chroma(o2.screenshot()) < 12                          # confident NORMAL: no strong blob
+    assert chroma(o1) > 30                          # a visible map on the borderline film
+    assert chroma(o2) < 12                          # confident NORMAL: no strong blob
     page.screenshot(path=str(shots / "2-borderline-and-confident-normal.png"), full_page=True)
 
     page.locator("#cxr-overlay-0").scroll_into_view_if_needed()
     page.get_by_label("Show heat map").uncheck()                 # hides the map, no new Predict
     page.wait_for_timeout(800)
-    assert chroma(o1.screenshot()) < 12
+    assert chroma(o1) < 12
     expect(page.locator("#cxr-caption-0")).to_be_hidden()
     page.get_by_label("Show heat map").check()
     page.wait_for_timeout(800)
-    strong = chroma(o1.screenshot())
+    strong = chroma(o1)
     slider = page.locator("#cxr-examples").locator("xpath=..").locator("input[type=range]")
     number = page.locator("input[type=number]").first
     number.fill("0")                                             # typed value re-blends
     number.press("Enter")
     page.wait_for_timeout(800)
-    assert chroma(o1.screenshot()) < 12 < strong
+    assert chroma(o1) < 12 < strong
     assert slider.count() >= 0
     assert not page.errors, page.errors
     page.context.close()
@@ -149,8 +160,13 @@ def test_example_click_predicts(app_url, browser, shots):
     captions = page.locator("#cxr-examples").inner_text()
     assert "Film 1" in captions and "NORMAL" not in captions and "bacteria" not in captions
     thumbs.nth(2).click()
-    expect(page.get_by_test_id("cxr-card")).to_have_count(2)
-    expect(page.locator("#cxr-overlay-0 img")).to_be_visible()
+    cards = page.get_by_test_id("cxr-card")
+    expect(cards).to_have_count(2)                 # the click ran both models on the example film
+    # These tiny test models were fitted on synthetic films only: a real film is far from their
+    # training data, so the honest answer is "Not analysed" with the film shown and no map.
+    expect(cards.nth(0)).to_contain_text("Not analysed")
+    expect(page.locator("#cxr-film img")).to_be_visible()
+    expect(page.locator("#cxr-overlay-0 img")).to_have_count(0)
     page.screenshot(path=str(shots / "3-example-click.png"), full_page=True)
     assert not page.errors, page.errors
     page.context.close()
@@ -177,6 +193,9 @@ def test_photo_and_ct_dicom_are_flagged_without_label_or_map(app_url, browser, t
 
     ct = tmp_path / "ct-slice.dcm"
     ct.write_bytes(make_dicom(np.asarray(greyscale_photo(6, 96), np.uint16)[..., 0] * 8, Modality="CT"))
+    assert not page.errors, page.errors
+    page.context.close()
+    page = open_page(browser, app_url)
     upload(page, ct)
     notice = page.locator("#cxr-notice")
     expect(notice).to_contain_text("CT scan")

@@ -5,8 +5,8 @@ The app is launched in-process exactly as ``app/app.py`` does it (``create_demo`
 ``launch``: the hardened settings, queue, ``concurrency_limit=2`` on /predict) on
 127.0.0.1 and a free port. A user is a kept-alive HTTP connection (as a browser tab has)
 speaking Gradio's documented HTTP API: ``POST /gradio_api/upload`` (the file),
-``POST /gradio_api/call/predict`` (file, opacity, show_heatmap), the event's SSE stream until
-``complete``, then ``GET`` of every result file (the overlay JPEG and the raw heat-map PNG).
+``POST /gradio_api/call/predict`` (file, show_heatmap), the event's SSE stream until
+``complete`` (one JSON object), then ``GET`` of the heat-map PNG it names.
 A request's latency is the wall time of those steps: upload, queue, decode, inference, heat
 map (if asked), overlay, encoding and the download of the results.
 
@@ -93,7 +93,7 @@ class HttpUser:
         r.raise_for_status()
         t1 = time.perf_counter()
         file_data = {"path": r.json()[0], "meta": {"_type": "gradio.FileData"}}
-        r = self.http.post("/gradio_api/call/predict", json={"data": [file_data, 0.4, heatmap]})
+        r = self.http.post("/gradio_api/call/predict", json={"data": [file_data, heatmap]})
         r.raise_for_status()
         event_id = r.json()["event_id"]
         t2 = time.perf_counter()
@@ -108,9 +108,10 @@ class HttpUser:
         if event != "complete" or not isinstance(data, list):
             raise RuntimeError(f"request failed: {event}: {str(data)[:200]}")
         t3 = time.perf_counter()
-        for item in data:
-            if isinstance(item, dict) and item.get("url"):
-                self.http.get(item["url"]).raise_for_status()
+        for model in data[0].get("models", [data[0]]):       # one JSON object; its heat-map file(s)
+            heat = model.get("heatmap")
+            if isinstance(heat, dict) and heat.get("url"):
+                self.http.get(heat["url"]).raise_for_status()
         t4 = time.perf_counter()
         if steps is not None:
             for k, v in (("upload", t1 - t0), ("call", t2 - t1), ("queue_and_run", t3 - t2), ("download", t4 - t3)):
@@ -130,7 +131,7 @@ def make_gradio_client(url: str, downloads: Path):
 def gradio_client_call(client, path: Path, heatmap: bool):
     from gradio_client import handle_file
 
-    return client.predict(handle_file(str(path)), 0.4, heatmap, api_name="/predict")
+    return client.predict(handle_file(str(path)), heatmap, api_name="/predict")
 
 
 def sequential(call, images: list[Path], n: int, heatmap: bool, rss_every: int = 100) -> dict:

@@ -1,6 +1,7 @@
 """Where the model looked: attention rollout for ViTs (Abnar & Zuidema, 2020), Grad-CAM for
 CNNs (the ``grad-cam`` package), and an overlay on the X-ray. Maps are in [0, 1], at the
-model's input resolution; ``overlay`` stretches them back onto the displayed image.
+model's input resolution; ``evidence_map`` weights them by the class's probability (they are
+min-max scaled per image) and ``overlay`` blends them, transparent where they are 0.
 
 Fast paths used by the Predictor (same maps, one forward pass, no backward pass):
 
@@ -133,16 +134,43 @@ def rollout_map(attentions, size: tuple[int, int]) -> np.ndarray:
     return up[0, 0].clamp(0, 1).numpy().astype(np.float32)
 
 
-def overlay(image: Image.Image, heatmap: np.ndarray, opacity: float = 0.4) -> Image.Image:
-    """Heatmap (any size, [0, 1]) blended over the image with a jet colour map."""
-    from pytorch_grad_cam.utils.image import show_cam_on_image
+# A sequential colour map (ColorBrewer YlOrRd anchors): pale yellow for weak, dark red for
+# strong evidence. The overlay is transparent where the map is 0 and most opaque where it is 1,
+# so a film without evidence stays a plain film (no blue wash, no blob from rescaling).
+COLORMAP_ANCHORS = ((255, 255, 178), (254, 204, 92), (253, 141, 60), (240, 59, 32), (189, 0, 38))
 
-    rgb = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
+
+def colormap_lut() -> np.ndarray:
+    """(256, 3) uint8 lookup table of the overlay colours."""
+    anchors = np.asarray(COLORMAP_ANCHORS, dtype=np.float32)
+    x = np.linspace(0, 1, len(anchors))
+    t = np.linspace(0, 1, 256)
+    return np.stack([np.interp(t, x, anchors[:, c]) for c in range(3)], -1).round().astype(np.uint8)
+
+
+def colorbar_css() -> str:
+    """A CSS linear-gradient with the overlay's colours (for a colour bar beside the image)."""
+    stops = ", ".join(f"rgb{tuple(int(v) for v in c)} {100 * i / (len(COLORMAP_ANCHORS) - 1):.0f}%"
+                      for i, c in enumerate(COLORMAP_ANCHORS))
+    return f"linear-gradient(to right, {stops})"
+
+
+def evidence_map(heatmap: np.ndarray, weight: float) -> np.ndarray:
+    """Scale a per-image [0, 1] map by the class evidence ``weight`` (the class's calibrated
+    probability): Grad-CAM and rollout maps are min-max scaled per image, so without this a
+    confident negative would show as strong a blob as a confident positive."""
+    return (np.clip(heatmap, 0, 1) * float(np.clip(weight, 0, 1))).astype(np.float32)
+
+
+def overlay(image: Image.Image, heatmap: np.ndarray, opacity: float = 0.6) -> Image.Image:
+    """``heatmap`` (any size, [0, 1]) blended over ``image``: colour from :func:`colormap_lut`,
+    per-pixel alpha = opacity x map value (transparent where the map is 0)."""
+    rgb = np.asarray(image.convert("RGB"), dtype=np.float32)
     h, w = rgb.shape[:2]
-    hm = np.asarray(Image.fromarray((np.clip(heatmap, 0, 1) * 255).astype(np.uint8)).resize((w, h), Image.BILINEAR),
-                    dtype=np.float32) / 255.0
-    opacity = float(np.clip(opacity, 0.0, 1.0))
-    return Image.fromarray(show_cam_on_image(rgb, hm, use_rgb=True, image_weight=1.0 - opacity))
+    hm8 = np.asarray(Image.fromarray((np.clip(heatmap, 0, 1) * 255).astype(np.uint8)).resize((w, h), Image.BILINEAR))
+    colour = colormap_lut()[hm8].astype(np.float32)
+    alpha = float(np.clip(opacity, 0.0, 1.0)) * (hm8.astype(np.float32) / 255.0)[..., None]
+    return Image.fromarray((rgb * (1 - alpha) + colour * alpha).round().astype(np.uint8))
 
 
 def heatmap_image(heatmap: np.ndarray) -> Image.Image:

@@ -637,6 +637,7 @@ def _load_dicom(data: bytes, max_pixels: int, *, force: bool) -> Image.Image:
             photometric = str(header.get("PhotometricInterpretation", "")).strip().upper()
         except Exception:
             raise ImageLoadError("unreadable DICOM file or missing image attributes") from None
+        _check_modality(header)
         if rows * columns * frames > max_pixels:
             raise ImageLoadError(f"image too large ({columns}x{rows} pixels x {frames} "
                                  f"frame(s); the limit is {max_pixels:,} pixels)")
@@ -858,6 +859,23 @@ def _scan_file_meta(data: bytes, pos: int) -> tuple[int, str | None]:
             syntax = data[pos + header:pos + header + length].rstrip(b"\x00 ").decode("ascii", "replace")
         pos += header + length
     return pos, syntax
+
+
+RADIOGRAPH_MODALITIES = ("CR", "DX", "RG")
+_MODALITY_NAMES = {"CT": "a CT scan", "MR": "an MR scan", "US": "an ultrasound image", "NM": "a nuclear medicine image",
+                   "PT": "a PET scan", "MG": "a mammogram", "XA": "an angiogram", "RF": "a fluoroscopy image",
+                   "OT": "an 'other' modality image", "SC": "a secondary capture", "IO": "an intra-oral X-ray",
+                   "PX": "a panoramic dental X-ray", "OP": "an eye photograph", "XC": "a photograph", "SM": "a microscopy slide"}
+
+
+def _check_modality(header) -> None:
+    """Refuse DICOMs whose Modality says they are not a radiograph (CR, DX, RG); a file
+    without Modality is accepted. Only known codes are named (never free text from the file)."""
+    modality = str(header.get("Modality", "") or "").strip().upper()
+    if modality and modality not in RADIOGRAPH_MODALITIES:
+        what = _MODALITY_NAMES.get(modality, "not a radiograph")
+        raise ImageLoadError(f"this DICOM is {what}" + (f" (Modality {modality})" if modality in _MODALITY_NAMES else "")
+                             + "; only chest radiographs (Modality CR, DX or RG) are accepted")
 
 
 def _ensure_transfer_syntax(dataset) -> None:

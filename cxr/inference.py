@@ -51,6 +51,8 @@ class Prediction:
     disclaimer: str = DISCLAIMER
     heatmap: np.ndarray | None = field(default=None, repr=False)
     explainer: str | None = None
+    ood_score: float | None = None       # distance from the training films (cxr.ood); None: no scorer
+    ood_threshold: float | None = None
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -111,6 +113,15 @@ class Predictor:
         self._explainer_lock = threading.Lock()
         self.explainer_kind = explainer_kind(model)
         self._cam_head = gap_linear_head(model)   # closed-form Grad-CAM (see cxr.explain)
+        self.ood, self._tap = None, None
+
+    def set_ood(self, scorer) -> None:
+        """Use a :class:`cxr.ood.OODScorer`: its score comes from the prediction's own forward pass."""
+        from .ood import FeatureTap
+
+        if self._tap is None and scorer is not None:
+            self._tap = FeatureTap(self.model)
+        self.ood = scorer
 
     # ------------------------------------------------------------ loading
     @classmethod
@@ -141,6 +152,7 @@ class Predictor:
             raise ModelLoadError(f"cannot load model '{name}': {first[:300]}") from None
         predictor = cls(model, processor, precision=precision, name=name)
         predictor.folder = local if is_local else None
+        predictor.set_ood(_load_ood(model_id, is_local, revision, token))
         return predictor
 
     # ------------------------------------------------------------ inference
@@ -176,7 +188,16 @@ class Predictor:
             return out.logits.float().cpu().numpy(), heat
         return self.logits(pixel_values), self.explain_tensor(pixel_values, class_id)
 
-    def _result(self, logits: np.ndarray, warning: str | None) -> Prediction:
+    def _ood_scores(self) -> list[float | None]:
+        """OOD scores of the rows of this thread's latest forward pass ([None] without a scorer)."""
+        feats = self._tap.pop() if self._tap is not None and self.ood is not None else None
+        return [None] if feats is None else [float(x) for x in self.ood.score(feats)]
+
+    def _result(self, logits: np.ndarray, warning: str | None, ood_score: float | None = None) -> Prediction:
+        if ood_score is not None and warning is None and self.ood.is_ood(ood_score):
+            from .ood import OOD_WARNING
+
+            warning = OOD_WARNING
         probs = compute_softmax(logits[None], self.temperature)[0]
         p_pos = float(probs[self.positive_id])
         if len(self.id2label) == 2:
@@ -189,7 +210,8 @@ class Predictor:
             probabilities={self.id2label[i]: float(p) for i, p in enumerate(probs)},
             positive_label=self.id2label[self.positive_id], positive_probability=p_pos,
             threshold=self.threshold, threshold_source=self.threshold_source,
-            out_of_distribution=warning is not None, warning=warning)
+            out_of_distribution=warning is not None, warning=warning, ood_score=ood_score,
+            ood_threshold=None if self.ood is None else float(self.ood.threshold))
 
     def predict(self, source, *, explain: bool = False) -> Prediction:
         """source: path, bytes, file object or PIL image. Raises ImageLoadError for bad input."""
@@ -197,10 +219,12 @@ class Predictor:
         warning = check_is_radiograph(image)
         pv = self.preprocess([image])
         if not explain:
-            return self._result(self.logits(pv)[0], warning)
+            logits = self.logits(pv)
+            return self._result(logits[0], warning, self._ood_scores()[0])
         logits, heatmap = self.logits_and_heatmap(pv)
-        result = self._result(logits[0], warning)
-        result.heatmap, result.explainer = heatmap, self.explainer_kind
+        result = self._result(logits[0], warning, self._ood_scores()[0])
+        if not result.out_of_distribution:      # flagged inputs get no map
+            result.heatmap, result.explainer = heatmap, self.explainer_kind
         return result
 
     def predict_batch(self, sources, batch_size: int = 32, workers: int | None = None
@@ -232,7 +256,9 @@ class Predictor:
     def _predict_chunk(self, chunk) -> list[Prediction | ImageLoadError]:
         slots, pv = self._load_chunk(chunk)
         logits = iter(self.logits(pv) if pv is not None else [])
-        return [slot if isinstance(slot, ImageLoadError) else self._result(next(logits), slot) for slot in slots]
+        scores = iter(self._ood_scores() if pv is not None and self.ood is not None else [])
+        return [slot if isinstance(slot, ImageLoadError) else self._result(next(logits), slot, next(scores, None))
+                for slot in slots]
 
     def _load_chunk(self, chunk) -> tuple[list, torch.Tensor | None]:
         """Decode, check and preprocess one batch: (per-source ImageLoadError or OOD warning, pixel values)."""
@@ -284,6 +310,21 @@ class Predictor:
                      threshold=self.threshold, threshold_source=self.threshold_source,
                      temperature=self.temperature, explainer=explainer_kind_name(self.model))
         return facts
+
+
+def _load_ood(model_id: str, is_local: bool, revision: str | None, token: str | None):
+    """The model's OOD scorer (``ood.safetensors``, see cxr.ood), or None when it has none."""
+    from .ood import OOD_FILE, OODScorer
+
+    try:
+        if is_local:
+            return OODScorer.from_folder(model_id)
+        from huggingface_hub import hf_hub_download
+
+        return OODScorer.load(hf_hub_download(model_id, OOD_FILE, revision=revision, token=token))
+    except Exception as e:  # noqa: BLE001 - a model without (or with a broken) scorer still serves
+        logger.warning("no out-of-distribution scorer for %s (%s)", Path(model_id).name, type(e).__name__)
+        return None
 
 
 def is_cnn_config(config) -> bool:

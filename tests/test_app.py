@@ -1,8 +1,18 @@
-"""The real Gradio app on 127.0.0.1, called through gradio_client (and raw HTTP for the
-server-level checks)."""
+"""The real Gradio app on 127.0.0.1: its one API endpoint through gradio_client and raw HTTP,
+the README's API snippets, uploads and their lifecycle, load, and the page's handlers."""
+
+from __future__ import annotations
 
 import io
 import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -10,19 +20,33 @@ import pytest
 from PIL import Image
 
 from cxr.inference import DISCLAIMER, Predictor
-from tests.conftest import make_xray
+from tests.conftest import ROOT, make_xray
 from tests.test_imaging import PHI, make_dicom
+from tests.test_ood import greyscale_photo, make_model_folder
+
+KEYS = {"model", "decision", "positive_label", "probability", "threshold", "borderline", "probabilities",
+        "threshold_source", "out_of_distribution", "ood_score", "ood_threshold", "message", "heatmap",
+        "heatmap_method", "heatmap_class", "disclaimer"}
 
 
 @pytest.fixture(scope="module")
-def server(trained_folder, tmp_path_factory):
+def model_folders(tmp_path_factory):
+    """Two tiny models with a chosen answer for every film: 'edge' says P(PNEUMONIA) ~0.52 at
+    threshold 0.5 (borderline PNEUMONIA); 'sure-normal' says ~0.01 (a confident NORMAL)."""
+    root = tmp_path_factory.mktemp("models")
+    return (make_model_folder(root / "edge", p_positive=0.52, threshold=0.5, name_seed=1),
+            make_model_folder(root / "sure-normal", p_positive=0.01, threshold=0.5, name_seed=2))
+
+
+@pytest.fixture(scope="module")
+def server(model_folders, tmp_path_factory):
     from app import app as app_module
 
-    predictor = Predictor.from_pretrained(trained_folder, precision="fp32")
-    demo = app_module.create_demo(predictor)
+    predictors = [Predictor.from_pretrained(f, precision="fp32") for f in model_folders]
+    demo = app_module.create_demo(predictors)
     _, url, _ = app_module.launch(demo, server_name="127.0.0.1", server_port=None, prevent_thread_lock=True,
                                   quiet=True)
-    yield url.rstrip("/"), tmp_path_factory.mktemp("client")
+    yield url.rstrip("/"), tmp_path_factory.mktemp("client"), demo
     demo.close()
 
 
@@ -30,50 +54,74 @@ def server(trained_folder, tmp_path_factory):
 def client(server):
     from gradio_client import Client
 
-    url, downloads = server
+    url, downloads, _ = server
     return Client(url, verbose=False, download_files=str(downloads), analytics_enabled=False)
 
 
-def call(client, path, opacity=0.4, heatmap=True):
+def call(client, path, heatmap=True):
     from gradio_client import handle_file
 
-    return client.predict(handle_file(str(path)), opacity, heatmap, api_name="/predict")
+    return client.predict(handle_file(str(path)), heatmap, api_name="/predict")
 
 
-def check_ok(result, size=64):
-    label, overlay_path, heat_path, details, response = result[:5]
-    confidences = {c["label"]: c["confidence"] for c in label["confidences"]}
-    assert set(confidences) == {"NORMAL", "PNEUMONIA"}
-    assert sum(confidences.values()) == pytest.approx(1.0, abs=1e-5)
-    assert label["label"] == response["label"]            # the headline is the thresholded decision
-    assert response["disclaimer"] == DISCLAIMER and "not a medical device" in details
-    assert response["threshold_source"]
-    assert Image.open(heat_path).size == (size, size)
-    assert Image.open(overlay_path).mode == "RGB"
-    assert Image.open(overlay_path).format == "JPEG"         # display copy; the raw map stays PNG
-    return response
+def film(tmp_path, name="x.png", seed=3):
+    path = tmp_path / name
+    make_xray(seed, True, size=96).save(path)
+    return path
 
 
-def test_png_jpeg_and_monochrome1_dicom(client, tmp_path):
+def test_api_is_one_consistent_json_object(client, tmp_path):
+    r = call(client, film(tmp_path))
+    assert isinstance(r, dict) and KEYS <= set(r) and len(r["models"]) == 2
+    assert {k: v for k, v in r.items() if k != "models"} == r["models"][0]
+    edge, normal = r["models"]
+    assert [edge["model"], normal["model"]] == ["edge", "sure-normal"]
+    for m in r["models"]:
+        assert m["decision"] == (m["positive_label"] if m["probability"] >= m["threshold"] else "NORMAL")
+        assert m["probabilities"]["PNEUMONIA"] == pytest.approx(m["probability"])
+        assert m["disclaimer"] == DISCLAIMER and not m["out_of_distribution"]
+        assert m["ood_score"] <= m["ood_threshold"]
+        assert m["heatmap_method"] == "Grad-CAM" and m["heatmap_class"] == "PNEUMONIA"
+    assert edge["decision"] == "PNEUMONIA" and edge["borderline"] and 0.5 <= edge["probability"] < 0.55
+    assert normal["decision"] == "NORMAL" and not normal["borderline"] and normal["probability"] < 0.02
+    edge_map, normal_map = (np.asarray(Image.open(m["heatmap"])) for m in r["models"])
+    assert edge_map.shape == normal_map.shape == (64, 64)
+    assert edge_map.max() > 100               # a real map, scaled by P = 0.52
+    assert normal_map.max() <= 4              # a confident NORMAL: no strong blob (was min-max: 255)
+
+
+def test_without_heatmap_and_dicom_twins(client, tmp_path):
     img = make_xray(3, True, size=96)
     img.save(tmp_path / "x.png")
     img.convert("RGB").save(tmp_path / "x.jpeg", quality=95)
-    check_ok(call(client, tmp_path / "x.png"))
-    check_ok(call(client, tmp_path / "x.jpeg"))
-    arr = (np.asarray(img, dtype=np.uint16) * 16)  # 12-bit
+    png = call(client, tmp_path / "x.png", heatmap=False)
+    assert png["heatmap"] is None and png["heatmap_method"] == "Grad-CAM"
+    assert call(client, tmp_path / "x.jpeg")["decision"] in ("NORMAL", "PNEUMONIA")
+    arr = np.asarray(img, dtype=np.uint16) * 16
     (tmp_path / "m2.dcm").write_bytes(make_dicom(arr))
     (tmp_path / "m1.dcm").write_bytes(make_dicom(4095 - arr, photometric="MONOCHROME1"))
-    r2 = check_ok(call(client, tmp_path / "m2.dcm"))
-    r1 = check_ok(call(client, tmp_path / "m1.dcm"))
-    assert r1["probabilities"] == pytest.approx(r2["probabilities"], abs=1e-6)
-    text = json.dumps(r1)
-    assert not any(p in text for p in PHI)
+    r2, r1 = call(client, tmp_path / "m2.dcm"), call(client, tmp_path / "m1.dcm")
+    assert r1["probability"] == pytest.approx(r2["probability"], abs=1e-6)
+    assert not any(p in json.dumps(r1) for p in PHI)
 
 
-def test_without_heatmap(client, tmp_path):
-    make_xray(4, False).save(tmp_path / "n.png")
-    label, overlay_path, heat_path, details, response = call(client, tmp_path / "n.png", heatmap=False)[:5]
-    assert heat_path is None and "heatmap_size" not in response
+def test_greyscale_photo_is_flagged_with_no_label_and_no_map(client, tmp_path):
+    greyscale_photo(5).save(tmp_path / "portrait.png")
+    r = call(client, tmp_path / "portrait.png")
+    for m in r["models"]:
+        assert m["out_of_distribution"] and m["ood_score"] > m["ood_threshold"]
+        assert m["decision"] is None and m["probability"] is None and m["heatmap"] is None
+        assert "does not look like a chest X-ray" in m["message"]
+
+
+def test_ct_dicom_is_refused_by_modality(client, tmp_path):
+    from gradio_client.exceptions import AppError
+
+    (tmp_path / "ct.dcm").write_bytes(make_dicom(np.full((64, 64), 1000, np.uint16), Modality="CT"))
+    with pytest.raises(AppError) as e:
+        call(client, tmp_path / "ct.dcm")
+    assert "CT scan" in str(e.value) and "CR, DX or RG" in str(e.value)
+    assert not any(p in str(e.value) for p in PHI)
 
 
 @pytest.mark.parametrize("name,payload,message", [
@@ -102,76 +150,177 @@ def test_bad_inputs_give_clear_errors(client, tmp_path, name, payload, message):
     assert "Traceback" not in text and str(tmp_path) not in text
 
 
-def test_colour_photo_flagged(client, tmp_path):
-    rng = np.random.default_rng(0)
-    photo = np.stack([np.full((96, 96), 220), rng.integers(0, 90, (96, 96)), np.full((96, 96), 30)], -1)
-    Image.fromarray(photo.astype(np.uint8)).save(tmp_path / "photo.png")
-    label, _, _, details, response = call(client, tmp_path / "photo.png")[:5]
-    assert response["out_of_distribution"] and response["label"] is None
-    assert "not a chest X-ray" in details
-    assert not label.get("confidences")
+# ------------------------------------------------------------------ README snippets
+
+def readme_snippets() -> dict[str, str]:
+    text = (ROOT / "README.md").read_text()
+    return dict(re.findall(r"<!-- snippet: (\w+) -->\n```\w+\n(.*?)```", text, flags=re.S))
 
 
-def test_phi_never_returned_for_failing_dicom(client, tmp_path):
-    from gradio_client.exceptions import AppError
+@pytest.mark.parametrize("name", ["pipeline", "predictor", "gradio_client", "curl"])
+def test_readme_api_snippets_run(name, server, model_folders, tmp_path):
+    url, _, _ = server
+    code = readme_snippets()[name]
+    make_xray(8, True, size=96).convert("RGB").save(tmp_path / "chest_xray.jpeg")
+    code = (code.replace("models/cxr-resnet-small-scratch", str(model_folders[0]))
+            .replace("http://127.0.0.1:7860", url))
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    cmd = ["bash", "-c", code] if name == "curl" else [sys.executable, "-c", code]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = proc.stdout
+    last = out.strip().splitlines()[-1].split() if out.strip() else []
+    if name == "pipeline":
+        assert "'label': 'PNEUMONIA'" in out and "'score'" in out
+    elif name == "predictor":
+        assert last[0] == "PNEUMONIA" and DISCLAIMER in out
+    elif name == "gradio_client":
+        assert last[0] == "PNEUMONIA" and last[3] == "True"      # decision ... borderline
+    else:
+        assert "event: complete" in out
+        data = json.loads(out.split("data:", 1)[1].strip().splitlines()[0])
+        assert data[0]["decision"] == "PNEUMONIA" and data[0]["heatmap"]["url"]
 
-    frames = np.zeros((2, 64, 64), np.uint16)
-    (tmp_path / "multi.dcm").write_bytes(make_dicom(frames, NumberOfFrames=2))
-    with pytest.raises(AppError) as e:
-        call(client, tmp_path / "multi.dcm")
-    assert "multi-frame" in str(e.value)
-    assert not any(p in str(e.value) for p in PHI)
+
+# ------------------------------------------------------------------ uploads
+
+def upload(url, *files):
+    return httpx.post(f"{url}/gradio_api/upload", files=[("files", f) for f in files], timeout=60)
 
 
-def test_upload_over_limit_is_413(server):
-    url, _ = server
+def test_upload_limits(server):
+    url, _, _ = server
     big = b"\x89PNG\r\n\x1a\n" + b"\0" * (11 * 1024 * 1024)
-    r = httpx.post(f"{url}/gradio_api/upload", files={"files": ("big.png", big, "image/png")}, timeout=60)
-    assert r.status_code == 413
+    assert upload(url, ("big.png", big, "image/png")).status_code == 413
+    small = io.BytesIO()
+    make_xray(1, True).save(small, "PNG")
+    two = upload(url, ("a.png", small.getvalue(), "image/png"), ("b.png", small.getvalue(), "image/png"))
+    assert two.status_code == 413 and "too many files" in two.text
+    one = upload(url, ("a.png", small.getvalue(), "image/png"))
+    assert one.status_code == 200 and len(one.json()) == 1
 
 
-@pytest.mark.parametrize("path", ["/gradio_api/file=/etc/passwd", "/gradio_api/file=../../../../etc/passwd",
-                                  "/file=/etc/passwd", "/gradio_api/file=app.py"])
-def test_file_routes_refuse_traversal(server, path):
-    url, _ = server
-    r = httpx.get(url + path, timeout=30)
-    assert r.status_code in (400, 403, 404)
-    assert "root:" not in r.text
+def test_uploaded_files_are_attachments_with_nosniff(server):
+    url, _, _ = server
+    r = upload(url, ("page.png", b"<html><script>alert(1)</script></html>", "image/png"))
+    path = r.json()[0]
+    got = httpx.get(f"{url}/gradio_api/file={path}", timeout=30)
+    assert got.headers.get("x-content-type-options") == "nosniff"
+    if got.status_code == 200:
+        assert got.headers.get("content-disposition", "").startswith("attachment")
+    assert httpx.get(url, timeout=30).headers.get("x-content-type-options") == "nosniff"
 
 
-def test_model_facts_and_teaching_panel(trained_folder):
+def test_upload_is_deleted_after_prediction_and_no_temp_files_leak(server, tmp_path):
+    from benchmarks.app_latency import HttpUser
+
+    url, _, _ = server
+    tmp = Path(tempfile.gettempdir())
+    empty_before = {p for p in tmp.iterdir() if p.is_file() and p.stat().st_size == 0}
+    path = film(tmp_path, "gone.png")
+    user = HttpUser(url)
+    try:
+        stored = user.http.post("/gradio_api/upload", files={"files": ("gone.png", path.read_bytes())}).json()[0]
+        assert Path(stored).is_file()
+        data_path = {"path": stored, "meta": {"_type": "gradio.FileData"}}
+        event = user.http.post("/gradio_api/call/predict", json={"data": [data_path, True]}).json()["event_id"]
+        body = user.http.get(f"/gradio_api/call/predict/{event}").text
+        assert "event: complete" in body
+        assert not Path(stored).exists()                  # removed once read
+        for _ in range(5):
+            user.predict(path, heatmap=True)
+    finally:
+        user.close()
+    empty_after = {p for p in tmp.iterdir() if p.is_file() and p.stat().st_size == 0}
+    assert not (empty_after - empty_before)
+
+
+def test_janitor_sweeps_keeps_protected_survives_errors_and_cleans_at_shutdown(tmp_path, caplog):
+    from app.app import Janitor
+
+    root = tmp_path / "cache"
+    (root / "examples").mkdir(parents=True)
+    keep = root / "examples" / "thumb.jpeg"
+    keep.write_bytes(b"x")
+    jan = Janitor(root, ttl=60, every=0.05)
+    jan.protect_existing()
+    old, new = root / "u1" / "old.png", root / "u2" / "new.png"
+    for p in (old, new):
+        p.parent.mkdir()
+        p.write_bytes(b"y")
+    os.utime(old, (time.time() - 3600, time.time() - 3600))
+    os.utime(keep, (time.time() - 3600, time.time() - 3600))
+    assert jan.sweep() == 1
+    assert not old.exists() and not old.parent.exists() and new.exists() and keep.exists()
+    calls = {"n": 0}
+    real = jan.sweep
+
+    def flaky(max_age=None):       # e.g. Gradio's "Set changed size during iteration"
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("Set changed size during iteration")
+        return real(max_age)
+
+    jan.sweep = flaky
+    jan.start()
+    deadline = time.time() + 10
+    while calls["n"] < 3 and time.time() < deadline:
+        time.sleep(0.05)
+    assert calls["n"] >= 3 and jan.errors == 1 and jan._thread.is_alive()
+    assert "upload sweep failed" in caplog.text
+    jan.shutdown()
+    assert not root.exists()
+
+
+def test_demo_close_removes_the_cache_folder(model_folders):
     from app import app as app_module
 
-    predictor = Predictor.from_pretrained(trained_folder, precision="fp32")
-    facts = app_module.model_facts(predictor)
-    assert "tiny-resnet-scratch" in facts and "Grad-CAM" in facts and "full" in facts
-    assert "transfer learning" in app_module.TEACHING.lower()
+    demo = app_module.create_demo(Predictor.from_pretrained(model_folders[1], precision="fp32"))
+    app_module.launch(demo, server_name="127.0.0.1", prevent_thread_lock=True, quiet=True)
+    root = app_module.janitor().root
+    assert root.is_dir() and os.environ["GRADIO_TEMP_DIR"] == str(root)
+    others = [b for b in app_module.janitor().blocks if b is not demo]
+    demo.close()
+    assert root.is_dir() == bool(others)      # removed when the last app closes
 
 
-def test_app_refuses_bad_model_at_startup(trained_folder, tmp_path, capsys):
-    import shutil
-
-    from app import app as app_module
-
-    bad = tmp_path / "pickle"
-    shutil.copytree(trained_folder, bad)
-    (bad / "model.safetensors").rename(bad / "pytorch_model.bin")
-    assert app_module.main(["--model", str(bad)]) == 2
-    err = capsys.readouterr().err
-    assert "only pickle weights" in err and "Traceback" not in err
+def test_file_routes_refuse_traversal(server):
+    url, _, _ = server
+    for path in ["/gradio_api/file=/etc/passwd", "/gradio_api/file=../../../../etc/passwd", "/file=/etc/passwd",
+                 "/gradio_api/file=app.py"]:
+        r = httpx.get(url + path, timeout=30)
+        assert r.status_code in (400, 403, 404) and "root:" not in r.text
 
 
-def test_overload_is_refused_quickly(trained_folder, monkeypatch, tmp_path):
+def test_api_refuses_a_path_that_was_not_uploaded(server):
+    url, _, _ = server
+    with httpx.Client(base_url=url, timeout=60) as http:
+        data = {"path": "/etc/passwd", "meta": {"_type": "gradio.FileData"}}
+        r = http.post("/gradio_api/call/predict", json={"data": [data, True]})
+        body = http.get(f"/gradio_api/call/predict/{r.json()['event_id']}").text if r.status_code == 200 else r.text
+    assert "event: complete" not in body and "root:" not in body
+
+
+# ------------------------------------------------------------------ load and queue policy
+
+def test_twenty_clients_are_served_without_refusal(server, tmp_path):
+    from benchmarks.app_latency import load_test
+
+    url, _, _ = server
+    path = film(tmp_path, "load.png")
+    out = load_test(url, [path], concurrency=20, total=40, time_limit=120, heatmap=True)
+    assert out["errors"] == 0, out["error_examples"]
+    assert out["n"] == 40
+
+
+def test_overload_is_refused_quickly(model_folders, monkeypatch, tmp_path):
     """A bounded queue: with 2 running and 1 waiting, further requests are refused at once."""
-    import threading
-    import time
-
     from gradio_client import Client, handle_file
 
     from app import app as app_module
 
     monkeypatch.setenv("CXR_QUEUE_SIZE", "1")
-    predictor = Predictor.from_pretrained(trained_folder, precision="fp32")
+    predictor = Predictor.from_pretrained(model_folders[0], precision="fp32")
     original = predictor.predict
 
     def slow_predict(*a, **k):  # hold the workers so the queue fills
@@ -188,7 +337,7 @@ def test_overload_is_refused_quickly(trained_folder, monkeypatch, tmp_path):
         t0 = time.perf_counter()
         try:
             Client(url, verbose=False, download_files=str(tmp_path), analytics_enabled=False).predict(
-                handle_file(str(tmp_path / "q.png")), 0.4, False, api_name="/predict")
+                handle_file(str(tmp_path / "q.png")), False, api_name="/predict")
             result = "ok"
         except Exception as e:  # noqa: BLE001
             result = str(e)
@@ -209,60 +358,122 @@ def test_overload_is_refused_quickly(trained_folder, monkeypatch, tmp_path):
     assert 1 <= len(ok) <= 3 and refused
     assert all("queue" in r.lower() for r, _ in refused), refused
     assert all(dt < 30 for _, dt in refused)
+    assert app_module.QUEUE_SIZE >= 20          # the documented policy: 20 clients are never refused
 
 
-def test_cache_cleaning_and_analytics_configured(trained_folder):
-    from app import app as app_module
-
-    demo = app_module.create_demo(Predictor.from_pretrained(trained_folder, precision="fp32"))
-    assert demo.delete_cache == (600, 1800)      # gradio removes cached uploads/outputs on a timer
-    assert demo.analytics_enabled is False
-
-
-def test_headline_is_thresholded_decision_not_argmax(trained_folder):
-    from app import app as app_module
-
-    widget = app_module.DecisionLabel(num_top_classes=2)
-    data = widget.postprocess({"decision": "PNEUMONIA", "probabilities": {"NORMAL": 0.7, "PNEUMONIA": 0.3}})
-    assert data.label == "PNEUMONIA"                       # threshold 0.256 < 0.3: positive
-    assert [c.label for c in data.confidences] == ["NORMAL", "PNEUMONIA"]
-    assert app_module.DecisionLabel.get_block_name() == "label"
-
-
-def test_sessions_are_bounded_for_api_callers(trained_folder, monkeypatch, tmp_path):
-    """Each raw HTTP API call opens a new Gradio session holding a UI-config copy and the
-    slider state; the app keeps at most CXR_SESSION_CAPACITY of them (memory stays bounded)."""
+def test_sessions_are_bounded_for_api_callers(model_folders, monkeypatch, tmp_path):
     from app import app as app_module
     from benchmarks.app_latency import HttpUser
 
     monkeypatch.setenv("CXR_SESSION_CAPACITY", "3")
-    demo = app_module.create_demo(Predictor.from_pretrained(trained_folder, precision="fp32"))
+    demo = app_module.create_demo(Predictor.from_pretrained(model_folders[0], precision="fp32"))
     _, url, _ = app_module.launch(demo, server_name="127.0.0.1", prevent_thread_lock=True, quiet=True)
     make_xray(5, True).save(tmp_path / "s.png")
     user = HttpUser(url.rstrip("/"))
     try:
         for _ in range(7):
-            data = user.predict(tmp_path / "s.png", heatmap=True)
-            assert data[4]["disclaimer"] == DISCLAIMER
-        sessions = demo.state_holder.session_data
-        assert 1 <= len(sessions) <= 3
-        stored = [s.state_data for s in sessions.values() if s.state_data]
-        assert stored, "the newest sessions keep the slider state"
+            assert user.predict(tmp_path / "s.png", heatmap=True)[0]["disclaimer"] == DISCLAIMER
+        assert 1 <= len(demo.state_holder.session_data) <= 3
     finally:
         user.close()
         demo.close()
-    assert app_module.SESSION_CAPACITY <= 1000 and app_module.STATE_TTL_S > 0
 
 
-def test_reblend_keeps_the_image_when_the_state_is_gone():
+# ------------------------------------------------------------------ page handlers
+
+def test_answer_card_headline_bar_and_api_agree():
+    from app.app import answer_card, is_borderline
+
+    for p in np.linspace(0, 1, 41):
+        for t in (0.256, 0.5):
+            decision = "PNEUMONIA" if p >= t else "NORMAL"
+            r = {"model": "m", "out_of_distribution": False, "probability": float(p), "threshold": t,
+                 "positive_label": "PNEUMONIA", "decision": decision, "borderline": is_borderline(p, t)}
+            card = answer_card(r, show_model=False)
+            assert f'data-decision="{decision}"' in card and f">{decision}<" in card.replace(
+                '<span class="cxr-tag">borderline</span>', "<")
+            assert f"left:{100 * t:.1f}%" in card and f"width:{100 * p:.1f}%" in card
+            assert ("borderline" in card) == (abs(p - t) < 0.05)
+
+
+def test_flagged_card_has_no_decision():
+    from app.app import answer_card
+
+    card = answer_card({"model": "m", "out_of_distribution": True, "message": "Not an X-ray <b>"}, True)
+    assert "Not analysed" in card and "PNEUMONIA" not in card and "&lt;b&gt;" in card
+
+
+def test_controls_redraw_without_prediction():
     import gradio as gr
 
     from app import app as app_module
 
-    assert isinstance(app_module.reblend(None, 0.5), type(gr.skip()))      # expired / evicted state
+    assert all(isinstance(u, type(gr.skip())) for u in app_module.reblend(True, 0.5, None, n_models=1))
     display = make_xray(1, False).convert("RGB")
     heat = np.linspace(0, 1, 64 * 64, dtype=np.float32).reshape(64, 64)
-    a = app_module.reblend({"display": display, "heatmap": heat}, 0.0)
-    b = app_module.reblend({"display": display, "heatmap": heat}, 1.0)
-    assert a.size == b.size == display.size and np.abs(np.asarray(a, int) - np.asarray(b, int)).max() > 50
-    assert app_module.reblend({"display": display, "heatmap": None}, 0.5) is display
+    r = {"model": "m", "out_of_distribution": False, "heatmap_method": "Grad-CAM", "heatmap_class": "PNEUMONIA"}
+    state = {"display": display, "results": [(r, heat)]}
+    faint, strong = (app_module.reblend(True, o, state, n_models=1)[0]["value"] for o in (0.0, 1.0))
+    assert np.abs(np.asarray(faint, int) - np.asarray(strong, int)).max() > 50
+    assert np.array_equal(np.asarray(faint), np.asarray(display))      # opacity 0: the plain film
+    hidden = app_module.reblend(False, 1.0, state, n_models=1)           # unticked: film, no map, no caption
+    assert hidden[0]["value"] is display and hidden[1]["visible"] is False
+    shown = app_module.reblend(True, 1.0, state, n_models=1)
+    assert shown[1]["visible"] and "colorbar" in shown[1]["value"] and "not a map of disease" in shown[1]["value"]
+
+
+def test_overlay_is_transparent_where_the_map_is_zero():
+    from cxr.explain import evidence_map, overlay
+
+    display = make_xray(2, False, 64).convert("RGB")
+    heat = np.zeros((64, 64), np.float32)
+    heat[20:30, 20:30] = 1.0
+    out = np.asarray(overlay(display, heat, 1.0), int)
+    base = np.asarray(display, int)
+    assert np.array_equal(out[:10, :10], base[:10, :10]) and np.abs(out[25, 25] - base[25, 25]).max() > 50
+    weak = np.asarray(overlay(display, evidence_map(heat, 0.01), 1.0), int)
+    assert np.abs(weak - base).max() <= 4
+
+
+def test_show_film_and_predict_button(model_folders, tmp_path):
+    from app import app as app_module
+
+    path = film(tmp_path, "f.png")
+    out = app_module.show_film(str(path), None, n_models=1)
+    assert out[0]["visible"] and out[0]["value"].size == (96, 96) and out[2]["interactive"] is True
+    (tmp_path / "bad.png").write_bytes(b"not an image")
+    bad = app_module.show_film(str(tmp_path / "bad.png"), None, n_models=1)
+    assert bad[1]["visible"] and "Cannot use this file" in bad[1]["value"] and bad[2]["interactive"] is False
+    assert app_module.show_film(None, None, n_models=1)[2]["interactive"] is False
+
+
+def test_model_facts_show_cv_and_external_or_say_not_measured(model_folders, trained_folder):
+    from app import app as app_module
+
+    facts = app_module.model_facts(Predictor.from_pretrained(model_folders[0], precision="fp32"))
+    assert "Cross-validated | roc_auc: mean 0.910; std 0.020" in facts
+    assert "External data | chest_xray_val_fullres: roc auc 0.870" in facts
+    assert "distance limit" in facts
+    plain = app_module.model_facts(Predictor.from_pretrained(trained_folder, precision="fp32"))
+    assert "Cross-validated | not measured" in plain and "colour check only" in plain
+    assert "transfer learning" in app_module.TEACHING.lower()
+
+
+def test_parse_models():
+    from app.app import parse_models
+
+    assert parse_models(None) == [None]
+    assert parse_models(["a,b", "c"]) == ["a", "b", "c"]
+
+
+def test_app_refuses_bad_model_at_startup(trained_folder, tmp_path, capsys):
+    import shutil
+
+    from app import app as app_module
+
+    bad = tmp_path / "pickle"
+    shutil.copytree(trained_folder, bad)
+    (bad / "model.safetensors").rename(bad / "pytorch_model.bin")
+    assert app_module.main(["--model", str(trained_folder), "--model", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "only pickle weights" in err and "Traceback" not in err

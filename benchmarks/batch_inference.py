@@ -110,7 +110,7 @@ def main(argv=None) -> int:
 
     from cxr.data import processor_size
     from cxr.inference import Predictor
-    from cxr.modeling import is_cnn
+    from cxr.architecture import CNN, family
 
     info = common.machine_info()
     common.print_machine_info(info)
@@ -121,7 +121,7 @@ def main(argv=None) -> int:
 
     p32 = Predictor.from_pretrained(model_dir, precision="fp32")
     p16 = Predictor.from_pretrained(model_dir, precision="bf16") if bf16_ok else None
-    cnn = is_cnn(p32.model)
+    cnn = family(p32.model) == CNN
     h, w = processor_size(p32.processor)
     print(f"model: {model_desc} ({p32.config.model_type}, {h}x{w} px, "
           f"{sum(p.numel() for p in p32.model.parameters()) / 1e6:.1f} M parameters) | "

@@ -99,7 +99,7 @@ def machine_info() -> dict:
     import torch
     import transformers
 
-    from cxr.training import cpu_supports_bf16
+    from cxr.precision import cpu_supports_bf16
 
     info = {
         "cpu_model": _cpu_model(),

@@ -134,7 +134,8 @@ class PlainLoop:
 
         from cxr.config import parse_args
         from cxr.data import ImageTransform, prepare_data
-        from cxr.modeling import apply_strategy, build_model, is_cnn
+        from cxr.architecture import CNN, family
+        from cxr.modeling import apply_strategy, build_model
         from cxr.training import WeightedCrossEntropy
 
         self.torch, self.steps, b = torch, args.plain_steps, args.batch_size
@@ -146,7 +147,7 @@ class PlainLoop:
         model, processor = build_model(model_args.model_name_or_path, data.id2label, model_args.image_size,
                                        model_args.model_revision)
         model = apply_strategy(model, model_args.strategy, partial_stages=model_args.partial_stages)
-        self.channels_last = bool(model_args.channels_last and is_cnn(model))
+        self.channels_last = bool(model_args.channels_last and family(model) == CNN)
         if self.channels_last:
             model = model.to(memory_format=torch.channels_last)
         self.model = model.train()

@@ -221,7 +221,7 @@ def test_single_pass_maps_equal_the_library_explainers(predictor, trained_vit_fo
 
 
 def test_bf16_map_agrees_with_fp32(trained_folder, kermany_folder):
-    from cxr.training import resolve_bf16
+    from cxr.precision import resolve_bf16
 
     if not resolve_bf16("auto"):
         pytest.skip("no native bf16 on this CPU")

@@ -28,7 +28,7 @@ Every figure is the median of ``--repeats`` timed rounds after one untimed round
 Predictor is timed in rounds alternating with its ceiling, so drift in machine speed (shared
 cores) affects both sides of the ratio alike.
 
-    python benchmarks/batch_inference.py [--quick] [--data DIR] [--model DIR|PRESET|vit-b16-random] [--out JSON]
+    python -m benchmarks.batch_inference [--quick] [--data DIR] [--model DIR|PRESET|vit-b16-random] [--out JSON]
 """
 
 from __future__ import annotations
@@ -38,11 +38,8 @@ import statistics
 import sys
 from concurrent.futures import ThreadPoolExecutor
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from benchmarks import common  # noqa: E402
+from benchmarks import common  # run from the repository root: python -m benchmarks.<name>
 
 NAME = "batch_inference"
 

@@ -32,7 +32,7 @@ loader (``--plain-steps`` batches), model only and data + model (``--plain-steps
 each), Trainer N, Trainer 2N. Each figure is the median over the rounds. Run on a quiet
 machine: other processes make every figure lower and noisier.
 
-    python benchmarks/train_throughput.py [--quick] [--data DIR] [--model PRESET_OR_DIR] [--out JSON]
+    python -m benchmarks.train_throughput [--quick] [--data DIR] [--model PRESET_OR_DIR] [--out JSON]
 """
 
 from __future__ import annotations
@@ -46,9 +46,7 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from benchmarks import common  # noqa: E402
+from benchmarks import common  # run from the repository root: python -m benchmarks.<name>
 
 NAME = "train_throughput"
 

@@ -29,7 +29,6 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
 import train_hf  # noqa: E402
 from cxr.data import add_patient_ids, load_raw_dataset  # noqa: E402

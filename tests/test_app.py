@@ -10,8 +10,8 @@ import pytest
 from PIL import Image
 
 from cxr.inference import DISCLAIMER, Predictor
-from tests.conftest import make_xray
-from tests.test_imaging import PHI, make_dicom
+from tests.helpers import make_xray
+from tests.helpers import PHI, make_dicom
 
 
 @pytest.fixture(scope="module")
@@ -233,13 +233,13 @@ def test_sessions_are_bounded_for_api_callers(trained_folder, monkeypatch, tmp_p
     """Each raw HTTP API call opens a new Gradio session holding a UI-config copy and the
     slider state; the app keeps at most CXR_SESSION_CAPACITY of them (memory stays bounded)."""
     from app import app as app_module
-    from benchmarks.app_latency import HttpUser
+    from tests.helpers import GradioHttp
 
     monkeypatch.setenv("CXR_SESSION_CAPACITY", "3")
     demo = app_module.create_demo(Predictor.from_pretrained(trained_folder, precision="fp32"))
     _, url, _ = app_module.launch(demo, server_name="127.0.0.1", prevent_thread_lock=True, quiet=True)
     make_xray(5, True).save(tmp_path / "s.png")
-    user = HttpUser(url.rstrip("/"))
+    user = GradioHttp(url)
     try:
         for _ in range(7):
             data = user.predict(tmp_path / "s.png", heatmap=True)

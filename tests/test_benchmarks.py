@@ -12,10 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import write_kermany_folder
+from tests.helpers import write_kermany_folder
 
 ROOT = Path(__file__).resolve().parent.parent
 TIMEOUT = 240
+pytestmark = [pytest.mark.bench, pytest.mark.slow]
 MACHINE_KEYS = {"cpu_model", "logical_cores", "torch", "transformers", "cpu_supports_bf16"}
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from cxr.inference import Predictor
-from tests.conftest import ROOT, make_xray
+from tests.helpers import ROOT, make_xray
 
 CHROMIUM = Path("/usr/bin/chromium")
 SCREENSHOTS = ROOT / "test-output" / "browser"
@@ -16,8 +16,9 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic"
                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
                  "--no-proxy-server"]
 
-pytestmark = pytest.mark.skipif(not CHROMIUM.is_file(),
-                                reason="/usr/bin/chromium is absent: apt-get install chromium (see .ci/run)")
+pytestmark = [pytest.mark.browser, pytest.mark.slow,
+              pytest.mark.skipif(not CHROMIUM.is_file(),
+                                 reason="/usr/bin/chromium is absent: apt-get install chromium (see .ci/run)")]
 
 
 @pytest.fixture(scope="module")

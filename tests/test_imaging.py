@@ -16,13 +16,9 @@ import numpy as np
 import pydicom
 import pytest
 from PIL import Image, ImageFile
-from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import (
-    ExplicitVRLittleEndian,
     JPEG2000,
     RLELossless,
-    SecondaryCaptureImageStorage,
-    generate_uid,
 )
 
 from cxr.imaging import (
@@ -34,8 +30,7 @@ from cxr.imaging import (
     load_image,
 )
 
-PHI = ("Doe^Jane", "PHI-12345", "19700101", "ACC-98765", "St Elsewhere")
-
+from tests.helpers import PHI, make_dicom  # noqa: F401 (shared with test_app)
 
 # ----------------------------------------------------------------------------- builders
 
@@ -68,37 +63,6 @@ def jpeg_with_header(width: int, height: int) -> bytes:
     sof = data.index(b"\xff\xc0")
     data[sof + 5:sof + 9] = struct.pack(">HH", height, width)
     return bytes(data)
-
-
-def make_dicom(pixels: np.ndarray | None, *, photometric: str = "MONOCHROME2",
-               preamble: bool = True, **attrs) -> bytes:
-    """Uncompressed 16-bit greyscale DICOM (12 bits stored) carrying PHI, as bytes."""
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID = meta.MediaStorageSOPClassUID
-    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
-    ds.PatientName, ds.PatientID, ds.PatientBirthDate = PHI[0], PHI[1], PHI[2]
-    ds.AccessionNumber, ds.InstitutionName = PHI[3], PHI[4]
-    ds.Modality = "DX"
-    ds.SamplesPerPixel = 1
-    ds.PhotometricInterpretation = photometric
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
-    if pixels is not None:
-        ds.Rows, ds.Columns = pixels.shape[-2:]
-        ds.PixelData = pixels.astype("<u2").tobytes()
-    for key, value in attrs.items():
-        setattr(ds, key, value)
-    buf = io.BytesIO()
-    if preamble:
-        ds.save_as(buf, enforce_file_format=True)
-    else:  # no preamble, no file meta: a bare implicit-VR dataset
-        del ds.file_meta
-        pydicom.dcmwrite(buf, ds, implicit_vr=True, little_endian=True)
-    return buf.getvalue()
 
 
 def ramp12(rows: int = 64, cols: int = 80) -> np.ndarray:

@@ -11,7 +11,7 @@ from cxr.data import ImageTransform, prepare_data
 from cxr.config import DataArguments
 from cxr.imaging import ImageLoadError
 from cxr.inference import DISCLAIMER, ModelLoadError, Predictor, main as cli_main
-from tests.conftest import make_xray
+from tests.helpers import make_xray
 
 
 @pytest.fixture(scope="module")

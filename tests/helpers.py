@@ -1,0 +1,127 @@
+"""Shared test helpers: builders of inputs (synthetic X-rays, image folders, DICOMs, tiny model
+folders), train_hf arguments and a raw Gradio HTTP client. Test files import from here, never
+from each other or from benchmarks/."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+from cxr.synthetic import make_xray, write_kermany_folder  # noqa: F401 (re-exported)
+
+ROOT = Path(__file__).resolve().parent.parent
+ID2LABEL = {0: "NORMAL", 1: "PNEUMONIA"}
+
+
+def subprocess_env(**extra) -> dict:
+    """Environment for a child Python: offline, and this checkout's code first on the path
+    (whether or not the package is also installed)."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
+               GRADIO_ANALYTICS_ENABLED="False")
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])
+    env.update(extra)
+    return env
+
+
+def base_args(data, out, *extra):
+    """train_hf.py arguments for a 2-step run of a tiny model."""
+    return ["--model_name_or_path", "tiny-resnet-scratch", "--dataset_name", str(data), "--output_dir", str(out),
+            "--max_steps", "2", "--per_device_train_batch_size", "4", "--per_device_eval_batch_size", "16",
+            "--validation_fraction", "0.25", "--logging_steps", "1", "--learning_rate", "1e-3",
+            "--disable_tqdm", "True", *extra]
+
+
+def tiny_timm_folder(tmp_path: Path, architecture: str = "test_resnet", size: int = 64) -> Path:
+    """A timm checkpoint folder as the Hub has them (TimmWrapper config + pretrained_cfg),
+    built offline from timm's own test architectures (random weights)."""
+    from transformers import TimmWrapperConfig, TimmWrapperForImageClassification, TimmWrapperImageProcessor
+
+    from cxr.modeling import save_model_folder
+
+    cfg = TimmWrapperConfig(architecture=architecture, num_labels=1000,
+                            pretrained_cfg={"input_size": [3, size, size], "mean": [0.485, 0.456, 0.406],
+                                            "std": [0.229, 0.224, 0.225], "crop_pct": 1.0,
+                                            "interpolation": "bilinear", "num_classes": 1000})
+    model = TimmWrapperForImageClassification(cfg)
+    proc = TimmWrapperImageProcessor(pretrained_cfg=cfg.pretrained_cfg)
+    folder = tmp_path / f"timm-{architecture}"
+    save_model_folder(model, proc, folder)
+    return folder
+
+
+# ----------------------------------------------------------------- DICOM with patient data
+
+PHI = ("Doe^Jane", "PHI-12345", "19700101", "ACC-98765", "St Elsewhere")
+
+
+
+def make_dicom(pixels: np.ndarray | None, *, photometric: str = "MONOCHROME2",
+               preamble: bool = True, **attrs) -> bytes:
+    """Uncompressed 16-bit greyscale DICOM (12 bits stored) carrying PHI, as bytes."""
+    import pydicom
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID = meta.MediaStorageSOPClassUID
+    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+    ds.PatientName, ds.PatientID, ds.PatientBirthDate = PHI[0], PHI[1], PHI[2]
+    ds.AccessionNumber, ds.InstitutionName = PHI[3], PHI[4]
+    ds.Modality = "DX"
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = photometric
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+    if pixels is not None:
+        ds.Rows, ds.Columns = pixels.shape[-2:]
+        ds.PixelData = pixels.astype("<u2").tobytes()
+    for key, value in attrs.items():
+        setattr(ds, key, value)
+    buf = io.BytesIO()
+    if preamble:
+        ds.save_as(buf, enforce_file_format=True)
+    else:  # no preamble, no file meta: a bare implicit-VR dataset
+        del ds.file_meta
+        pydicom.dcmwrite(buf, ds, implicit_vr=True, little_endian=True)
+    return buf.getvalue()
+
+
+# ----------------------------------------------------------------- Gradio over raw HTTP
+
+class GradioHttp:
+    """A browser-like caller of the app's ``/predict`` endpoint over Gradio's HTTP API
+    (upload, call, event stream); returns the list of outputs."""
+
+    def __init__(self, url: str):
+        import httpx
+
+        self.http = httpx.Client(base_url=url.rstrip("/"), timeout=120)
+
+    def predict(self, path: Path, heatmap: bool = True, opacity: float = 0.4) -> list:
+        r = self.http.post("/gradio_api/upload", files={"files": (path.name, path.read_bytes())})
+        r.raise_for_status()
+        file_data = {"path": r.json()[0], "meta": {"_type": "gradio.FileData"}}
+        r = self.http.post("/gradio_api/call/predict", json={"data": [file_data, opacity, heatmap]})
+        r.raise_for_status()
+        event, data = None, None
+        with self.http.stream("GET", f"/gradio_api/call/predict/{r.json()['event_id']}") as stream:
+            for line in stream.iter_lines():
+                if line.startswith("event:"):
+                    event = line[6:].strip()
+                elif line.startswith("data:") and event in ("complete", "error"):
+                    data = json.loads(line[5:])
+                    break
+        if event != "complete" or not isinstance(data, list):
+            raise RuntimeError(f"request failed: {event}: {str(data)[:200]}")
+        return data
+
+    def close(self):
+        self.http.close()

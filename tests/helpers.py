@@ -37,12 +37,13 @@ def base_args(data, out, *extra):
 
 def tiny_timm_folder(tmp_path: Path, architecture: str = "test_resnet", size: int = 64) -> Path:
     """A timm checkpoint folder as the Hub has them (TimmWrapper config + pretrained_cfg),
-    built offline from timm's own test architectures (random weights)."""
+    built offline from timm's own test architectures (random weights) at ``size`` pixels."""
     from transformers import TimmWrapperConfig, TimmWrapperForImageClassification, TimmWrapperImageProcessor
 
     from cxr.modeling import save_model_folder
 
-    cfg = TimmWrapperConfig(architecture=architecture, num_labels=1000,
+    model_args = {"img_size": size} if architecture.startswith(("test_vit", "test_maxvit")) else None
+    cfg = TimmWrapperConfig(architecture=architecture, num_labels=1000, model_args=model_args,
                             pretrained_cfg={"input_size": [3, size, size], "mean": [0.485, 0.456, 0.406],
                                             "std": [0.229, 0.224, 0.225], "crop_pct": 1.0,
                                             "interpolation": "bilinear", "num_classes": 1000})

@@ -8,7 +8,6 @@ from __future__ import annotations
 import io
 import logging
 import struct
-import time
 import traceback
 import zlib
 
@@ -114,12 +113,13 @@ def test_wrong_input_type():
                                   jpeg_with_header(30_000, 30_000),
                                   png_with_header(8_000, 8_000),  # > 40 M, < Pillow's limit
                                   jpeg_with_header(8_000, 8_000)])
-def test_huge_header_rejected_before_decoding(data):
+def test_huge_header_rejected_before_decoding(data, monkeypatch):
     assert len(data) < 2_000
-    start = time.perf_counter()
+    decoded = []
+    monkeypatch.setattr(ImageFile.ImageFile, "load", lambda self: decoded.append(self.size))
     with pytest.raises(ImageLoadError, match="too large"):
         load_image(data)
-    assert time.perf_counter() - start < 1.0
+    assert decoded == []                                   # refused from the header, nothing decoded
 
 
 def test_max_pixels_argument_is_honoured():
@@ -266,15 +266,6 @@ def test_binary_file_object_and_path_agree(tmp_path):
         b = load_image(handle)
     assert a.tobytes() == b.tobytes() == load_image(data).tobytes()
     assert a.mode == "RGB" and a.size == (64, 48)
-
-
-def test_common_jpeg_is_fast():
-    data = encode(Image.new("RGB", (224, 224), (80, 80, 80)), "JPEG")
-    load_image(data)
-    start = time.perf_counter()
-    for _ in range(50):
-        load_image(data)
-    assert (time.perf_counter() - start) / 50 < 0.01
 
 
 # -------------------------------------------------------------- 8. degenerate sizes
@@ -472,10 +463,8 @@ def test_dicom_size_checked_before_pixels_are_read(monkeypatch):
         return real(*args, **kwargs)
 
     monkeypatch.setattr(pydicom, "dcmread", spy)
-    start = time.perf_counter()
     with pytest.raises(ImageLoadError, match="too large"):
         load_image(huge)
-    assert time.perf_counter() - start < 1.0
     assert calls == [True]  # only the header-only read happened
     frames = make_dicom(None, Rows=2000, Columns=2000, NumberOfFrames=20,
                         PixelData=b"\x00" * 64)

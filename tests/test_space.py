@@ -88,6 +88,7 @@ def test_bad_destination_and_model_id(space, tmp_path):
         build_space_folder(tmp_path / "x", model_id="not a/valid id!")
 
 
+@pytest.mark.slow   # a fresh interpreter imports gradio, torch and transformers
 def test_app_imports_cxr_from_beside_itself(space):
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     code = ("import app, cxr, pathlib; here = pathlib.Path.cwd().resolve(); "

@@ -250,3 +250,24 @@ def test_bf16_and_fp32_agree_on_real_xrays_with_the_shipped_model():
         assert abs(a.positive_probability - b.positive_probability) < 0.01
     # and the shipped model gets the examples right (two NORMAL, two PNEUMONIA)
     assert [r.label for r in fp32.predict_batch(examples)] == ["NORMAL", "NORMAL", "PNEUMONIA", "PNEUMONIA"]
+
+
+@pytest.mark.parametrize("name", ["{tmp}/nothing", "./nothing", "models_here/typo", "models_here/a/b", "~/no-such-cxr-model-dir"])
+def test_wrong_local_path_says_the_folder_does_not_exist(tmp_path, monkeypatch, name):
+    """Not a Hub connection error: the folder is named as missing, for the Predictor and training."""
+    from cxr.modeling import ModelError, load_checkpoint
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "models_here").mkdir()
+    name = name.format(tmp=tmp_path)
+    with pytest.raises(ModelLoadError, match=r"model folder not found: .*\(no such folder\)") as e:
+        Predictor.from_pretrained(name)
+    assert "huggingface.co" not in str(e.value) and "Hub" not in str(e.value)
+    with pytest.raises(ModelError, match=r"model folder not found: .*\(no such folder\)"):
+        load_checkpoint(name, {0: "NORMAL", 1: "PNEUMONIA"})
+
+
+def test_hub_id_failure_says_it_is_not_a_local_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)                        # offline (conftest): the Hub cannot be reached
+    with pytest.raises(ModelLoadError, match=r"cannot load model 'someone/cxr-model' \(not a local folder"):
+        Predictor.from_pretrained("someone/cxr-model")

@@ -2,6 +2,12 @@
 CNNs (the ``grad-cam`` package), and an overlay on the X-ray. Maps are in [0, 1], at the
 model's input resolution; ``overlay`` stretches them back onto the displayed image.
 
+Which map is chosen by the architecture family (``cxr.architecture.family``, read from the
+config): ``cnn`` -> Grad-CAM on the last backbone stage; ``vit`` -> attention rollout
+(transformers ViTs from ``output_attentions``, timm ViTs behind TimmWrapper from each block's
+attention probabilities); ``other`` (Swin, MaxViT, hybrids, unknown) -> no map, said
+explicitly (:func:`no_map_reason`, :class:`NoMapError`) rather than a misleading one.
+
 Fast paths used by the Predictor (same maps, one forward pass, no backward pass):
 
 * ViT: the attentions come from the prediction's own forward (``output_attentions=True``).

@@ -48,13 +48,14 @@ def test_serving_imports_nothing_from_training(module):
 def test_requirements_agree_with_pyproject():
     project = pyproject()["project"]
     core = {_name(r): r.replace(" ", "") for r in project["dependencies"]}
-    space = {_name(r): r.replace(" ", "") for r in project["optional-dependencies"]["space"]}
+    extras = {_name(r): r.replace(" ", "") for key in ("space", "checkpoints")
+              for r in project["optional-dependencies"][key]}
     reqs = _requirements(ROOT / "requirements.txt")
-    assert reqs == {**core, **space}                                 # same packages, same pins
+    assert reqs == {**core, **extras}                                # same packages, same pins
     assert core["torch"] == "torch==2.14.1" and core["torchvision"] == "torchvision==0.29.1"
     app = _requirements(ROOT / "app" / "requirements.txt")
     for name, spec in app.items():                                   # the Space: a subset, same pins
-        assert spec == {**core, **space}[name], name
+        assert spec == {**core, **extras}[name], name
     assert not {"scikit-learn", "datasets", "peft", "evaluate", "accelerate", "matplotlib"} & set(app)
     dev = {_name(r) for r in project["optional-dependencies"]["dev"]}
     assert {"pytest", "playwright"} <= dev

@@ -23,14 +23,15 @@ import torch
 import yaml
 
 from cxr.checkpointing import resolve_resume
+from cxr.architecture import CNN, family
 from cxr.config import ConfigError, parse_args, resolved_config
 from cxr.data import (
     DataError, ImageTransform, PreparedData, check_images, check_patient_disjoint, cv_fold, cv_folds,
     prepare_data, processor_size,
 )
-from cxr.hub import PushError, card_facts, push_folder, render_model_card
+from cxr.hub import PushError, card_facts, check_push_access, push_folder, render_model_card
 from cxr.modeling import (
-    ModelError, apply_strategy, build_model, count_parameters, is_cnn, merge_for_export, save_model_folder,
+    ModelError, apply_strategy, build_model, count_parameters, merge_for_export, save_model_folder,
 )
 from cxr.operating_point import CONFIG_KEY
 from cxr.training import (
@@ -76,7 +77,7 @@ def train_one(model_args, data_args, training_args, data: PreparedData, predict:
     trainable, total = count_parameters(model)
     logger.info("trainable parameters: %s of %s (%.2f%%), strategy %s", f"{trainable:,}", f"{total:,}",
                 100 * trainable / total, model_args.strategy)
-    if model_args.channels_last and is_cnn(model):
+    if model_args.channels_last and family(model) == CNN:
         model = model.to(memory_format=torch.channels_last)
     for split, ds in data.splits.items():
         ds.set_transform(ImageTransform(processor, augment=data_args.augment and split == "train"))
@@ -185,6 +186,8 @@ def run(argv: list[str] | None = None) -> dict:
 
     # 1. Arguments: YAML defaults, command-line overrides, checked before any work.
     model_args, data_args, training_args = parse_args(argv)
+    if training_args.push_to_hub:  # token, network and write access checked before any work
+        check_push_access(training_args.hub_model_id, token=training_args.hub_token)
     out_dir = Path(training_args.output_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise ConfigError(f"output_dir '{out_dir.name}' exists and is not a folder")
@@ -309,7 +312,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     try:
         run(argv)
-    except USER_ERRORS as e:
+    except USER_ERRORS as e:  # printed once, without a traceback
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -32,14 +32,12 @@ import gradio as gr
 import numpy as np
 from PIL import Image
 
-HERE = Path(__file__).resolve().parent
-for candidate in (HERE, HERE.parent):            # repo checkout, or a Space with cxr/ beside app.py
-    if (candidate / "cxr" / "__init__.py").is_file() and str(candidate) not in sys.path:
-        sys.path.insert(0, str(candidate))
+# cxr is the installed package (pip install .), or the cxr/ folder beside app.py in a Space
+from cxr.explain import EXPLAINER_NAMES, colorbar_css, evidence_map, heatmap_image, overlay
+from cxr.imaging import ImageLoadError, load_image
+from cxr.inference import DISCLAIMER, ModelLoadError, Predictor
 
-from cxr.explain import EXPLAINER_NAMES, colorbar_css, evidence_map, heatmap_image, overlay  # noqa: E402
-from cxr.imaging import ImageLoadError, load_image  # noqa: E402
-from cxr.inference import DISCLAIMER, ModelLoadError, Predictor  # noqa: E402
+HERE = Path(__file__).resolve().parent
 
 logger = logging.getLogger("cxr.app")
 

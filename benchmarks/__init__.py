@@ -1,1 +1,1 @@
-"""Benchmark scripts (run them as python benchmarks/<name>.py); see each script's docstring."""
+"""Benchmark scripts (run them as python -m benchmarks.<name>); see each script's docstring."""

@@ -27,7 +27,7 @@ Models: ``--model DIR`` (default: the shipped model, or a random-init cxr-resnet
 if it is missing), a preset name, or ``vit-b16-random`` for a random-init ViT-B/16
 (``ViTConfig()`` defaults, 224 px) so that ViT-B/16 latency is measurable offline.
 
-    python benchmarks/app_latency.py [--quick] [--data DIR] [--model DIR|PRESET|vit-b16-random]
+    python -m benchmarks.app_latency [--quick] [--data DIR] [--model DIR|PRESET|vit-b16-random]
                                      [--requests N] [--concurrency C] [--out JSON]
 """
 
@@ -39,9 +39,7 @@ import threading
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from benchmarks import common  # noqa: E402
+from benchmarks import common  # run from the repository root: python -m benchmarks.<name>
 
 NAME = "app_latency"
 

@@ -28,7 +28,7 @@ Every figure is the median of ``--repeats`` timed rounds after one untimed round
 Predictor is timed in rounds alternating with its ceiling, so drift in machine speed (shared
 cores) affects both sides of the ratio alike.
 
-    python benchmarks/batch_inference.py [--quick] [--data DIR] [--model DIR|PRESET|vit-b16-random] [--out JSON]
+    python -m benchmarks.batch_inference [--quick] [--data DIR] [--model DIR|PRESET|vit-b16-random] [--out JSON]
 """
 
 from __future__ import annotations
@@ -38,11 +38,8 @@ import statistics
 import sys
 from concurrent.futures import ThreadPoolExecutor
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from benchmarks import common  # noqa: E402
+from benchmarks import common  # run from the repository root: python -m benchmarks.<name>
 
 NAME = "batch_inference"
 
@@ -110,7 +107,7 @@ def main(argv=None) -> int:
 
     from cxr.data import processor_size
     from cxr.inference import Predictor
-    from cxr.modeling import is_cnn
+    from cxr.architecture import CNN, family
 
     info = common.machine_info()
     common.print_machine_info(info)
@@ -121,7 +118,7 @@ def main(argv=None) -> int:
 
     p32 = Predictor.from_pretrained(model_dir, precision="fp32")
     p16 = Predictor.from_pretrained(model_dir, precision="bf16") if bf16_ok else None
-    cnn = is_cnn(p32.model)
+    cnn = family(p32.model) == CNN
     h, w = processor_size(p32.processor)
     print(f"model: {model_desc} ({p32.config.model_type}, {h}x{w} px, "
           f"{sum(p.numel() for p in p32.model.parameters()) / 1e6:.1f} M parameters) | "

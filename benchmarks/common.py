@@ -30,8 +30,6 @@ from pathlib import Path
 from typing import Callable
 
 ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
 # Benchmarks never touch the network.
 for _k, _v in (("HF_HUB_OFFLINE", "1"), ("HF_DATASETS_OFFLINE", "1"), ("TRANSFORMERS_OFFLINE", "1"),
@@ -99,7 +97,7 @@ def machine_info() -> dict:
     import torch
     import transformers
 
-    from cxr.training import cpu_supports_bf16
+    from cxr.precision import cpu_supports_bf16
 
     info = {
         "cpu_model": _cpu_model(),

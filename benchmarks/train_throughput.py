@@ -32,7 +32,7 @@ loader (``--plain-steps`` batches), model only and data + model (``--plain-steps
 each), Trainer N, Trainer 2N. Each figure is the median over the rounds. Run on a quiet
 machine: other processes make every figure lower and noisier.
 
-    python benchmarks/train_throughput.py [--quick] [--data DIR] [--model PRESET_OR_DIR] [--out JSON]
+    python -m benchmarks.train_throughput [--quick] [--data DIR] [--model PRESET_OR_DIR] [--out JSON]
 """
 
 from __future__ import annotations
@@ -46,9 +46,7 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from benchmarks import common  # noqa: E402
+from benchmarks import common  # run from the repository root: python -m benchmarks.<name>
 
 NAME = "train_throughput"
 
@@ -134,7 +132,8 @@ class PlainLoop:
 
         from cxr.config import parse_args
         from cxr.data import ImageTransform, prepare_data
-        from cxr.modeling import apply_strategy, build_model, is_cnn
+        from cxr.architecture import CNN, family
+        from cxr.modeling import apply_strategy, build_model
         from cxr.training import WeightedCrossEntropy
 
         self.torch, self.steps, b = torch, args.plain_steps, args.batch_size
@@ -146,7 +145,7 @@ class PlainLoop:
         model, processor = build_model(model_args.model_name_or_path, data.id2label, model_args.image_size,
                                        model_args.model_revision)
         model = apply_strategy(model, model_args.strategy, partial_stages=model_args.partial_stages)
-        self.channels_last = bool(model_args.channels_last and is_cnn(model))
+        self.channels_last = bool(model_args.channels_last and family(model) == CNN)
         if self.channels_last:
             model = model.to(memory_format=torch.channels_last)
         self.model = model.train()

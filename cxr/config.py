@@ -9,6 +9,7 @@ dataclass types convert YAML values (``3e-5`` written in YAML becomes a float).
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import os
 from dataclasses import dataclass, field
@@ -17,11 +18,26 @@ from pathlib import Path
 import yaml
 from transformers import HfArgumentParser, TrainingArguments
 
+from .precision import PRECISIONS, resolve_bf16
+
 STRATEGIES = ("frozen", "partial", "full", "lora")
+USAGE = "train_hf.py [--config FILE.yaml] [--field value ...]   (or: cxr-train ...)"
 
 
 class ConfigError(ValueError):
     """A bad configuration, found before anything is downloaded or trained."""
+
+
+class _Parser(HfArgumentParser):
+    """argparse errors become one ConfigError (argparse would print usage, then exit)."""
+
+    def error(self, message):
+        raise ConfigError(message)
+
+
+def _suggest(name: str, known) -> str:
+    close = difflib.get_close_matches(name, list(known), n=1, cutoff=0.6)
+    return f" (did you mean --{close[0]}?)" if close else ""
 
 
 @dataclass
@@ -151,9 +167,10 @@ def load_yaml_config(path: str | os.PathLike) -> dict:
     if not isinstance(data, dict):
         raise ConfigError(f"config file {p.name} must be a mapping of field: value")
     known = _field_names()
-    unknown = sorted(k for k in data if k not in known)
+    unknown = sorted(str(k) for k in data if k not in known)
     if unknown:
-        raise ConfigError(f"unknown config key(s) in {p.name}: {', '.join(unknown)}")
+        hints = [f"{k}{_suggest(k, known).replace(' --', ' ')}" for k in unknown]
+        raise ConfigError(f"unknown config key(s) in {p.name}: {', '.join(hints)}")
     return data
 
 
@@ -183,23 +200,22 @@ def parse_args(argv: list[str] | None = None):
     values = dict(DEFAULT_TRAINING)
     if cfg_path:
         values.update(load_yaml_config(cfg_path))
-    if "-h" in argv or "--help" in argv:  # argparse prints every field's help text and exits
-        HfArgumentParser(ALL_ARGS).parse_args_into_dataclasses(args=["--help"])
+    if "-h" in argv or "--help" in argv:  # the project's fields first, then TrainingArguments; exits
+        help_parser().print_help()
+        raise SystemExit(0)
     known = _field_names()
-    for a in argv:  # unknown command-line flags: name them (argparse would print usage and exit)
+    for a in argv:  # unknown command-line flags: name them and suggest the nearest one
         if a.startswith("--"):
             key = a[2:].split("=", 1)[0]
-            if key not in known:
-                raise ConfigError(f"unknown argument: --{key}")
+            if key.replace("-", "_") not in known:
+                raise ConfigError(f"unknown argument: --{key}{_suggest(key, [*known, 'config'])}")
     flags = _to_flags(values) + argv
     # Precision and device must be settled before the one TrainingArguments is built: its
     # __post_init__ fixes mixed precision and the (process-wide) accelerate state.
-    pre = HfArgumentParser((ModelArguments, DataArguments)).parse_known_args(flags)[0]
-    if pre.precision not in ("auto", "bf16", "fp32"):
+    pre = _Parser((ModelArguments, DataArguments)).parse_known_args(flags)[0]
+    if pre.precision not in PRECISIONS:
         raise ConfigError(f"unknown precision '{pre.precision}': choose auto, bf16 or fp32")
     import torch
-
-    from .training import resolve_bf16
 
     extra = []
     if not torch.cuda.is_available():
@@ -207,7 +223,7 @@ def parse_args(argv: list[str] | None = None):
         extra += ["--use_cpu", "True"]
     if pre.precision != "auto" or resolve_bf16("auto"):
         extra += ["--bf16", str(resolve_bf16(pre.precision))]
-    model_args, data_args, training_args = _parse(HfArgumentParser(ALL_ARGS), extra + flags)
+    model_args, data_args, training_args = _parse(_Parser(ALL_ARGS), extra + flags)
     validate_args(model_args, data_args, training_args)
     return model_args, data_args, training_args
 
@@ -215,10 +231,35 @@ def parse_args(argv: list[str] | None = None):
 def _parse(parser, flags):
     try:
         return parser.parse_args_into_dataclasses(args=flags, look_for_args_file=False)
-    except SystemExit as e:  # argparse's own type errors
-        raise ConfigError(f"invalid arguments (exit {e.code}); see python train_hf.py --help") from None
+    except ConfigError:  # argparse's own messages (bad values), raised by _Parser.error
+        raise
     except ValueError as e:  # TrainingArguments.__post_init__ checks
         raise ConfigError(str(e).splitlines()[0]) from None
+
+
+def help_parser() -> HfArgumentParser:
+    """The parser ``--help`` prints: --config, then the project's own fields (model, data),
+    then the ~150 fields of transformers.TrainingArguments."""
+
+    @dataclass
+    class _Config:
+        _argument_group_name = "configuration"
+        config: str | None = field(default=None, metadata={
+            "help": "YAML file of defaults (any field below); the command line overrides it. "
+                    "A run's run_config.yaml can be passed back here."})
+
+    class _Model(ModelArguments):
+        _argument_group_name = "model (this project)"
+
+    class _Data(DataArguments):
+        _argument_group_name = "data, evaluation and precision (this project)"
+
+    class _Training(TrainingArguments):
+        _argument_group_name = "training (transformers.TrainingArguments, usual names)"
+
+    return HfArgumentParser((_Config, _Model, _Data, _Training), usage=USAGE,
+                            description="Train a chest X-ray classifier and write a Hub-ready model folder. "
+                                        "Research and education only: not a medical device.")
 
 
 def validate_args(model_args: ModelArguments, data_args: DataArguments, training_args) -> None:
@@ -228,7 +269,7 @@ def validate_args(model_args: ModelArguments, data_args: DataArguments, training
         raise ConfigError("dataset_name is required (a Hub dataset id or a local folder)")
     if not 0.0 < data_args.validation_fraction < 1.0:
         raise ConfigError("validation_fraction must be between 0 and 1")
-    if data_args.precision not in ("auto", "bf16", "fp32"):
+    if data_args.precision not in PRECISIONS:
         raise ConfigError(f"unknown precision '{data_args.precision}': choose auto, bf16 or fp32")
     if data_args.cv_folds == 1 or data_args.cv_folds < 0:
         raise ConfigError("cv_folds must be 0 (off) or at least 2")

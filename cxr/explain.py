@@ -3,6 +3,12 @@ CNNs (the ``grad-cam`` package), and an overlay on the X-ray. Maps are in [0, 1]
 model's input resolution; ``evidence_map`` weights them by the class's probability (they are
 min-max scaled per image) and ``overlay`` blends them, transparent where they are 0.
 
+Which map is chosen by the architecture family (``cxr.architecture.family``, read from the
+config): ``cnn`` -> Grad-CAM on the last backbone stage; ``vit`` -> attention rollout
+(transformers ViTs from ``output_attentions``, timm ViTs behind TimmWrapper from each block's
+attention probabilities); ``other`` (Swin, MaxViT, hybrids, unknown) -> no map, said
+explicitly (:func:`no_map_reason`, :class:`NoMapError`) rather than a misleading one.
+
 Fast paths used by the Predictor (same maps, one forward pass, no backward pass):
 
 * ViT: the attentions come from the prediction's own forward (``output_attentions=True``).
@@ -15,13 +21,14 @@ Fast paths used by the Predictor (same maps, one forward pass, no backward pass)
 
 from __future__ import annotations
 
+import math
 import threading
 
 import numpy as np
 import torch
 from PIL import Image
 
-from .modeling import find_blocks, is_cnn
+from .architecture import CNN, VIT, describe_architecture, family, find_blocks
 
 
 class _LogitsOnly(torch.nn.Module):
@@ -35,15 +42,60 @@ class _LogitsOnly(torch.nn.Module):
         return self.model(pixel_values=x).logits
 
 
-def explainer_kind(model) -> str:
-    return "grad-cam" if is_cnn(model) else "attention-rollout"
+class NoMapError(RuntimeError):
+    """This architecture has no heat map (see :func:`explainer_kind`)."""
 
 
-EXPLAINER_NAMES = {"grad-cam": "Grad-CAM", "attention-rollout": "attention rollout"}
+def _is_timm(model) -> bool:
+    return getattr(getattr(model, "config", None), "model_type", None) == "timm_wrapper"
 
 
-def compute_attention_rollout(attentions, discard_ratio: float = 0.0) -> np.ndarray:
-    """attentions: per layer (batch, heads, tokens, tokens) with the CLS token first.
+def explainer_kind(model) -> str | None:
+    """By architecture family (``cxr.architecture.family``): Grad-CAM for CNNs, attention
+    rollout for ViTs with a class token, None (no map) for every other architecture."""
+    fam = family(model)
+    if fam == CNN:
+        return "grad-cam"
+    if fam == VIT and (not _is_timm(model) or _timm_vit_has_cls(model)):
+        return "attention-rollout"
+    return None
+
+
+def no_map_reason(model) -> str:
+    return f"no heat map for this architecture ({describe_architecture(model)}, family {family(model)})"
+
+
+EXPLAINER_NAMES = {"grad-cam": "Grad-CAM", "attention-rollout": "attention rollout", None: "none"}
+
+
+def _timm_vit_has_cls(model) -> bool:
+    vit = getattr(model, "timm_model", None)
+    return getattr(vit, "cls_token", None) is not None and hasattr(vit, "blocks") and all(
+        hasattr(getattr(b, "attn", None), "attn_drop") for b in vit.blocks)
+
+
+def timm_attentions(model, pixel_values: torch.Tensor) -> list[torch.Tensor]:
+    """Per block (batch, heads, tokens, tokens) attention probabilities of a timm ViT behind
+    TimmWrapper, read from each block's ``attn_drop`` input (timm's unfused attention path).
+    Switches the model to unfused attention: use it on the explainer's own copy."""
+    outs: list[torch.Tensor] = []
+    hooks = []
+    for block in model.timm_model.blocks:
+        block.attn.fused_attn = False
+        hooks.append(block.attn.attn_drop.register_forward_hook(lambda m, i, o: outs.append(o.detach())))
+    try:
+        model(pixel_values=pixel_values)
+    finally:
+        for h in hooks:
+            h.remove()
+    return outs
+
+
+def compute_attention_rollout(attentions, discard_ratio: float = 0.0, num_prefix_tokens: int | None = None
+                              ) -> np.ndarray:
+    """attentions: per layer (batch, heads, tokens, tokens) with the CLS token first, then any
+    other prefix tokens (DeiT's distillation token, registers; default: inferred as the tokens
+    beyond the largest square grid), then the patches.
     Returns (batch, grid, grid) CLS-to-patch relevance, min-max scaled to [0, 1]."""
     result = None
     for att in attentions:
@@ -57,9 +109,11 @@ def compute_attention_rollout(attentions, discard_ratio: float = 0.0) -> np.ndar
         a = 0.5 * a + 0.5 * eye                                    # residual connection
         a = a / a.sum(dim=-1, keepdim=True)
         result = a if result is None else a @ result
-    cls = result[:, 0, 1:]                                         # CLS row, patch tokens
-    grid = int(round(cls.shape[-1] ** 0.5))
-    cls = cls[:, : grid * grid].reshape(-1, grid, grid)
+    tokens = result.shape[-1]
+    grid = math.isqrt(tokens - 1)
+    prefix = tokens - grid * grid if num_prefix_tokens is None else num_prefix_tokens
+    grid = math.isqrt(tokens - prefix)
+    cls = result[:, 0, prefix:prefix + grid * grid].reshape(-1, grid, grid)   # CLS row, patch tokens
     lo = cls.flatten(1).min(1).values[:, None, None]
     hi = cls.flatten(1).max(1).values[:, None, None]
     return ((cls - lo) / (hi - lo + 1e-8)).cpu().numpy()
@@ -71,6 +125,8 @@ class Explainer:
     def __init__(self, model):
         self.model = model
         self.kind = explainer_kind(model)
+        if self.kind is None:
+            raise NoMapError(no_map_reason(model))
         self._lock = threading.Lock()  # Grad-CAM keeps activations in hooks: one call at a time
         if self.kind == "grad-cam":
             from pytorch_grad_cam import GradCAM
@@ -90,6 +146,10 @@ class Explainer:
             with torch.enable_grad():
                 cam = self._cam(input_tensor=pixel_values.float(), targets=[ClassifierOutputTarget(class_id)])
             return np.asarray(cam[0], dtype=np.float32)
+        if _is_timm(self.model):
+            with torch.no_grad():
+                return rollout_map(timm_attentions(self.model, pixel_values.float()), size,
+                                   num_prefix_tokens=self.model.timm_model.num_prefix_tokens)
         with torch.no_grad():
             out = self.model(pixel_values=pixel_values.float(), output_attentions=True)
         return rollout_map(out.attentions, size)
@@ -124,11 +184,11 @@ def gradcam_from_features(features: torch.Tensor, head: torch.nn.Linear, class_i
     return np.asarray(scale_cam_image(np.maximum(scaled, 0))[0], dtype=np.float32)
 
 
-def rollout_map(attentions, size: tuple[int, int]) -> np.ndarray:
+def rollout_map(attentions, size: tuple[int, int], num_prefix_tokens: int | None = None) -> np.ndarray:
     """Attention rollout of one image, bilinearly resized to ``size`` (H, W), in [0, 1]."""
     if not attentions or attentions[0] is None:
         raise RuntimeError("the model returned no attentions (load it with attn_implementation='eager')")
-    grid = compute_attention_rollout(attentions)[0]
+    grid = compute_attention_rollout(attentions, num_prefix_tokens=num_prefix_tokens)[0]
     up = torch.nn.functional.interpolate(torch.from_numpy(grid)[None, None], size=tuple(size),
                                          mode="bilinear", align_corners=False)
     return up[0, 0].clamp(0, 1).numpy().astype(np.float32)

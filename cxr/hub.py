@@ -232,3 +232,109 @@ def push_folder(folder: str | Path, repo_id: str, *, private: bool = False, toke
         raise PushError(f"push to {repo_id} failed ({type(e).__name__}: {msg}); the local folder {folder} is "
                         "complete: fix the cause (network, `hf auth login`) and re-run with --push_to_hub") from None
     return getattr(info, "commit_url", str(info))
+
+
+# ---------------------------------------------------------------- push checks and the push-only command
+
+WRITE_ROLES = ("admin", "write", "contributor")
+
+
+def _first_line(e: Exception) -> str:
+    return ((str(e).splitlines() or [""])[0] or type(e).__name__)[:300]
+
+
+def _token_can_write(auth: dict, namespace: str) -> bool | None:
+    """What the token itself allows: False for a read token or a fine-grained token without
+    repo.write on ``namespace``; None when the answer does not say."""
+    access = (auth or {}).get("accessToken") or {}
+    role = access.get("role")
+    if role == "read":
+        return False
+    if role == "fineGrained":
+        fine = access.get("fineGrained") or {}
+        for scope in fine.get("scoped") or []:
+            if (scope.get("entity") or {}).get("name") == namespace:
+                return "repo.write" in (scope.get("permissions") or [])
+        return False
+    return True if role in ("write", "admin") else None
+
+
+def check_push_access(repo_id: str | None, *, token: str | None = None, api: HfApi | None = None) -> str:
+    """Before any training: a Hub repo id, a token, the Hub reachable, and write access to
+    the repo's namespace (the token's user, or an organisation where it may write).
+    Returns the full repo id; any failure is a PushError with one clear line."""
+    from huggingface_hub import constants, get_token
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    if not repo_id:
+        raise PushError("--push_to_hub needs --hub_model_id (user/name or organisation/name)")
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as e:
+        raise PushError(f"'{repo_id}' is not a valid Hub repo id: {_first_line(e)}") from None
+    if constants.is_offline_mode():
+        raise PushError("--push_to_hub needs the Hub, but offline mode is on (HF_HUB_OFFLINE=1): unset it, or "
+                        "train without --push_to_hub and push the folder later with cxr-push")
+    token = token or get_token()
+    if not token:
+        raise PushError("--push_to_hub needs a Hugging Face token with write access: run `hf auth login`, set "
+                        "HF_TOKEN or pass --hub_token (nothing was trained)")
+    api = api or HfApi(token=token)
+    try:
+        me = api.whoami(token=token)
+    except Exception as e:  # noqa: BLE001 - invalid token, network: one line either way
+        raise PushError(f"cannot check the Hub token ({type(e).__name__}: {_first_line(e)}); fix the network or "
+                        "the token (`hf auth login`) before training with --push_to_hub") from None
+    user = me.get("name")
+    namespace = repo_id.split("/", 1)[0] if "/" in repo_id else user
+    writable = {user} | {o.get("name") for o in me.get("orgs") or [] if o.get("roleInOrg") in WRITE_ROLES}
+    if namespace not in writable:
+        raise PushError(f"the token of '{user}' cannot write to the namespace '{namespace}' (writable: "
+                        f"{', '.join(sorted(n for n in writable if n))}); choose --hub_model_id {user}/<name>")
+    if _token_can_write(me.get("auth") or {}, namespace) is False:
+        raise PushError(f"the Hugging Face token of '{user}' is read-only for '{namespace}': create a token with "
+                        "write access and run `hf auth login` again")
+    return repo_id if "/" in repo_id else f"{user}/{repo_id}"
+
+
+def check_model_folder(folder: str | Path) -> Path:
+    """A folder worth pushing: config.json and safetensors weights (never pickles), a model card."""
+    folder = Path(folder).expanduser()
+    if not folder.is_dir():
+        raise PushError(f"model folder not found: {folder} (no such folder)")
+    missing = [n for n in ("config.json", "README.md") if not (folder / n).is_file()]
+    if not any(folder.glob("*.safetensors")) and not (folder / "model.safetensors.index.json").is_file():
+        missing.append("model.safetensors")
+    if missing:
+        raise PushError(f"{folder.name} is not a finished model folder: missing {', '.join(missing)}")
+    return folder
+
+
+def push_main(argv: list[str] | None = None) -> int:
+    """``cxr-push``: upload an existing model folder (e.g. a run trained without --push_to_hub)."""
+    import argparse
+    import sys
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    ap = argparse.ArgumentParser(prog="cxr-push", description="Push a finished model folder to the Hugging Face "
+                                 "Hub (checks the folder, the token and write access first).")
+    ap.add_argument("--folder", required=True, help="the model folder train_hf.py wrote (its --output_dir)")
+    ap.add_argument("--repo_id", required=True, help="Hub repo id: user/name or organisation/name")
+    ap.add_argument("--private", action="store_true", help="create the repo as private")
+    ap.add_argument("--token", default=None, help="Hub token (default: HF_TOKEN or `hf auth login`)")
+    args = ap.parse_args(argv)
+    try:
+        folder = check_model_folder(args.folder)
+        repo_id = check_push_access(args.repo_id, token=args.token)
+        url = push_folder(folder, repo_id, private=args.private, token=args.token)
+    except PushError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(url)
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(push_main())

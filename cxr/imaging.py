@@ -283,10 +283,11 @@ class _Worker:
         if self.proc is not None:
             return
         root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        code = (f"import sys; sys.path.insert(0, {root!r}); "
-                f"from cxr.imaging import _worker_main; _worker_main({int(self.memory_mb)})")
+        code = f"from cxr.imaging import _worker_main; _worker_main({int(self.memory_mb)})"
+        # the worker imports this same cxr package (installed, or a source checkout)
+        path = os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))
         env = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", MKL_NUM_THREADS="1",
-                   PYTHONDONTWRITEBYTECODE="1")
+                   PYTHONDONTWRITEBYTECODE="1", PYTHONPATH=path)
         self.proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env,
                                      close_fds=True, bufsize=0)

@@ -21,10 +21,12 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .explain import explainer_kind, gap_linear_head, gradcam_from_features, rollout_map
+from .architecture import CNN, VIT, family
+from .explain import explainer_kind, gap_linear_head, gradcam_from_features, no_map_reason, rollout_map
 from .imaging import ImageLoadError, check_is_radiograph, load_image
+from .locate import MissingFolderError, local_folder
 from .operating_point import OperatingPoint, softmax as compute_softmax
-from .modeling import is_cnn
+from .precision import autocast_dtype, check_precision
 from .preprocessing import pixel_values
 
 logger = logging.getLogger(__name__)
@@ -82,11 +84,7 @@ def _check_weights(folder: Path) -> None:
 
 def resolve_precision(precision: str, model) -> torch.dtype | None:
     """bf16 autocast where the CPU has native bf16 (AMX / AVX512-BF16); else fp32."""
-    from .training import resolve_bf16
-
-    if precision not in ("auto", "bf16", "fp32"):
-        raise ValueError(f"unknown precision '{precision}': choose auto, bf16 or fp32")
-    return torch.bfloat16 if resolve_bf16(precision) else None
+    return autocast_dtype(check_precision(precision))
 
 
 class Predictor:
@@ -106,7 +104,7 @@ class Predictor:
         self.threshold = float(op.threshold)
         self.threshold_source = op.source
         self.autocast_dtype = resolve_precision(precision, model)
-        self.channels_last = is_cnn(model)
+        self.channels_last = family(model) == CNN
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self._explainer = None
@@ -129,9 +127,15 @@ class Predictor:
                         precision: str = "auto", token: str | None = None) -> "Predictor":
         from transformers import AutoConfig, AutoImageProcessor, AutoModelForImageClassification
 
+        if model_id is None and not DEFAULT_MODEL_DIR.is_dir():
+            raise ModelLoadError("no model given and the shipped default (models/cxr-resnet-small-scratch in a "
+                                 "repository checkout) is not here: pass a model folder or Hub id")
         model_id = str(model_id or DEFAULT_MODEL_DIR)
-        local = Path(model_id).expanduser()
-        is_local = local.exists() or model_id.startswith((".", "/", "~"))
+        try:
+            local = local_folder(model_id)
+        except MissingFolderError as e:
+            raise ModelLoadError(str(e)) from None
+        is_local = local is not None
         if is_local:
             _check_weights(local)
             model_id = str(local)
@@ -139,7 +143,7 @@ class Predictor:
         try:
             config = AutoConfig.from_pretrained(model_id, revision=revision, token=token, trust_remote_code=False)
             kwargs = {}
-            if not is_cnn_config(config):
+            if family(config) == VIT and config.model_type != "timm_wrapper":
                 kwargs["attn_implementation"] = "eager"   # attention maps need eager attention
             model = AutoModelForImageClassification.from_pretrained(
                 model_id, revision=revision, token=token, use_safetensors=True, trust_remote_code=False, **kwargs)
@@ -149,7 +153,8 @@ class Predictor:
             first = (str(e).splitlines() or [type(e).__name__])[0]
             if "safetensors" in type(e).__module__ or "header" in first.lower() or "deserializ" in first.lower():
                 raise ModelLoadError(f"{name}: the weights file is corrupt or truncated") from None
-            raise ModelLoadError(f"cannot load model '{name}': {first[:300]}") from None
+            where = "" if is_local else " (not a local folder; tried the Hub)"
+            raise ModelLoadError(f"cannot load model '{name}'{where}: {first[:300]}") from None
         predictor = cls(model, processor, precision=precision, name=name)
         predictor.folder = local if is_local else None
         predictor.set_ood(_load_ood(model_id, is_local, revision, token))
@@ -179,7 +184,9 @@ class Predictor:
         a single forward pass where the architecture allows (see ``cxr.explain``)."""
         class_id = self.positive_id if class_id is None else class_id
         size = tuple(pixel_values.shape[-2:])
-        if self.explainer_kind == "attention-rollout":
+        if self.explainer_kind is None:   # no map for this architecture: heatmap None
+            return self.logits(pixel_values), None
+        if self.explainer_kind == "attention-rollout" and self.config.model_type != "timm_wrapper":
             out = self._forward(pixel_values, output_attentions=True)
             return out.logits.float().cpu().numpy(), rollout_map(out.attentions, size)
         if self._cam_head is not None:
@@ -327,15 +334,11 @@ def _load_ood(model_id: str, is_local: bool, revision: str | None, token: str | 
         return None
 
 
-def is_cnn_config(config) -> bool:
-    return config.model_type in ("resnet", "convnext", "convnextv2", "efficientnet", "regnet", "mobilenet_v2",
-                                 "timm_wrapper", "bit", "van")
-
-
 def explainer_kind_name(model) -> str:
-    from .explain import EXPLAINER_NAMES, explainer_kind
+    from .explain import EXPLAINER_NAMES
 
-    return EXPLAINER_NAMES[explainer_kind(model)]
+    kind = explainer_kind(model)
+    return EXPLAINER_NAMES[kind] if kind is not None else no_map_reason(model)
 
 
 def main(argv: list[str] | None = None) -> int:

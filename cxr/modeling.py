@@ -19,6 +19,9 @@ from transformers import (
     ViTImageProcessor,
 )
 
+from .architecture import CNN, VIT, ModelError, family, find_blocks  # noqa: F401 (re-exported)
+from .locate import MissingFolderError, local_folder
+
 logger = logging.getLogger(__name__)
 
 # Greyscale radiographs replicated in 3 channels: centre and scale to roughly [-1, 1].
@@ -51,10 +54,6 @@ PRESETS = {
                     intermediate_size=64),
     ),
 }
-
-
-class ModelError(ValueError):
-    """The checkpoint cannot be used (missing, not an image classifier, unsafe weights)."""
 
 
 def is_preset(name: str) -> bool:
@@ -104,7 +103,13 @@ def load_checkpoint(name: str, id2label: dict[int, str], image_size: int | None 
                     revision: str | None = None):
     """A transformers or timm (TimmWrapper) checkpoint with a fresh head for id2label."""
     label2id = {v: k for k, v in id2label.items()}
-    local = Path(name).exists()
+    try:
+        local = local_folder(name) is not None
+    except MissingFolderError as e:
+        from .checkpoints import missing_checkpoint_hint
+
+        hint = missing_checkpoint_hint(name)
+        raise ModelError(str(e) + (f"; make it with: {hint}" if hint else "")) from None
     if local and not Path(name, "config.json").is_file():
         raise ModelError(f"{name}: not a model folder (no config.json)")
     if local and Path(name, "model.safetensors.index.json").is_file():
@@ -123,7 +128,7 @@ def load_checkpoint(name: str, id2label: dict[int, str], image_size: int | None 
         raise ModelError(msg + (f"; offline, make it with: {hint}" if hint else "")) from None
     kwargs = dict(num_labels=len(id2label), id2label=id2label, label2id=label2id,
                   ignore_mismatched_sizes=True, revision=revision, use_safetensors=True, trust_remote_code=False)
-    if config.model_type in ("vit", "deit", "dinov2", "beit"):
+    if family(config) == VIT and config.model_type != "timm_wrapper":
         kwargs["attn_implementation"] = "sdpa"
     try:
         model = AutoModelForImageClassification.from_pretrained(name, **kwargs)
@@ -186,24 +191,6 @@ def find_head(model) -> list[str]:
     return ["classifier"]
 
 
-def find_blocks(model) -> list[tuple[str, torch.nn.Module]]:
-    """The backbone's stages/blocks in forward order, as (name, module)."""
-    candidates = []
-    for name, mod in model.named_modules():
-        if isinstance(mod, (torch.nn.ModuleList, torch.nn.Sequential)) and len(mod) > 1:
-            leaf = name.rsplit(".", 1)[-1]
-            if leaf in ("layer", "stages", "blocks", "layers"):
-                candidates.append((name, mod))
-    if candidates:
-        name, mod = candidates[0]
-        return [(f"{name}.{i}", m) for i, m in enumerate(mod)]
-    # timm ResNet: layer1..layer4
-    layers = [(n, m) for n, m in model.named_modules() if n.rsplit(".", 1)[-1] in ("layer1", "layer2", "layer3", "layer4")]
-    if layers:
-        return layers
-    raise ModelError(f"cannot find backbone blocks in {model.__class__.__name__} for the partial strategy")
-
-
 def _final_norms(model) -> list[str]:
     """Norm layers after the last block (ViT/ConvNeXt 'layernorm', timm 'norm'/'fc_norm')."""
     out = []
@@ -261,22 +248,23 @@ def _eval_only(cls: type) -> type:
     return _EVAL_ONLY[cls]
 
 
-def is_cnn(model) -> bool:
-    return any(isinstance(m, torch.nn.Conv2d) for m in model.modules()) and not any(
-        "attention" in n for n, _ in model.named_modules())
-
-
 def lora_target_modules(model) -> list[str]:
-    names = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
-    for pair in (("q_proj", "v_proj"), ("query", "value"), ("qkv",), ("q", "v")):
-        if set(pair) <= names:
-            return list(pair)
-    # CNNs: every convolution inside the backbone blocks (the stem and head stay as they are)
+    """Default LoRA targets by architecture family: the attention projections of transformers,
+    the convolutions of a CNN's backbone blocks."""
+    if family(model) != CNN:
+        names = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+        for pair in (("q_proj", "v_proj"), ("query", "value"), ("qkv",), ("q", "v")):
+            if set(pair) <= names:
+                return list(pair)
+        raise ModelError(f"no LoRA target modules known for {model.__class__.__name__}; set lora_target_modules")
+    # CNNs: every convolution inside the backbone blocks (the stem and head stay as they are),
+    # and ConvNeXt's pointwise Linear layers. Grouped/depthwise convolutions are left out: peft
+    # cannot merge LoRA into them (and needs rank % groups == 0); the pointwise layers around
+    # them carry the adaptation.
     blocks = [n for n, _ in find_blocks(model)]
-    # Grouped/depthwise convolutions are left out: peft cannot merge LoRA into them (and needs
-    # rank % groups == 0); the pointwise convolutions around them carry the adaptation.
     convs = [n for n, m in model.named_modules()
-             if isinstance(m, torch.nn.Conv2d) and m.groups == 1 and any(n.startswith(b + ".") for b in blocks)]
+             if (isinstance(m, torch.nn.Linear) or isinstance(m, torch.nn.Conv2d) and m.groups == 1)
+             and any(n.startswith(b + ".") for b in blocks)]
     if convs:
         return convs
     raise ModelError(f"no LoRA target modules known for {model.__class__.__name__}; set lora_target_modules")
@@ -312,7 +300,7 @@ def apply_strategy(model, strategy: str, *, partial_stages: int = 1, lora_r: int
         targets = lora_target_modules_ or lora_target_modules(model)
         _check_lora_targets(model, targets)
         to_save = list(head)
-        if is_cnn(model):  # batch-norm statistics and affine must adapt too
+        if family(model) == CNN:  # batch-norm statistics and affine must adapt too
             to_save += sorted({n for n, m in model.named_modules()
                                if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)})
         cfg = LoraConfig(r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,

@@ -4,7 +4,8 @@
     python -m cxr.space --model_id user/cxr-model --dry_run /tmp/space      # build the folder only
 
 The Space folder holds app.py, README.md (Space card), requirements.txt, examples/ and the
-cxr/ package; never model weights: the Space downloads MODEL_ID from the Hub.
+serving modules of the cxr package (``SERVING_MODULES``: no training, data loading, metrics
+or test helpers); never model weights: the Space downloads MODEL_ID from the Hub.
 """
 
 from __future__ import annotations
@@ -24,8 +25,23 @@ from .hub import PushError
 logger = logging.getLogger(__name__)
 
 ROOT = Path(__file__).resolve().parent.parent
-APP_DIR = ROOT / "app"
 PACKAGE_DIR = Path(__file__).resolve().parent
+# What the Space's app.py imports, and what those modules import (tests/test_space.py checks
+# that the list is closed under imports and holds nothing from training).
+SERVING_MODULES = ("__init__.py", "architecture.py", "explain.py", "imaging.py", "inference.py", "locate.py",
+                   "ood.py", "operating_point.py", "precision.py", "preprocessing.py")
+
+
+def _app_dir() -> Path:
+    """app/ of a repository checkout, else the installed cxr_app package (pip install .)."""
+    if (ROOT / "app" / "app.py").is_file():
+        return ROOT / "app"
+    import cxr_app
+
+    return Path(cxr_app.__file__).resolve().parent
+
+
+APP_DIR = _app_dir()
 DEFAULT_MODEL_ID = "cxr-transfer/cxr-resnet-small-scratch"
 WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.pt", "*.pth", "*.ckpt", "*.onnx", "*.h5", "*.msgpack")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}/[\w.-]{1,96}$")
@@ -72,9 +88,8 @@ def _assemble(dest: str | Path, hub_id: str | None) -> Path:
 
     pkg = dest / "cxr"
     pkg.mkdir()
-    for f in sorted(PACKAGE_DIR.glob("*.py")):
-        shutil.copy2(f, pkg / f.name)
-    shutil.copytree(PACKAGE_DIR / "clinical_metrics", pkg / "clinical_metrics", ignore=_ignore)
+    for name in SERVING_MODULES:
+        shutil.copy2(PACKAGE_DIR / name, pkg / name)
 
     card = SpaceCard.load(APP_DIR / "README.md")
     if hub_id is not None:

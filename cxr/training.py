@@ -19,27 +19,10 @@ from .metrics import (
     compute_temperature,
     compute_threshold_metrics,
 )
+from .precision import cpu_supports_bf16, resolve_bf16  # noqa: F401 (re-exported for older callers)
 
 logger = logging.getLogger(__name__)
 METRIC_MODULE = str(Path(__file__).resolve().parent / "clinical_metrics")
-
-
-def cpu_supports_bf16() -> bool:
-    """AMX or AVX512-BF16: bf16 matmuls/convs are native and fast."""
-    try:
-        return bool(torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported())
-    except AttributeError:
-        return False
-
-
-def resolve_bf16(precision: str) -> bool:
-    if precision == "fp32":
-        return False
-    if precision == "bf16":
-        return True
-    if torch.cuda.is_available():
-        return torch.cuda.is_bf16_supported()
-    return cpu_supports_bf16()
 
 
 class WeightedCrossEntropy:

@@ -8,8 +8,8 @@ grouped by patient), pre-trains the default CNN on half A, and runs the low-data
 half B's patients, validated on held-out patients of half B. Pass ``--checkpoint`` (a Hub
 id or folder) to use any checkpoint you have instead (e.g. an ImageNet ResNet-50).
 
-    python experiments/low_data_study.py --out outputs/study            # the README's table
-    python experiments/low_data_study.py --checkpoint microsoft/resnet-50 --sizes 50 100 all
+    python -m experiments.low_data_study --out outputs/study            # the README's table
+    python -m experiments.low_data_study --checkpoint microsoft/resnet-50 --sizes 50 100 all
 
 Every run is a real ``train_hf.main()`` call; the table (CSV + Markdown) and the plots are
 written to ``--out``. Research and education only.
@@ -29,7 +29,6 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
 import train_hf  # noqa: E402
 from cxr.data import add_patient_ids, load_raw_dataset  # noqa: E402

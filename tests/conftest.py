@@ -1,15 +1,18 @@
-"""Shared fixtures: everything offline, on CPU, with tiny synthetic data and models."""
+"""Shared fixtures: everything offline, on CPU, with tiny synthetic data and models.
+
+Markers (registered in pyproject.toml): ``slow`` (real trainings, Gradio servers, subprocesses),
+``browser``, ``gpu``, ``bench``. A test that asks for a trained-model fixture is marked
+``slow`` here automatically. The fast subset:
+
+    python -m pytest -m "not slow and not browser and not bench"
+"""
 
 from __future__ import annotations
 
 import os
-import sys
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -17,12 +20,24 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+from tests.helpers import base_args, write_kermany_folder  # noqa: E402
 
-from cxr.synthetic import make_xray, write_kermany_folder  # noqa: E402,F401
+TRAINED_FIXTURES = {"trained_folder", "trained_vit_folder"}
+
+
+def pytest_collection_modifyitems(config, items):
+    import torch
+
+    no_gpu = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if TRAINED_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+        if "gpu" in item.keywords and not torch.cuda.is_available():
+            item.add_marker(no_gpu)
 
 
 @pytest.fixture(scope="session")
-def kermany_folder(tmp_path_factory) -> Path:
+def kermany_folder(tmp_path_factory):
     return write_kermany_folder(tmp_path_factory.mktemp("cxr") / "data", splits=("train", "test"))
 
 
@@ -36,14 +51,6 @@ def _isolated_hf_cache(tmp_path_factory):
         os.environ.pop("HF_DATASETS_CACHE", None)
     else:
         os.environ["HF_DATASETS_CACHE"] = old
-
-
-def base_args(data, out, *extra):
-    """train_hf.py arguments for a 2-step run of a tiny model."""
-    return ["--model_name_or_path", "tiny-resnet-scratch", "--dataset_name", str(data), "--output_dir", str(out),
-            "--max_steps", "2", "--per_device_train_batch_size", "4", "--per_device_eval_batch_size", "16",
-            "--validation_fraction", "0.25", "--logging_steps", "1", "--learning_rate", "1e-3",
-            "--disable_tqdm", "True", *extra]
 
 
 @pytest.fixture(scope="session")

@@ -20,9 +20,7 @@ import pytest
 from PIL import Image
 
 from cxr.inference import DISCLAIMER, Predictor
-from tests.conftest import ROOT, make_xray
-from tests.test_imaging import PHI, make_dicom
-from tests.test_ood import greyscale_photo, make_model_folder
+from tests.helpers import PHI, ROOT, greyscale_photo, make_dicom, make_model_folder, make_xray
 
 KEYS = {"model", "decision", "positive_label", "probability", "threshold", "borderline", "probabilities",
         "threshold_source", "out_of_distribution", "ood_score", "ood_threshold", "message", "heatmap",
@@ -363,13 +361,13 @@ def test_overload_is_refused_quickly(model_folders, monkeypatch, tmp_path):
 
 def test_sessions_are_bounded_for_api_callers(model_folders, monkeypatch, tmp_path):
     from app import app as app_module
-    from benchmarks.app_latency import HttpUser
+    from tests.helpers import GradioHttp
 
     monkeypatch.setenv("CXR_SESSION_CAPACITY", "3")
     demo = app_module.create_demo(Predictor.from_pretrained(model_folders[0], precision="fp32"))
     _, url, _ = app_module.launch(demo, server_name="127.0.0.1", prevent_thread_lock=True, quiet=True)
     make_xray(5, True).save(tmp_path / "s.png")
-    user = HttpUser(url.rstrip("/"))
+    user = GradioHttp(url)
     try:
         for _ in range(7):
             assert user.predict(tmp_path / "s.png", heatmap=True)[0]["disclaimer"] == DISCLAIMER

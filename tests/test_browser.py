@@ -13,9 +13,7 @@ import pytest
 from PIL import Image
 
 from cxr.inference import Predictor
-from tests.conftest import make_xray
-from tests.test_imaging import make_dicom
-from tests.test_ood import greyscale_photo, make_model_folder
+from tests.helpers import ROOT, greyscale_photo, make_dicom, make_model_folder, make_xray
 
 CHROMIUM = Path("/usr/bin/chromium")
 TIMEOUT_MS = 60_000
@@ -23,8 +21,9 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic"
                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
                  "--no-proxy-server"]
 
-pytestmark = pytest.mark.skipif(not CHROMIUM.is_file(),
-                                reason="/usr/bin/chromium is absent: apt-get install chromium (see .ci/run)")
+pytestmark = [pytest.mark.browser, pytest.mark.slow,
+              pytest.mark.skipif(not CHROMIUM.is_file(),
+                                 reason="/usr/bin/chromium is absent: apt-get install chromium (see .ci/run)")]
 
 
 @pytest.fixture(scope="module")

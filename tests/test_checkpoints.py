@@ -13,8 +13,7 @@ pytest.importorskip("skimage")
 
 from cxr.checkpoints import CAT_CLASSES, CheckpointError, import_checkpoint, main as checkpoints_main  # noqa: E402
 from cxr.modeling import ModelError, apply_strategy, load_checkpoint, merge_for_export  # noqa: E402
-
-ID2LABEL = {0: "NORMAL", 1: "PNEUMONIA"}
+from tests.helpers import ID2LABEL, base_args  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -121,6 +120,7 @@ def test_frozen_and_partial_keep_frozen_batchnorm_statistics(lite0):
     assert torch.equal(before, stem_bn.running_mean)
 
 
+@pytest.mark.slow   # a real two-step training per strategy
 @pytest.mark.parametrize("strategy", ["frozen", "partial", "full", "lora"])
 def test_two_step_run_per_strategy_exports_a_pipeline_folder(lite0, kermany_folder, tmp_path, strategy):
     import train_hf
@@ -128,7 +128,6 @@ def test_two_step_run_per_strategy_exports_a_pipeline_folder(lite0, kermany_fold
     from transformers import pipeline
 
     from cxr.preprocessing import pixel_values
-    from conftest import base_args
 
     out = tmp_path / strategy
     args = base_args(kermany_folder, out, "--model_name_or_path", str(lite0), "--strategy", strategy,

@@ -38,13 +38,26 @@ def test_shipped_configs_parse():
 
 def test_unknown_yaml_key_named(tmp_path):
     cfg = write(tmp_path, {"dataset_name": "x/y", "learnin_rate": 0.1})
-    with pytest.raises(ConfigError, match="learnin_rate"):
+    with pytest.raises(ConfigError, match=r"learnin_rate \(did you mean learning_rate\?\)"):
         parse_args(["--config", cfg])
 
 
 def test_unknown_cli_flag_named():
-    with pytest.raises(ConfigError, match="--no_such_flag"):
+    with pytest.raises(ConfigError, match="--no_such_flag") as e:
         parse_args(["--dataset_name", "x/y", "--no_such_flag", "1"])
+    assert "did you mean" not in str(e.value)                # nothing near it: no guess
+    with pytest.raises(ConfigError, match=r"unknown argument: --stratgy \(did you mean --strategy\?\)"):
+        parse_args(["--dataset_name", "x/y", "--stratgy", "full"])
+    with pytest.raises(ConfigError, match=r"did you mean --config\?"):
+        parse_args(["--dataset_name", "x/y", "--confg", "a.yaml"])
+
+
+def test_bad_value_is_one_config_error(capsys):
+    """argparse's own message (no usage dump, no SystemExit), as one ConfigError."""
+    with pytest.raises(ConfigError, match="--num_train_epochs.*invalid float value: 'abc'"):
+        parse_args(["--dataset_name", "x/y", "--num_train_epochs", "abc"])
+    captured = capsys.readouterr()
+    assert captured.err == "" and captured.out == ""
 
 
 def test_unknown_strategy_rejected():
@@ -84,3 +97,8 @@ def test_help_prints_fields(capsys):
     assert e.value.code == 0
     out = capsys.readouterr().out
     assert "--strategy" in out and "--learning_rate" in out
+    # --config first, then the project's own fields, then TrainingArguments' ~150
+    order = [out.index(s) for s in ("--config", "--model_name_or_path", "--dataset_name", "--precision",
+                                    "training (transformers.TrainingArguments", "--learning_rate")]
+    assert order == sorted(order)
+    assert out.startswith("usage: train_hf.py [--config FILE.yaml]")

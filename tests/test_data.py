@@ -8,7 +8,7 @@ from cxr.config import DataArguments
 from cxr.data import (
     DataError, ImageTransform, check_images, check_patient_disjoint, patient_id_from_filename, prepare_data,
 )
-from tests.conftest import write_kermany_folder
+from tests.helpers import write_kermany_folder
 
 
 def args(path, **kw):

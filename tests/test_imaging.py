@@ -9,7 +9,6 @@ import io
 import logging
 import os
 import struct
-import time
 import traceback
 import zlib
 
@@ -17,7 +16,6 @@ import numpy as np
 import pydicom
 import pytest
 from PIL import Image, ImageFile
-from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import (
     DeflatedExplicitVRLittleEndian,
     ExplicitVRLittleEndian,
@@ -25,8 +23,6 @@ from pydicom.uid import (
     JPEG2000Lossless,
     JPEGBaseline8Bit,
     RLELossless,
-    SecondaryCaptureImageStorage,
-    generate_uid,
 )
 
 from cxr.imaging import (
@@ -39,8 +35,7 @@ from cxr.imaging import (
     load_image,
 )
 
-PHI = ("Doe^Jane", "PHI-12345", "19700101", "ACC-98765", "St Elsewhere")
-
+from tests.helpers import PHI, make_dicom  # noqa: F401 (shared with test_app)
 
 # ----------------------------------------------------------------------------- builders
 
@@ -73,37 +68,6 @@ def jpeg_with_header(width: int, height: int) -> bytes:
     sof = data.index(b"\xff\xc0")
     data[sof + 5:sof + 9] = struct.pack(">HH", height, width)
     return bytes(data)
-
-
-def make_dicom(pixels: np.ndarray | None, *, photometric: str = "MONOCHROME2",
-               preamble: bool = True, **attrs) -> bytes:
-    """Uncompressed 16-bit greyscale DICOM (12 bits stored) carrying PHI, as bytes."""
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID = meta.MediaStorageSOPClassUID
-    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
-    ds.PatientName, ds.PatientID, ds.PatientBirthDate = PHI[0], PHI[1], PHI[2]
-    ds.AccessionNumber, ds.InstitutionName = PHI[3], PHI[4]
-    ds.Modality = "DX"
-    ds.SamplesPerPixel = 1
-    ds.PhotometricInterpretation = photometric
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
-    if pixels is not None:
-        ds.Rows, ds.Columns = pixels.shape[-2:]
-        ds.PixelData = pixels.astype("<u2").tobytes()
-    for key, value in attrs.items():
-        setattr(ds, key, value)
-    buf = io.BytesIO()
-    if preamble:
-        ds.save_as(buf, enforce_file_format=True)
-    else:  # no preamble, no file meta: a bare implicit-VR dataset
-        del ds.file_meta
-        pydicom.dcmwrite(buf, ds, implicit_vr=True, little_endian=True)
-    return buf.getvalue()
 
 
 def ramp12(rows: int = 64, cols: int = 80) -> np.ndarray:
@@ -155,12 +119,13 @@ def test_wrong_input_type():
                                   jpeg_with_header(30_000, 30_000),
                                   png_with_header(8_000, 8_000),  # > 40 M, < Pillow's limit
                                   jpeg_with_header(8_000, 8_000)])
-def test_huge_header_rejected_before_decoding(data):
+def test_huge_header_rejected_before_decoding(data, monkeypatch):
     assert len(data) < 2_000
-    start = time.perf_counter()
+    decoded = []
+    monkeypatch.setattr(ImageFile.ImageFile, "load", lambda self: decoded.append(self.size))
     with pytest.raises(ImageLoadError, match="too large"):
         load_image(data)
-    assert time.perf_counter() - start < 1.0
+    assert decoded == []                                   # refused from the header, nothing decoded
 
 
 def test_max_pixels_argument_is_honoured():
@@ -307,15 +272,6 @@ def test_binary_file_object_and_path_agree(tmp_path):
         b = load_image(handle)
     assert a.tobytes() == b.tobytes() == load_image(data).tobytes()
     assert a.mode == "RGB" and a.size == (64, 48)
-
-
-def test_common_jpeg_is_fast():
-    data = encode(Image.new("RGB", (224, 224), (80, 80, 80)), "JPEG")
-    load_image(data)
-    start = time.perf_counter()
-    for _ in range(50):
-        load_image(data)
-    assert (time.perf_counter() - start) / 50 < 0.01
 
 
 # -------------------------------------------------------------- 8. degenerate sizes
@@ -513,10 +469,8 @@ def test_dicom_size_checked_before_pixels_are_read(monkeypatch):
         return real(*args, **kwargs)
 
     monkeypatch.setattr(pydicom, "dcmread", spy)
-    start = time.perf_counter()
     with pytest.raises(ImageLoadError, match="too large"):
         load_image(huge, isolate=False)  # in this process, where the spy can see the reads
-    assert time.perf_counter() - start < 1.0
     assert calls == [True]  # only the header-only read happened
     frames = make_dicom(None, Rows=2000, Columns=2000, NumberOfFrames=20,
                         PixelData=b"\x00" * 64)

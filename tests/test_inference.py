@@ -11,7 +11,7 @@ from cxr.data import ImageTransform, prepare_data
 from cxr.config import DataArguments
 from cxr.imaging import ImageLoadError
 from cxr.inference import DISCLAIMER, ModelLoadError, Predictor, main as cli_main
-from tests.conftest import make_xray
+from tests.helpers import make_xray
 
 
 @pytest.fixture(scope="module")
@@ -221,7 +221,7 @@ def test_single_pass_maps_equal_the_library_explainers(predictor, trained_vit_fo
 
 
 def test_bf16_map_agrees_with_fp32(trained_folder, kermany_folder):
-    from cxr.training import resolve_bf16
+    from cxr.precision import resolve_bf16
 
     if not resolve_bf16("auto"):
         pytest.skip("no native bf16 on this CPU")
@@ -253,3 +253,23 @@ def test_bf16_and_fp32_agree_on_real_xrays_with_the_shipped_model():
     results = fp32.predict_batch(examples)
     assert [r.label for r in results] == ["PNEUMONIA", "PNEUMONIA", "NORMAL", "PNEUMONIA", "NORMAL", "NORMAL"]
     assert not any(r.out_of_distribution for r in results)
+
+@pytest.mark.parametrize("name", ["{tmp}/nothing", "./nothing", "models_here/typo", "models_here/a/b", "~/no-such-cxr-model-dir"])
+def test_wrong_local_path_says_the_folder_does_not_exist(tmp_path, monkeypatch, name):
+    """Not a Hub connection error: the folder is named as missing, for the Predictor and training."""
+    from cxr.modeling import ModelError, load_checkpoint
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "models_here").mkdir()
+    name = name.format(tmp=tmp_path)
+    with pytest.raises(ModelLoadError, match=r"model folder not found: .*\(no such folder\)") as e:
+        Predictor.from_pretrained(name)
+    assert "huggingface.co" not in str(e.value) and "Hub" not in str(e.value)
+    with pytest.raises(ModelError, match=r"model folder not found: .*\(no such folder\)"):
+        load_checkpoint(name, {0: "NORMAL", 1: "PNEUMONIA"})
+
+
+def test_hub_id_failure_says_it_is_not_a_local_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)                        # offline (conftest): the Hub cannot be reached
+    with pytest.raises(ModelLoadError, match=r"cannot load model 'someone/cxr-model' \(not a local folder"):
+        Predictor.from_pretrained("someone/cxr-model")

@@ -6,25 +6,11 @@ from cxr.modeling import (
     merge_for_export, save_model_folder,
 )
 
-ID2LABEL = {0: "NORMAL", 1: "PNEUMONIA"}
+from tests.helpers import ID2LABEL, tiny_timm_folder
 
 
 def trainable_names(model):
     return {n for n, p in model.named_parameters() if p.requires_grad}
-
-
-def tiny_timm_folder(tmp_path):
-    """A timm checkpoint folder as the Hub has them (TimmWrapper config + pretrained_cfg)."""
-    from transformers import TimmWrapperConfig, TimmWrapperForImageClassification, TimmWrapperImageProcessor
-
-    cfg = TimmWrapperConfig(architecture="test_resnet", num_labels=1000,
-                            pretrained_cfg={"input_size": [3, 64, 64], "mean": [0.485, 0.456, 0.406],
-                                            "std": [0.229, 0.224, 0.225], "crop_pct": 1.0,
-                                            "interpolation": "bilinear", "num_classes": 1000})
-    model = TimmWrapperForImageClassification(cfg)
-    proc = TimmWrapperImageProcessor(pretrained_cfg=cfg.pretrained_cfg)
-    save_model_folder(model, proc, tmp_path / "timm")
-    return tmp_path / "timm"
 
 
 @pytest.mark.parametrize("preset", ["tiny-resnet-scratch", "tiny-vit-scratch"])
@@ -131,6 +117,7 @@ def test_timm_checkpoint_strategies_and_pipeline(tmp_path):
     from transformers import pipeline
 
     folder = tiny_timm_folder(tmp_path)
+    assert folder.name == "timm-test_resnet"
     model, proc = load_checkpoint(str(folder), ID2LABEL)
     assert model.__class__.__name__ == "TimmWrapperForImageClassification"
     frozen = apply_strategy(model, "frozen")
@@ -141,7 +128,7 @@ def test_timm_checkpoint_strategies_and_pipeline(tmp_path):
     out = tmp_path / "out"
     save_model_folder(merge_for_export(lora), proc, out)
     clf = pipeline("image-classification", model=str(out))
-    from tests.conftest import make_xray
+    from tests.helpers import make_xray
 
     res = clf(make_xray(0, True).convert("RGB"))
     assert {r["label"] for r in res} == {"NORMAL", "PNEUMONIA"}

@@ -16,52 +16,7 @@ from cxr.imaging import ImageLoadError, load_image
 from cxr.inference import Predictor
 from cxr.ood import (OOD_FILE, FeatureTap, OODScorer, choose_threshold, extract_features, fit_ood,
                      synthetic_ct_slice, synthetic_photo)
-from tests.conftest import make_xray
-from tests.test_imaging import make_dicom
-
-
-def xrays(seeds, size=96):
-    return [make_xray(s, s % 2 == 0, size=size).convert("RGB") for s in seeds]
-
-
-def greyscale_photo(seed=0, size=128) -> Image.Image:
-    """A greyscale 'portrait': face-like ellipse, hair, background gradient (not an X-ray)."""
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[:size, :size] / size
-    img = 200 - 120 * yy + 15 * np.sin(20 * xx)
-    face = ((xx - 0.5) / 0.22) ** 2 + ((yy - 0.5) / 0.3) ** 2 <= 1
-    img[face] = 170
-    img[(yy < 0.3) & (np.abs(xx - 0.5) < 0.25)] = 40
-    img += rng.normal(0, 5, img.shape)
-    return Image.fromarray(np.clip(img, 0, 255).astype(np.uint8), "L").convert("RGB")
-
-
-def make_model_folder(out: Path, *, p_positive: float | None = None, threshold: float = 0.5,
-                      ood: bool = True, name_seed: int = 0) -> Path:
-    """A tiny ResNet folder. With ``p_positive`` the head is set so that every film gets about that
-    probability of PNEUMONIA (weights scaled down, bias chosen), while its Grad-CAM map stays a
-    real, non-constant map. With ``ood`` an OOD scorer is fitted on synthetic X-rays."""
-    from cxr.modeling import build_preset, save_model_folder
-
-    torch.manual_seed(name_seed)
-    model, processor = build_preset("tiny-resnet-scratch", {0: "NORMAL", 1: "PNEUMONIA"})
-    if p_positive is not None:
-        lin = model.classifier[-1]
-        with torch.no_grad():
-            lin.weight.mul_(1e-3)
-            lin.bias.copy_(torch.tensor([0.0, math.log(p_positive / (1 - p_positive))]))
-    model.config.cxr_operating_point = {"threshold": threshold, "temperature": 1.0, "positive_label": "PNEUMONIA",
-                                        "source": "set by the test"}
-    model.config.cxr_training = {"base_model": "tiny-resnet-scratch", "strategy": "full",
-                                 "validation_metrics": {"roc_auc": 0.9},
-                                 "cv_metrics": {"roc_auc": {"mean": 0.91, "std": 0.02}},
-                                 "external_metrics": {"chest_xray_val_fullres": {"roc_auc": 0.87}}}
-    save_model_folder(model, processor, out)
-    if ood:
-        scorer = fit_ood(model.eval(), processor, xrays(range(40)), xrays(range(100, 120)),
-                         images_ood=[synthetic_ct_slice(s) for s in range(4)] + [synthetic_photo(s) for s in range(4)])
-        scorer.save(out)
-    return out
+from tests.helpers import greyscale_photo, make_dicom, make_model_folder, make_xray, xrays
 
 
 @pytest.fixture(scope="module")

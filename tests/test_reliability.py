@@ -19,7 +19,7 @@ import pytest
 import train_hf
 from cxr.checkpointing import find_resume_checkpoint, incomplete_reason
 from cxr.hub import METRIC_ROWS
-from tests.conftest import ROOT, base_args
+from tests.helpers import ROOT, base_args, subprocess_env
 
 # ------------------------------------------------------------------ crash-safe checkpoints
 
@@ -27,7 +27,6 @@ from tests.conftest import ROOT, base_args
 # checkpoint-<step>: the files on disk are exactly those a kill at that moment leaves.
 KILLER = textwrap.dedent('''
     import os, signal, sys
-    sys.path.insert(0, {root!r})
     import transformers.trainer as T
     from transformers.trainer_callback import TrainerState
 
@@ -79,7 +78,7 @@ def _run_args(data, out):
 
 
 def _env():
-    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    return subprocess_env(OMP_NUM_THREADS="1")
 
 
 def _check_resumed(out: Path) -> None:

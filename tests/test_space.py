@@ -8,7 +8,10 @@ import pytest
 from huggingface_hub import SpaceCard
 
 from cxr.hub import PushError
-from cxr.space import DEFAULT_MODEL_ID, WEIGHT_PATTERNS, build_space_folder, main, push_space
+from cxr.space import DEFAULT_MODEL_ID, SERVING_MODULES, WEIGHT_PATTERNS, build_space_folder, main, push_space
+
+TRAINING_ONLY = {"training", "data", "metrics", "modeling", "config", "hub", "plots", "synthetic", "space",
+                 "checkpoints"}
 
 
 @pytest.fixture(scope="module")
@@ -18,14 +21,47 @@ def space(tmp_path_factory):
 
 def test_space_folder_layout(space):
     for name in ("app.py", "README.md", "requirements.txt", "cxr/__init__.py", "cxr/inference.py",
-                 "cxr/imaging.py", "cxr/explain.py", "cxr/clinical_metrics/clinical_metrics.py",
-                 "examples/ATTRIBUTION.md"):
+                 "cxr/imaging.py", "cxr/explain.py", "examples/ATTRIBUTION.md"):
         assert (space / name).is_file(), name
+    bundled = {p.name for p in (space / "cxr").iterdir()}
+    assert bundled == set(SERVING_MODULES)                # the explicit list, nothing else
+    assert not {f"{m}.py" for m in TRAINING_ONLY} & bundled and not (space / "cxr" / "clinical_metrics").exists()
     assert len(list((space / "examples").glob("*.jpeg"))) == 6
     assert not [p for pat in WEIGHT_PATTERNS for p in space.rglob(pat)]
     assert not list(space.rglob("__pycache__"))
     reqs = (space / "requirements.txt").read_text()
     assert "torch==" in reqs and "gradio" in reqs and "pydicom" in reqs
+    names = {line.split("=")[0].split(">")[0].split("<")[0].strip().lower() for line in reqs.splitlines()
+             if line.strip() and not line.startswith("#")}
+    assert not names & {"scikit-learn", "datasets", "peft", "accelerate", "evaluate", "matplotlib"}, names
+
+
+def _cxr_imports(path):
+    """cxr modules a file imports (top level or inside functions): relative or absolute."""
+    import ast
+
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom):
+            if node.level == 1 and node.module:
+                found.add(node.module.split(".")[0])
+            elif node.level == 1:
+                found |= {a.name for a in node.names}
+            elif node.module and node.module.split(".")[0] == "cxr" and "." in node.module:
+                found.add(node.module.split(".")[1])
+        elif isinstance(node, ast.Import):
+            found |= {a.name.split(".")[1] for a in node.names if a.name.startswith("cxr.")}
+    return found
+
+
+def test_space_modules_are_closed_under_imports(space):
+    """Every cxr module that app.py or a bundled module imports (even lazily) is bundled, so
+    the Space never meets an ImportError at request time; none of them is training code."""
+    bundled = {p.stem for p in (space / "cxr").glob("*.py")}
+    for f in [space / "app.py", *(space / "cxr").glob("*.py")]:
+        missing = _cxr_imports(f) - bundled
+        assert not missing, f"{f.name} imports cxr.{', cxr.'.join(sorted(missing))}, not in SERVING_MODULES"
+    assert not bundled & TRAINING_ONLY
 
 
 def test_space_card(space):
@@ -52,6 +88,7 @@ def test_bad_destination_and_model_id(space, tmp_path):
         build_space_folder(tmp_path / "x", model_id="not a/valid id!")
 
 
+@pytest.mark.slow   # a fresh interpreter imports gradio, torch and transformers
 def test_app_imports_cxr_from_beside_itself(space):
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     code = ("import app, cxr, pathlib; here = pathlib.Path.cwd().resolve(); "

@@ -4,15 +4,13 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
 import train_hf
-from tests.conftest import ROOT
+from tests.helpers import ROOT, base_args
 
-
-from tests.conftest import base_args
+pytestmark = pytest.mark.slow   # real trainings (tiny models, a few steps) and an accelerate launch
 
 
 def test_folder_is_hub_ready(trained_folder):
@@ -114,7 +112,9 @@ def test_resume_after_kill(kermany_folder, tmp_path, monkeypatch):
     assert (out / "model.safetensors").is_file()
 
 
-def test_push_failure_is_clear_and_keeps_folder(kermany_folder, tmp_path, capsys):
+def test_push_failure_is_clear_and_keeps_folder(kermany_folder, tmp_path, capsys, monkeypatch):
+    """The early check passed (as with a token and a network), then the upload fails."""
+    monkeypatch.setattr(train_hf, "check_push_access", lambda repo_id, token=None: repo_id)
     out = tmp_path / "push"
     rc = train_hf.main(base_args(kermany_folder, out, "--push_to_hub", "True", "--hub_model_id", "someone/cxr-test",
                                  "--save_strategy", "no", "--load_best_model_at_end", "False"))
@@ -128,13 +128,15 @@ def test_push_failure_is_clear_and_keeps_folder(kermany_folder, tmp_path, capsys
 @pytest.mark.parametrize("extra,message", [
     (["--dataset_name", "/nonexistent/folder"], "dataset folder not found"),
     (["--strategy", "everything"], "unknown strategy 'everything'"),
-    (["--model_name_or_path", "/nonexistent/model"], "cannot load checkpoint"),
+    (["--model_name_or_path", "/nonexistent/model"], "model folder not found: /nonexistent/model"),
     (["--bogus_flag", "1"], "unknown argument: --bogus_flag"),
+    (["--learnin_rate", "1"], "unknown argument: --learnin_rate (did you mean --learning_rate?)"),
 ])
 def test_bad_input_rejected_before_training(kermany_folder, tmp_path, capsys, extra, message):
     rc = train_hf.main(base_args(kermany_folder, tmp_path / "bad", *extra))
     err = capsys.readouterr().err
     assert rc == 2 and message in err and "Traceback" not in err
+    assert err.count("error:") == 1                          # printed once
     assert not (tmp_path / "bad" / "model.safetensors").exists()
 
 

@@ -11,7 +11,7 @@ from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData
 
 logger = logging.getLogger(__name__)
 
-TEMPLATE = Path(__file__).resolve().parent.parent / "model_card.md"
+TEMPLATE = Path(__file__).resolve().parent / "model_card.md"   # a link to the top-level model_card.md (packaged as a file)
 KERMANY_NOTE = ("Kermany et al. 2018 paediatric chest X-rays (Guangzhou Women and Children's Medical "
                 "Center), CC BY 4.0, doi:10.17632/rscbjbr9sj.2")
 METRIC_ROWS = (("accuracy", "Accuracy"), ("roc_auc", "AUROC"), ("pr_auc", "PR-AUC"),

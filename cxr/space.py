@@ -29,7 +29,7 @@ PACKAGE_DIR = Path(__file__).resolve().parent
 # What the Space's app.py imports, and what those modules import (tests/test_space.py checks
 # that the list is closed under imports and holds nothing from training).
 SERVING_MODULES = ("__init__.py", "architecture.py", "explain.py", "imaging.py", "inference.py", "locate.py",
-                   "ood.py", "operating_point.py", "precision.py", "preprocessing.py")
+                   "checkpointing.py", "ood.py", "operating_point.py", "precision.py", "preprocessing.py")
 
 
 def _app_dir() -> Path:

@@ -10,6 +10,7 @@ import logging
 import os
 import struct
 import traceback
+import time
 import zlib
 
 import numpy as np

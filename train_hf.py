@@ -195,6 +195,8 @@ def run(argv: list[str] | None = None) -> dict:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise ConfigError(f"cannot create output_dir '{out_dir.name}': {e.strerror or type(e).__name__}") from None
+    if data_args.external_dataset and not Path(data_args.external_dataset).is_dir():
+        raise ConfigError(f"external_dataset folder not found: {data_args.external_dataset}")
     config = resolved_config(model_args, data_args, training_args)
     (out_dir / "run_config.yaml").write_text(yaml.safe_dump(config, sort_keys=True))
     set_seed(training_args.seed)

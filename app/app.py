@@ -530,12 +530,23 @@ def reblend(show_map: bool, opacity: float, state, *, n_models: int):
 
 # ------------------------------------------------------------------ model facts
 
+_METRIC_NAMES = {"roc_auc": "AUROC", "k": "folds", "n": "films"}
+
+
 def _fmt_metrics(m) -> str:
+    """config.json metric dicts in plain words: floats to 3 places, counts as integers,
+    cross-validated {"mean", "sd"} as "mean ± sd"."""
     if isinstance(m, dict):
         parts = []
         for k, v in m.items():
-            if isinstance(v, (int, float)) and not isinstance(v, bool):
-                parts.append(f"{k.replace('_', ' ')} {v:.3f}")
+            name = _METRIC_NAMES.get(k, k.replace("_", " "))
+            if isinstance(v, int) and not isinstance(v, bool):
+                parts.append(f"{v} {name}" if k in ("k", "n") else f"{name} {v}")
+            elif isinstance(v, dict) and "mean" in v:
+                sd = v.get("sd", v.get("std"))
+                parts.append(f"{name} {v['mean']:.3f}" + (f" ± {sd:.3f}" if isinstance(sd, (int, float)) else ""))
+            elif isinstance(v, (int, float)) and not isinstance(v, bool):
+                parts.append(f"{name} {v:.3f}")
             elif isinstance(v, dict):
                 parts.append(f"{k}: {_fmt_metrics(v)}")          # a data set or fold name, as written
             elif isinstance(v, str):
@@ -556,7 +567,7 @@ def model_facts(predictor: Predictor) -> str:
     rows = [("Model", f.get("model")), ("Architecture", f.get("architecture")), ("Trained", how),
             ("Training data", Path(str(f.get("dataset", "?"))).name if f.get("dataset") else None),
             ("Input size", f.get("image_size")),
-            ("Decision threshold", f"{f['threshold']:.3f} (chosen on validation films)"),
+            ("Decision threshold", f"{f['threshold']:.3f} ({predictor.threshold_source})"),
             ("Heat map", f.get("explainer"))]
     ood = getattr(predictor, "ood", None)
     rows.append(("Out-of-distribution check", f"distance limit {ood.threshold:.1f}" if ood is not None

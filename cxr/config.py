@@ -276,8 +276,6 @@ def validate_args(model_args: ModelArguments, data_args: DataArguments, training
     if data_args.threshold_policy not in ("equal_error", "youden", "default"):
         raise ConfigError(f"unknown threshold_policy '{data_args.threshold_policy}': choose equal_error, youden "
                           "or default")
-    if data_args.external_dataset and not Path(data_args.external_dataset).is_dir():
-        raise ConfigError(f"external_dataset folder not found: {data_args.external_dataset}")
     if model_args.partial_stages < 1:
         raise ConfigError("partial_stages must be >= 1")
     if model_args.image_size is not None and model_args.image_size < 32:

@@ -94,7 +94,10 @@ class Predictor:
         self.name = name
         self.config = model.config
         self.id2label = {int(k): v for k, v in model.config.id2label.items()}
-        self.operating_point = op = OperatingPoint.from_config(model.config)
+        try:
+            self.operating_point = op = OperatingPoint.from_config(model.config)
+        except (TypeError, ValueError) as e:
+            raise ModelLoadError(f"{name}: {str(e).splitlines()[0]}") from None
         pos_name = op.positive_label
         if pos_name not in self.id2label.values():
             others = [i for i, n in self.id2label.items() if n.upper() != "NORMAL"]

@@ -58,7 +58,7 @@ class OperatingPoint:
             return cls()
         known = {f.name for f in fields(cls)}
         op = cls(**{k: v for k, v in raw.items() if k in known})
-        if not (0.0 < float(op.threshold) < 1.0) or not float(op.temperature) > 0:
+        if not (0.0 <= float(op.threshold) <= 1.0) or not float(op.temperature) > 0:
             raise ValueError(f"invalid {CONFIG_KEY}: threshold {op.threshold}, temperature {op.temperature}")
         return op
 

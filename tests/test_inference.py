@@ -57,10 +57,14 @@ def test_threshold_changes_the_decision(trained_folder, tmp_path):
     shutil.copytree(trained_folder, folder)
     cfg = json.loads((folder / "config.json").read_text())
     img = make_xray(5, True).convert("RGB")
-    for thr, expected in ((0.0, "PNEUMONIA"), (1.0 + 1e-9, "NORMAL")):
+    for thr, expected in ((0.0, "PNEUMONIA"), (1.0, "NORMAL")):
         cfg["cxr_operating_point"]["threshold"] = thr
         (folder / "config.json").write_text(json.dumps(cfg))
         assert Predictor.from_pretrained(folder, precision="fp32").predict(img).label == expected
+    cfg["cxr_operating_point"]["threshold"] = 1.5           # a corrupt operating point: refused at load
+    (folder / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ModelLoadError, match="invalid cxr_operating_point"):
+        Predictor.from_pretrained(folder, precision="fp32")
 
 
 def test_bf16_and_fp32_agree(trained_folder, kermany_folder):

@@ -88,3 +88,23 @@ def render_learning_curves(rows: list[dict], path: str | Path, metric: str = "ro
     fig.savefig(path)
     plt.close(fig)
     return Path(path)
+
+
+def render_training_curves(histories: dict[str, list[dict]], path: str | Path) -> Path:
+    """Training loss and validation AUROC against the optimizer step, one line per arm
+    (``histories``: arm -> the Trainer's ``log_history``)."""
+    fig, (ax_loss, ax_auc) = plt.subplots(1, 2, figsize=(10, 4))
+    for arm, hist in histories.items():
+        loss = [(h["step"], h["loss"]) for h in hist if "loss" in h and "step" in h]
+        auc = [(h["step"], h["eval_roc_auc"]) for h in hist if h.get("eval_roc_auc") is not None]
+        if loss:
+            ax_loss.plot(*zip(*loss), label=arm)
+        if auc:
+            ax_auc.plot(*zip(*auc), marker="o", label=arm)
+    ax_loss.set(xlabel="step", ylabel="training loss", title="Training loss")
+    ax_auc.set(xlabel="step", ylabel="validation AUROC", title="Validation AUROC")
+    ax_auc.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return Path(path)

@@ -162,6 +162,24 @@ def write_outputs(rows, out: Path, args, pretrain_minutes, seconds) -> None:
             + f"; total {seconds / 60:.1f} min. Command: `python -m experiments.transfer_study "
             + " ".join(sys.argv[1:]) + "`\n")
     (out / "results.md").write_text("\n".join(lines) + "\n" + meta)
+    write_plots(rows, out)
+
+
+def write_plots(rows, out: Path) -> None:
+    """Learning curves (loss, AUROC per step) and confusion matrices of the first seed at the
+    largest size run so far."""
+    from cxr.plots import render_confusions, render_training_curves
+
+    size = list(dict.fromkeys(r["size"] for r in rows))[-1]
+    seed = min(r["seed"] for r in rows if r["size"] == size)
+    arms = [r["arm"] for r in rows if r["size"] == size and r["seed"] == seed]
+    histories, confusions = {}, {}
+    for arm in arms:
+        run_dir = out / "runs" / f"{arm}-{size}-s{seed}"
+        histories[arm] = json.loads((run_dir / "trainer_state.json").read_text())["log_history"]
+        confusions[arm] = json.loads((run_dir / "eval_results.json").read_text())["eval_confusion_matrix"]
+    render_training_curves(histories, out / "learning_curves.png")
+    render_confusions(confusions, out / "confusion_matrices.png")
 
 
 if __name__ == "__main__":

@@ -167,8 +167,9 @@ def make_model_folder(out: Path, *, p_positive: float | None = None, threshold: 
                                         "source": "set by the test"}
     model.config.cxr_training = {"base_model": "tiny-resnet-scratch", "strategy": "full",
                                  "validation_metrics": {"roc_auc": 0.9},
-                                 "cv_metrics": {"roc_auc": {"mean": 0.91, "std": 0.02}},
-                                 "external_metrics": {"chest_xray_val_fullres": {"roc_auc": 0.87}}}
+                                 # the shapes train_hf.py writes (CardFacts.config_summary)
+                                 "cv_metrics": {"k": 5, "roc_auc": {"mean": 0.91, "sd": 0.02}},
+                                 "external_metrics": {"n": 16, "roc_auc": 0.87}}
     save_model_folder(model, processor, out)
     if ood:
         scorer = fit_ood(model.eval(), processor, xrays(range(40)), xrays(range(100, 120)),

@@ -449,8 +449,8 @@ def test_model_facts_show_cv_and_external_or_say_not_measured(model_folders, tra
     from app import app as app_module
 
     facts = app_module.model_facts(Predictor.from_pretrained(model_folders[0], precision="fp32"))
-    assert "Cross-validated | roc_auc: mean 0.910; std 0.020" in facts
-    assert "External data | chest_xray_val_fullres: roc auc 0.870" in facts
+    assert "Cross-validated | 5 folds; AUROC 0.910 ± 0.020" in facts
+    assert "External data | 16 films; AUROC 0.870" in facts
     assert "distance limit" in facts
     plain = app_module.model_facts(Predictor.from_pretrained(trained_folder, precision="fp32"))
     assert "Cross-validated | not measured" in plain and "colour check only" in plain

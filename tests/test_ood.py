@@ -92,7 +92,7 @@ def test_dicom_modality_must_be_a_radiograph():
 
 
 def test_fit_cli_writes_the_stats_file(tmp_path, kermany_folder, capsys):
-    from cxr import ood
+    from cxr import ood_fit as ood
 
     folder = make_model_folder(tmp_path / "m", ood=False)
     assert ood.main(["fit", "--model", str(folder), "--data", str(kermany_folder), "--max_train", "30"]) == 0

@@ -104,7 +104,8 @@ def test_pip_install_outside_the_repository(tmp_path):
     assert str(venv) in out.stdout and str(ROOT) not in out.stdout     # the installed copy
     installed = venv / "lib" / f"python{sys.version_info.major}.{sys.version_info.minor}" / "site-packages"
     assert (installed / "cxr" / "clinical_metrics" / "clinical_metrics.py").is_file()
-    assert len(list((installed / "cxr_app" / "examples").glob("*.jpeg"))) == 4
+    shipped = sorted(p.name for p in (ROOT / "app" / "examples").glob("*.jpeg"))
+    assert shipped and sorted(p.name for p in (installed / "cxr_app" / "examples").glob("*.jpeg")) == shipped
     record = next(installed.glob("cxr_transfer-*.dist-info")).joinpath("RECORD").read_text()
     assert "cxr_app/app.py," in record and ".pyi," not in record and "tests/" not in record
     for script in SCRIPTS:

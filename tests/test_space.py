@@ -11,7 +11,7 @@ from cxr.hub import PushError
 from cxr.space import DEFAULT_MODEL_ID, SERVING_MODULES, WEIGHT_PATTERNS, build_space_folder, main, push_space
 
 TRAINING_ONLY = {"training", "data", "metrics", "modeling", "config", "hub", "plots", "synthetic", "space",
-                 "checkpoints"}
+                 "checkpoints", "ood_fit"}
 
 
 @pytest.fixture(scope="module")

@@ -238,6 +238,7 @@ def run(argv: list[str] | None = None) -> dict:
     else:
         op = fit_operating_point(val_logits, val_labels, data.positive_id, data.id2label,
                                  policy=data_args.threshold_policy, fitted_on="the validation split")
+    op.scored_in = "bf16" if training_args.bf16 else "fp32"   # the Predictor's "auto" precision follows it
     logger.info("operating point: %s", op.describe())
 
     # 6. Scores at the operating point.

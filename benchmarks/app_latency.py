@@ -23,7 +23,7 @@ map (if asked), overlay, encoding and the download of the results.
    worst case for per-session memory. The download step also fetches the raw heat-map PNG,
    which a browser only offers as a link: slightly pessimistic.
 
-Models: ``--model DIR`` (default: the shipped model, or a random-init cxr-resnet-small-scratch
+Models: ``--model DIR`` (default: the shipped from-scratch model models/cxr-resnet-small-scratch, which the README's figures use, or a random-init cxr-resnet-small-scratch
 if it is missing), a preset name, or ``vit-b16-random`` for a random-init ViT-B/16
 (``ViTConfig()`` defaults, 224 px) so that ViT-B/16 latency is measurable offline.
 
@@ -47,7 +47,7 @@ NAME = "app_latency"
 def parse(argv=None):
     ap = common.base_parser(__doc__, NAME)
     ap.add_argument("--model", default=None,
-                    help="model folder, preset name or vit-b16-random (default: the shipped model)")
+                    help="model folder, preset name or vit-b16-random (default: models/cxr-resnet-small-scratch)")
     ap.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"])
     ap.add_argument("--requests", type=int, default=None,
                     help="sequential requests per mode (heat map on / off); default 30, quick 4")

@@ -47,7 +47,7 @@ NAME = "batch_inference"
 def parse(argv=None):
     ap = common.base_parser(__doc__, NAME)
     ap.add_argument("--model", default=None,
-                    help="model folder, preset name or vit-b16-random (default: the shipped model, or a "
+                    help="model folder, preset name or vit-b16-random (default: models/cxr-resnet-small-scratch, or a "
                          f"random-init {common.DEFAULT_PRESET} if it is missing)")
     ap.add_argument("--images", type=int, default=None, help="images per end-to-end round (default 256; quick 32)")
     ap.add_argument("--batch-size", type=int, default=32)

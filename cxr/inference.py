@@ -33,7 +33,7 @@ logger = logging.getLogger(__name__)
 
 DISCLAIMER = ("Research and education only: not a medical device. Not for diagnosis, treatment "
               "or triage of patients.")
-DEFAULT_MODEL_DIR = Path(__file__).resolve().parent.parent / "models" / "cxr-resnet-small-scratch"
+DEFAULT_MODEL_DIR = Path(__file__).resolve().parent.parent / "models" / "efficientnet-lite0-imagenet-full"
 
 
 class ModelLoadError(RuntimeError):
@@ -82,9 +82,14 @@ def _check_weights(folder: Path) -> None:
         raise ModelLoadError(f"{folder.name} has no model.safetensors")
 
 
-def resolve_precision(precision: str, model) -> torch.dtype | None:
-    """bf16 autocast where the CPU has native bf16 (AMX / AVX512-BF16); else fp32."""
-    return autocast_dtype(check_precision(precision))
+def resolve_precision(precision: str, op: OperatingPoint | None = None) -> torch.dtype | None:
+    """bf16 autocast where the hardware has native bf16 (AMX / AVX512-BF16, a bf16 GPU); else fp32.
+    ``auto`` keeps fp32 for a model whose operating point was fitted on fp32 scores: bf16 moves
+    some models' probabilities by up to ~0.1 (EfficientNet-Lite0 on borderline films), enough
+    to change decisions near the threshold. An explicit ``bf16`` is honoured."""
+    if check_precision(precision) == "auto" and op is not None and op.scored_in == "fp32":
+        return None
+    return autocast_dtype(precision)
 
 
 class Predictor:
@@ -106,7 +111,7 @@ class Predictor:
         self.temperature = float(op.temperature)
         self.threshold = float(op.threshold)
         self.threshold_source = op.source
-        self.autocast_dtype = resolve_precision(precision, model)
+        self.autocast_dtype = resolve_precision(precision, op)
         self.channels_last = family(model) == CNN
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
@@ -131,7 +136,7 @@ class Predictor:
         from transformers import AutoConfig, AutoImageProcessor, AutoModelForImageClassification
 
         if model_id is None and not DEFAULT_MODEL_DIR.is_dir():
-            raise ModelLoadError("no model given and the shipped default (models/cxr-resnet-small-scratch in a "
+            raise ModelLoadError("no model given and the shipped default (models/efficientnet-lite0-imagenet-full in a "
                                  "repository checkout) is not here: pass a model folder or Hub id")
         model_id = str(model_id or DEFAULT_MODEL_DIR)
         try:

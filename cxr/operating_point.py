@@ -45,6 +45,7 @@ class OperatingPoint:
     high_sensitivity_threshold: float | None = None
     min_sensitivity: float | None = None
     borderline_margin: float = 0.05            # |p - threshold| below this: "borderline"
+    scored_in: str | None = None               # precision of the scores it was fitted on: "bf16" or "fp32"
 
     # ------------------------------------------------------------ config.json
     def to_config(self) -> dict:

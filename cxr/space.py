@@ -42,7 +42,7 @@ def _app_dir() -> Path:
 
 
 APP_DIR = _app_dir()
-DEFAULT_MODEL_ID = "cxr-transfer/cxr-resnet-small-scratch"
+DEFAULT_MODEL_ID = "cxr-transfer/cxr-efficientnet-lite0-imagenet-full"
 WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.pt", "*.pth", "*.ckpt", "*.onnx", "*.h5", "*.msgpack")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}/[\w.-]{1,96}$")
 

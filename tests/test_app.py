@@ -160,8 +160,8 @@ def test_readme_api_snippets_run(name, server, model_folders, tmp_path):
     url, _, _ = server
     code = readme_snippets()[name]
     make_xray(8, True, size=96).convert("RGB").save(tmp_path / "chest_xray.jpeg")
-    code = (code.replace("models/cxr-resnet-small-scratch", str(model_folders[0]))
-            .replace("http://127.0.0.1:7860", url))
+    code = re.sub(r"models/(efficientnet-lite0-imagenet-full|cxr-resnet-small-scratch)", str(model_folders[0]), code)
+    code = code.replace("http://127.0.0.1:7860", url)
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     cmd = ["bash", "-c", code] if name == "curl" else [sys.executable, "-c", code]
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=180)

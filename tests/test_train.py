@@ -6,8 +6,10 @@ import subprocess
 import sys
 
 import pytest
+import yaml
 
 import train_hf
+from cxr.precision import resolve_bf16
 from tests.helpers import ROOT, base_args
 
 pytestmark = pytest.mark.slow   # real trainings (tiny models, a few steps) and an accelerate launch
@@ -22,6 +24,9 @@ def test_folder_is_hub_ready(trained_folder):
     assert cfg["id2label"] == {"0": "NORMAL", "1": "PNEUMONIA"}
     op = cfg["cxr_operating_point"]
     assert 0.0 <= op["threshold"] <= 1.0 and op["temperature"] > 0 and op["positive_label"] == "PNEUMONIA"
+    # the precision its scores were computed in, which the Predictor's "auto" follows
+    precision = yaml.safe_load((trained_folder / "run_config.yaml").read_text())["precision"]
+    assert op["scored_in"] == ("bf16" if resolve_bf16(precision) else "fp32")
     ev = json.loads((trained_folder / "eval_results.json").read_text())
     te = json.loads((trained_folder / "test_results.json").read_text())
     for key in ("roc_auc", "sensitivity", "specificity", "accuracy", "precision", "npv", "f1", "pr_auc"):

@@ -196,6 +196,20 @@ def test_cv_folds_trains_k_models_and_fits_the_operating_point_out_of_fold(kerma
     assert "External check" in card and "is **unknown**" in card
     assert "Warning: not a usable model" in card                           # 2 steps: a smoke run, said so
 
+    # the robustness-lever study re-scores every image with the fold model that never saw it
+    from experiments import oof_levers
+
+    levers = tmp_path / "levers"
+    assert oof_levers.main(["--run", str(out), "--data", str(kermany_folder / "train"), "--out", str(levers),
+                            "--external", str(kermany_folder / "test"),
+                            "--variants", "base", "res192", "tta_shift"]) == 0
+    res = json.loads((levers / "results.json").read_text())
+    assert set(res["variants"]) == {"base", "res192", "tta_shift"}
+    assert all(m["n"] == n_train_pool and 0 <= m["roc_auc"] <= 1 for m in res["variants"].values())
+    assert res["base_reproduces_saved_auroc"] < 0.05     # same fold models, same images (fp32 vs the run's precision)
+    assert res["external"]["fold_ensemble"]["n"] == 48 and len(res["external"]["single_folds"]) == 5
+    assert (levers / "results.md").read_text().count("\n| ") == 3
+
 
 def test_cv_folds_bad_values_are_rejected_before_training(kermany_folder, tmp_path):
     assert train_hf.main(base_args(kermany_folder, tmp_path / "a", "--cv_folds", "1")) == 2

@@ -12,10 +12,11 @@ explicitly (:func:`no_map_reason`, :class:`NoMapError`) rather than a misleading
 Fast paths used by the Predictor (same maps, one forward pass, no backward pass):
 
 * ViT: the attentions come from the prediction's own forward (``output_attentions=True``).
-* CNNs whose logits are ``Linear(global average pool(last stage))`` (ResNet): the gradient of
-  a logit with respect to the last feature map is the class's weight row / (h*w) at every
-  position, so Grad-CAM equals CAM (Zhou et al., 2016) computed from the prediction's own
-  last hidden state. :func:`gradcam_from_features` does that with the grad-cam package's
+* CNNs whose logits are ``Linear(global average pool(last feature map))`` (transformers
+  ResNet; timm CNNs such as EfficientNet and ResNet behind TimmWrapper, checked numerically
+  at load): the gradient of a logit with respect to the last feature map is the class's
+  weight row / (h*w) at every position, so Grad-CAM equals CAM (Zhou et al., 2016) computed
+  from the prediction's own last feature map. :func:`gradcam_from_features` does that with the grad-cam package's
   own scaling; a test checks it against ``pytorch_grad_cam.GradCAM``.
 """
 
@@ -131,7 +132,7 @@ class Explainer:
         if self.kind == "grad-cam":
             from pytorch_grad_cam import GradCAM
 
-            target = find_blocks(model)[-1][1]
+            target = cam_target_layer(model)
             self._cam = GradCAM(model=_LogitsOnly(model), target_layers=[target])
 
     def __call__(self, pixel_values: torch.Tensor, class_id: int) -> np.ndarray:
@@ -156,8 +157,11 @@ class Explainer:
 
 
 def gap_linear_head(model) -> torch.nn.Linear | None:
-    """The classifier's Linear layer when logits = Linear(global average pool(hidden_states[-1]))
-    (transformers ResNet), else None (other heads go through ``pytorch_grad_cam``)."""
+    """The classifier's Linear layer when logits = Linear(global average pool(last feature map))
+    (transformers ResNet: ``hidden_states[-1]``; timm CNNs: ``forward_features``), else None
+    (other heads go through ``pytorch_grad_cam``)."""
+    if _is_timm(model):
+        return _timm_gap_linear_head(model)
     if getattr(getattr(model, "config", None), "model_type", None) != "resnet":
         return None
     pooler = getattr(getattr(model, "resnet", None), "pooler", None)
@@ -167,6 +171,43 @@ def gap_linear_head(model) -> torch.nn.Linear | None:
     layers = list(head) if isinstance(head, torch.nn.Sequential) else [head]
     layers = [m for m in layers if not isinstance(m, (torch.nn.Flatten, torch.nn.Identity))]
     return layers[0] if len(layers) == 1 and isinstance(layers[0], torch.nn.Linear) else None
+
+
+def _timm_gap_linear_head(model) -> torch.nn.Linear | None:
+    """For a timm CNN behind TimmWrapper: its classifier when ``forward_head(f)`` is exactly
+    ``classifier(mean over h, w of f)`` for ``f = forward_features(x)`` (checked on two random
+    inputs, so heads with layers after the pooling, e.g. MobileNetV3's, are excluded)."""
+    tm = getattr(model, "timm_model", None)
+    if family(model) != CNN or tm is None or not hasattr(tm, "forward_features") or not hasattr(tm, "forward_head"):
+        return None
+    head = tm.get_classifier() if hasattr(tm, "get_classifier") else None
+    if not isinstance(head, torch.nn.Linear):
+        return None
+    size = (getattr(model.config, "pretrained_cfg", None) or {}).get("input_size", [3, 64, 64])[-1]
+    x = torch.randn(2, 3, int(size), int(size), generator=torch.Generator().manual_seed(0))
+    was_training = tm.training
+    try:
+        tm.eval()
+        with torch.no_grad():
+            f = tm.forward_features(x)
+            if f.ndim != 4:
+                return None
+            ok = torch.allclose(head(f.float().mean((2, 3))), tm.forward_head(f).float(), atol=1e-4, rtol=1e-4)
+    except Exception:  # noqa: BLE001 - an unusual head: the library explainer handles it
+        return None
+    finally:
+        tm.train(was_training)
+    return head if ok else None
+
+
+def cam_target_layer(model) -> torch.nn.Module:
+    """The layer whose output Grad-CAM explains: timm's last feature map (``bn2`` after
+    EfficientNet's ``conv_head``) where the closed-form path reads ``forward_features``, else
+    the last backbone stage."""
+    tm = getattr(model, "timm_model", None)
+    if tm is not None and isinstance(getattr(tm, "bn2", None), torch.nn.Module) and _timm_gap_linear_head(model):
+        return tm.bn2
+    return find_blocks(model)[-1][1]
 
 
 def gradcam_from_features(features: torch.Tensor, head: torch.nn.Linear, class_id: int,

@@ -183,6 +183,19 @@ class Predictor:
                             enabled=self.autocast_dtype is not None):
             return self.model(pixel_values=x, **kwargs)
 
+    @torch.inference_mode()
+    def _features_and_logits(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, np.ndarray]:
+        """The last feature map (before global pooling) and the logits, from one forward pass."""
+        x = self._prepare(pixel_values)
+        with torch.autocast("cpu", dtype=self.autocast_dtype or torch.bfloat16,
+                            enabled=self.autocast_dtype is not None):
+            if self.config.model_type == "timm_wrapper":
+                tm = self.model.timm_model
+                features = tm.forward_features(x)
+                return features, tm.forward_head(features).float().cpu().numpy()
+            out = self.model(pixel_values=x, output_hidden_states=True)
+            return out.hidden_states[-1], out.logits.float().cpu().numpy()
+
     def logits(self, pixel_values: torch.Tensor) -> np.ndarray:
         return self._forward(pixel_values).logits.float().cpu().numpy()
 
@@ -198,9 +211,8 @@ class Predictor:
             out = self._forward(pixel_values, output_attentions=True)
             return out.logits.float().cpu().numpy(), rollout_map(out.attentions, size)
         if self._cam_head is not None:
-            out = self._forward(pixel_values, output_hidden_states=True)
-            heat = gradcam_from_features(out.hidden_states[-1], self._cam_head, class_id, size)
-            return out.logits.float().cpu().numpy(), heat
+            features, logits = self._features_and_logits(pixel_values)
+            return logits, gradcam_from_features(features, self._cam_head, class_id, size)
         return self.logits(pixel_values), self.explain_tensor(pixel_values, class_id)
 
     def _ood_scores(self) -> list[float | None]:

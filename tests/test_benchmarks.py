@@ -79,8 +79,9 @@ def test_batch_inference(bench_inputs):
 
 
 def test_app_latency(bench_inputs):
-    r = run_script("app_latency", bench_inputs, "--requests", "2", "--concurrency", "2",
+    r = run_script("app_latency", bench_inputs, "--requests", "2", "--client-requests", "1", "--concurrency", "2",
                    "--load-requests", "4", "--time-limit", "60")["results"]
+    assert r["sequential_heatmap_gradio_client"]["n"] == 1
     for key in ("sequential_heatmap", "sequential_no_heatmap"):
         assert r[key]["n"] == 2 and positive(r[key]["p50_ms"]) and positive(r[key]["p95_ms"]), r[key]
     load = r["load"]

@@ -12,7 +12,7 @@ from cxr.data import ImageTransform, prepare_data
 from cxr.config import DataArguments
 from cxr.imaging import ImageLoadError
 from cxr.inference import DISCLAIMER, ModelLoadError, Predictor, main as cli_main
-from tests.helpers import make_xray
+from tests.helpers import make_xray, tiny_timm_folder
 
 
 @pytest.fixture(scope="module")
@@ -223,6 +223,27 @@ def test_single_pass_maps_equal_the_library_explainers(predictor, trained_vit_fo
             assert np.abs(fused.heatmap - library).max() < 1e-3
             peaks.append(fused.heatmap.max())
         assert max(peaks) > 0.9   # real maps (min-max scaled), not all-zero ones that match trivially
+
+
+@pytest.mark.parametrize("arch, closed_form", [("test_efficientnet", True), ("test_resnet", True),
+                                                ("test_convnext", False)])
+def test_timm_cnn_map_from_the_prediction_pass_equals_grad_cam(tmp_path, arch, closed_form):
+    """timm CNNs whose head is Linear(average pool(forward_features)) get Grad-CAM in closed form
+    from the prediction's own forward pass (the default EfficientNet: ~3 ms instead of a backward
+    pass); it equals pytorch_grad_cam.GradCAM on the same layer. ConvNeXt (a norm after the
+    pooling) is detected and left to the library."""
+    p = Predictor.from_pretrained(tiny_timm_folder(tmp_path, arch), precision="fp32")
+    assert (p._cam_head is not None) == closed_form
+    image = make_xray(3, True, size=96).convert("RGB")
+    x = p.preprocess([image])
+    peaks = []
+    for class_id in range(4):
+        logits, fused = p.logits_and_heatmap(x, class_id)
+        assert np.allclose(logits, p.logits(x), atol=1e-5)
+        library = p.explain_tensor(x, class_id)
+        assert fused.shape == library.shape and np.abs(fused - library).max() <= 0.01 * fused.max() + 1e-6
+        peaks.append(fused.max())
+    assert max(peaks) > 0.01       # not all-zero maps that match trivially (random tiny nets give faint ones)
 
 
 def test_bf16_map_agrees_with_fp32(trained_folder, kermany_folder):

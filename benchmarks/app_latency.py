@@ -23,9 +23,10 @@ map (if asked), overlay, encoding and the download of the results.
    worst case for per-session memory. The download step also fetches the raw heat-map PNG,
    which a browser only offers as a link: slightly pessimistic.
 
-Models: ``--model DIR`` (default: the shipped from-scratch model models/cxr-resnet-small-scratch, which the README's figures use, or a random-init cxr-resnet-small-scratch
-if it is missing), a preset name, or ``vit-b16-random`` for a random-init ViT-B/16
-(``ViTConfig()`` defaults, 224 px) so that ViT-B/16 latency is measurable offline.
+Models: ``--model DIR`` (default: the shipped from-scratch model ``models/cxr-resnet-small-scratch``,
+which most of the README's figures use, or a random-init cxr-resnet-small-scratch if it is
+missing), a preset name, or ``vit-b16-random`` for a random-init ViT-B/16 (``ViTConfig()``
+defaults, 224 px) so that ViT-B/16 latency is measurable offline.
 
     python -m benchmarks.app_latency [--quick] [--data DIR] [--model DIR|PRESET|vit-b16-random]
                                      [--requests N] [--concurrency C] [--out JSON]
@@ -260,9 +261,10 @@ def main(argv=None) -> int:
     ])
     print("median step times, heat map (ms): " + ", ".join(
         f"{k} {common.fmt(v)}" for k, v in seq_on.get("step_p50_ms", {}).items()))
+    shipped = Path(model_dir).resolve().parent == (common.ROOT / "models").resolve()
     goal = "OK" if seq_on["p50_ms"] is not None and seq_on["p50_ms"] <= 150 else "BELOW GOAL"
     print(f"p50 with the heat map (HTTP API): {common.fmt(seq_on['p50_ms'])} ms; goal for a shipped model "
-          f"<= 150 ms: {goal if Path(model_dir).resolve().parent == (common.ROOT / 'models').resolve() else 'n/a (not a shipped model)'}")
+          f"<= 150 ms: {goal if shipped else 'n/a (not a shipped model)'}")
     print(f"load test: {common.fmt(load['throughput_rps'], 2)} requests/s, {load['errors']} error(s) of "
           f"{load['requests_sent']} sent{' (time limit hit)' if load['hit_time_limit'] else ''}")
     for e in load["error_examples"]:
@@ -274,7 +276,8 @@ def main(argv=None) -> int:
                   + ", ".join(f"{v:,.0f}" for _, v in seq["rss_mb_every_100"]))
         if seq.get("p50_ms_by_window"):
             w = seq["p50_ms_by_window"]
-            print(f"p50 ms per {w['window']} sequential requests ({name}): " + ", ".join(f"{v:.0f}" for v in w["p50_ms"]))
+            print(f"p50 ms per {w['window']} sequential requests ({name}): "
+                  + ", ".join(f"{v:.0f}" for v in w["p50_ms"]))
     print()
 
     common.write_json(args.out, {

@@ -16,8 +16,9 @@ Fast paths used by the Predictor (same maps, one forward pass, no backward pass)
   ResNet; timm CNNs such as EfficientNet and ResNet behind TimmWrapper, checked numerically
   at load): the gradient of a logit with respect to the last feature map is the class's
   weight row / (h*w) at every position, so Grad-CAM equals CAM (Zhou et al., 2016) computed
-  from the prediction's own last feature map. :func:`gradcam_from_features` does that with the grad-cam package's
-  own scaling; a test checks it against ``pytorch_grad_cam.GradCAM``.
+  from the prediction's own last feature map (:func:`last_feature_map_and_logits`).
+  :func:`gradcam_from_features` does that with the grad-cam package's own scaling; tests check
+  it against ``pytorch_grad_cam.GradCAM`` on the same layer (:func:`cam_target_layer`).
 """
 
 from __future__ import annotations
@@ -161,7 +162,8 @@ def gap_linear_head(model) -> torch.nn.Linear | None:
     (transformers ResNet: ``hidden_states[-1]``; timm CNNs: ``forward_features``), else None
     (other heads go through ``pytorch_grad_cam``)."""
     if _is_timm(model):
-        return _timm_gap_linear_head(model)
+        timm_cam = _timm_cam(model)
+        return timm_cam[0] if timm_cam else None
     if getattr(getattr(model, "config", None), "model_type", None) != "resnet":
         return None
     pooler = getattr(getattr(model, "resnet", None), "pooler", None)
@@ -173,10 +175,12 @@ def gap_linear_head(model) -> torch.nn.Linear | None:
     return layers[0] if len(layers) == 1 and isinstance(layers[0], torch.nn.Linear) else None
 
 
-def _timm_gap_linear_head(model) -> torch.nn.Linear | None:
-    """For a timm CNN behind TimmWrapper: its classifier when ``forward_head(f)`` is exactly
+def _timm_cam(model) -> tuple[torch.nn.Linear, torch.nn.Module] | None:
+    """For a timm CNN behind TimmWrapper whose ``forward_head(f)`` is exactly
     ``classifier(mean over h, w of f)`` for ``f = forward_features(x)`` (checked on two random
-    inputs, so heads with layers after the pooling, e.g. MobileNetV3's, are excluded)."""
+    inputs, so heads with layers after the pooling, e.g. ConvNeXt's or MobileNetV3's, are
+    excluded): its classifier and the module whose output is ``f`` (the outermost one to
+    return that very tensor: EfficientNet's ``bn2``, ResNet's ``layer4``); else None."""
     tm = getattr(model, "timm_model", None)
     if family(model) != CNN or tm is None or not hasattr(tm, "forward_features") or not hasattr(tm, "forward_head"):
         return None
@@ -185,6 +189,9 @@ def _timm_gap_linear_head(model) -> torch.nn.Linear | None:
         return None
     size = (getattr(model.config, "pretrained_cfg", None) or {}).get("input_size", [3, 64, 64])[-1]
     x = torch.randn(2, 3, int(size), int(size), generator=torch.Generator().manual_seed(0))
+    finished: list[tuple[torch.nn.Module, object]] = []
+    hooks = [m.register_forward_hook(lambda mod, _args, out: finished.append((mod, out)))
+             for m in tm.modules() if m is not tm]
     was_training = tm.training
     try:
         tm.eval()
@@ -196,18 +203,30 @@ def _timm_gap_linear_head(model) -> torch.nn.Linear | None:
     except Exception:  # noqa: BLE001 - an unusual head: the library explainer handles it
         return None
     finally:
+        for h in hooks:
+            h.remove()
         tm.train(was_training)
-    return head if ok else None
+    layers = [m for m, out in finished if out is f]
+    return (head, layers[-1]) if ok and layers else None
 
 
 def cam_target_layer(model) -> torch.nn.Module:
-    """The layer whose output Grad-CAM explains: timm's last feature map (``bn2`` after
-    EfficientNet's ``conv_head``) where the closed-form path reads ``forward_features``, else
-    the last backbone stage."""
-    tm = getattr(model, "timm_model", None)
-    if tm is not None and isinstance(getattr(tm, "bn2", None), torch.nn.Module) and _timm_gap_linear_head(model):
-        return tm.bn2
-    return find_blocks(model)[-1][1]
+    """The layer whose output Grad-CAM explains: for timm CNNs with a pool + linear head, the
+    one that produces ``forward_features`` (what the closed-form path reads), else the last
+    backbone stage."""
+    timm_cam = _timm_cam(model) if _is_timm(model) else None
+    return timm_cam[1] if timm_cam else find_blocks(model)[-1][1]
+
+
+def last_feature_map_and_logits(model, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One forward pass: the feature map a pool + linear head averages (the closed-form
+    Grad-CAM's input; see :func:`gap_linear_head`) and the logits."""
+    if _is_timm(model):
+        tm = model.timm_model
+        features = tm.forward_features(pixel_values)
+        return features, tm.forward_head(features)
+    out = model(pixel_values=pixel_values, output_hidden_states=True)
+    return out.hidden_states[-1], out.logits
 
 
 def gradcam_from_features(features: torch.Tensor, head: torch.nn.Linear, class_id: int,

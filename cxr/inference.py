@@ -22,7 +22,8 @@ import torch
 from PIL import Image
 
 from .architecture import CNN, VIT, family
-from .explain import explainer_kind, gap_linear_head, gradcam_from_features, no_map_reason, rollout_map
+from .explain import (explainer_kind, gap_linear_head, gradcam_from_features, last_feature_map_and_logits,
+                      no_map_reason, rollout_map)
 from .imaging import ImageLoadError, check_is_radiograph, load_image
 from .locate import MissingFolderError, local_folder
 from .operating_point import OperatingPoint, softmax as compute_softmax
@@ -176,25 +177,21 @@ class Predictor:
     def _prepare(self, pixel_values: torch.Tensor) -> torch.Tensor:
         return pixel_values.contiguous(memory_format=torch.channels_last) if self.channels_last else pixel_values
 
+    def _autocast(self):
+        return torch.autocast("cpu", dtype=self.autocast_dtype or torch.bfloat16,
+                              enabled=self.autocast_dtype is not None)
+
     @torch.inference_mode()
     def _forward(self, pixel_values: torch.Tensor, **kwargs):
-        x = self._prepare(pixel_values)
-        with torch.autocast("cpu", dtype=self.autocast_dtype or torch.bfloat16,
-                            enabled=self.autocast_dtype is not None):
-            return self.model(pixel_values=x, **kwargs)
+        with self._autocast():
+            return self.model(pixel_values=self._prepare(pixel_values), **kwargs)
 
     @torch.inference_mode()
     def _features_and_logits(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, np.ndarray]:
         """The last feature map (before global pooling) and the logits, from one forward pass."""
-        x = self._prepare(pixel_values)
-        with torch.autocast("cpu", dtype=self.autocast_dtype or torch.bfloat16,
-                            enabled=self.autocast_dtype is not None):
-            if self.config.model_type == "timm_wrapper":
-                tm = self.model.timm_model
-                features = tm.forward_features(x)
-                return features, tm.forward_head(features).float().cpu().numpy()
-            out = self.model(pixel_values=x, output_hidden_states=True)
-            return out.hidden_states[-1], out.logits.float().cpu().numpy()
+        with self._autocast():
+            features, logits = last_feature_map_and_logits(self.model, self._prepare(pixel_values))
+        return features, logits.float().cpu().numpy()
 
     def logits(self, pixel_values: torch.Tensor) -> np.ndarray:
         return self._forward(pixel_values).logits.float().cpu().numpy()

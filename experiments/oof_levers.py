@@ -100,14 +100,10 @@ def _metrics(y: np.ndarray, p: np.ndarray) -> dict:
             "specificity_at_sens95": compute_threshold_metrics(y, p, hs)["specificity"], "n": int(len(y))}
 
 
-def _load(path: Path) -> Image.Image:
-    from cxr.imaging import load_image
-
-    return load_image(path)
-
-
 def main(argv: list[str] | None = None) -> int:
     from transformers import AutoModelForImageClassification
+
+    from cxr.imaging import load_image
 
     ap = argparse.ArgumentParser(description="Test-time levers on out-of-fold scores of a --cv_folds run.")
     ap.add_argument("--run", required=True, help="output folder of a train_hf.py --cv_folds run (cv/fold*/model)")
@@ -137,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
         idx = np.flatnonzero(fold == k)
         if args.max_per_fold and len(idx) > args.max_per_fold:   # a random subset, both classes
             idx = np.sort(np.random.default_rng(k).choice(idx, args.max_per_fold, replace=False))
-        images = [_load(files[i]) for i in idx]
+        images = [load_image(files[i]) for i in idx]
         y_all.append((np.asarray(oof["labels"])[idx] == pos_id).astype(int))
         saved_all.append(np.asarray(oof["scores"])[idx])
         for v in args.variants:
@@ -158,14 +154,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.external:
         ext = sorted(p for p in Path(args.external).rglob("*") if p.suffix.lower() in (".jpeg", ".jpg", ".png"))
         ye = np.array([int(p.parent.name.upper() == positive.upper()) for p in ext])
-        images = [_load(p) for p in ext]
+        images = [load_image(p) for p in ext]
         proc = _processor(run, None)
-        per_fold = []
-        for mdir in folds_dirs:
-            m = AutoModelForImageClassification.from_pretrained(mdir).eval().to(memory_format=torch.channels_last)
-            per_fold.append(_score(m, proc, images, "base", {v: int(i) for i, v in m.config.id2label.items()}[positive]))
-        shipped = AutoModelForImageClassification.from_pretrained(run).eval().to(memory_format=torch.channels_last)
-        ps = _score(shipped, proc, images, "base", {v: int(i) for i, v in shipped.config.id2label.items()}[positive])
+        def ext_scores(folder: Path) -> np.ndarray:
+            m = AutoModelForImageClassification.from_pretrained(folder).eval().to(memory_format=torch.channels_last)
+            return _score(m, proc, images, "base", {v: int(i) for i, v in m.config.id2label.items()}[positive])
+
+        per_fold = [ext_scores(mdir) for mdir in folds_dirs]
+        ps = ext_scores(run)
         t = results["variants"].get("base", {}).get("threshold")   # raw-probability equal-error threshold (OOF)
         from sklearn.metrics import roc_auc_score
 

@@ -309,7 +309,7 @@ def resolve_model(arg: str | None) -> tuple[Path, str]:
     - ``vit-b16-random``: random-init ViT-B/16 (``ViTConfig()`` defaults, 224 px, patch 16)
       with a ``ViTImageProcessor``, saved to a temporary folder;
     - a preset name from ``cxr.modeling.PRESETS``: random-init preset, saved to a temporary folder;
-    - nothing: the shipped default model, or (if it is not there) a random-init
+    - nothing: the shipped from-scratch model (``DEFAULT_MODEL_DIR``), or (if it is not there) a random-init
       ``cxr-resnet-small-scratch`` of the same architecture.
     """
     from cxr.modeling import PRESETS, build_preset, save_model_folder

@@ -80,7 +80,8 @@ def train_one(model_args, data_args, training_args, data: PreparedData, predict:
     if model_args.channels_last and family(model) == CNN:
         model = model.to(memory_format=torch.channels_last)
     for split, ds in data.splits.items():
-        ds.set_transform(ImageTransform(processor, augment=data_args.augment and split == "train"))
+        ds.set_transform(ImageTransform(processor, augment=data_args.augment and split == "train",
+                                        strength=data_args.augment_strength))
 
     callbacks = []
     if data_args.early_stopping_patience and training_args.eval_strategy != "no" and training_args.load_best_model_at_end:
@@ -89,7 +90,7 @@ def train_one(model_args, data_args, training_args, data: PreparedData, predict:
         model=model, args=training_args,
         train_dataset=data.splits["train"], eval_dataset=data.splits["validation"],
         processing_class=processor,
-        compute_loss_func=WeightedCrossEntropy(data.class_weights),
+        compute_loss_func=WeightedCrossEntropy(data.class_weights, training_args.label_smoothing_factor),
         compute_metrics=build_compute_metrics(data.positive_id),
         callbacks=callbacks,
     )

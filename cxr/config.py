@@ -91,6 +91,10 @@ class DataArguments:
     class_weights: list[float] | None = field(
         default=None, metadata={"help": "Cross-entropy class weights; default: inverse class frequency of train."})
     augment: bool = field(default=True, metadata={"help": "Training augmentation (affine, crop, contrast)."})
+    augment_strength: str = field(
+        default="standard", metadata={"help": "standard (crop 0.75-1, rotation 10 deg, shift 0.05, brightness/contrast "
+                                              "0.2) or strong (crop 0.55-1, rotation 12 deg, shift 0.08, "
+                                              "brightness/contrast 0.3, gamma 0.7-1.4, slight blur); never flips."})
     cv_folds: int = field(
         default=0, metadata={"help": "K >= 2: patient-grouped, stratified K-fold cross-validation first (K models, "
                                      "per-fold and mean ± sd metrics, out-of-fold scores of every training image); "
@@ -276,6 +280,10 @@ def validate_args(model_args: ModelArguments, data_args: DataArguments, training
     if data_args.threshold_policy not in ("equal_error", "youden", "default"):
         raise ConfigError(f"unknown threshold_policy '{data_args.threshold_policy}': choose equal_error, youden "
                           "or default")
+    if data_args.augment_strength not in ("standard", "strong"):
+        raise ConfigError(f"unknown augment_strength '{data_args.augment_strength}': choose standard or strong")
+    if not 0.0 <= training_args.label_smoothing_factor < 1.0:
+        raise ConfigError("label_smoothing_factor must be in [0, 1)")
     if model_args.partial_stages < 1:
         raise ConfigError("partial_stages must be >= 1")
     if model_args.image_size is not None and model_args.image_size < 32:

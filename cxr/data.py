@@ -271,16 +271,52 @@ def check_patient_disjoint(splits: DatasetDict) -> None:
 
 # ---------------------------------------------------------------- transforms
 
-def build_augmentation(size: tuple[int, int]):
-    """Augmentations suited to chest films: small affine jitter, crop, contrast. No flips
-    (anatomy is lateralised: the heart is on the left)."""
+AUGMENTATIONS = {
+    # name: (crop scale, rotation degrees, shift fraction, brightness/contrast, gamma range or None, blur)
+    "standard": ((0.75, 1.0), 10, 0.05, 0.2, None, False),
+    "strong": ((0.55, 1.0), 12, 0.08, 0.3, (0.7, 1.4), True),
+}
+
+
+def describe_augmentation(strength: str) -> str:
+    (lo, _), deg, shift, bc, gamma, blur = AUGMENTATIONS[strength]
+    return (f"random resized crop ({lo:.0%}–100%), rotation ±{deg}°, shift {shift:.0%}, brightness/contrast "
+            f"±{bc:.0%}" + (f", gamma {gamma[0]}–{gamma[1]}" if gamma else "") + (", slight blur" if blur else "")
+            + "; no flips")
+
+
+class RandomGamma:
+    """Gamma curve with an exponent drawn log-uniformly from ``(lo, hi)`` (exposure differences between
+    X-ray systems); a PIL image in, a PIL image out."""
+
+    def __init__(self, lo: float, hi: float):
+        self.lo, self.hi = float(lo), float(hi)
+
+    def __call__(self, image):
+        from torchvision.transforms.v2 import functional as F
+
+        g = float(np.exp(np.random.uniform(np.log(self.lo), np.log(self.hi))))
+        return F.adjust_gamma(image, g)
+
+
+def build_augmentation(size: tuple[int, int], strength: str = "standard"):
+    """Augmentations suited to chest films: small affine jitter, crop, contrast (and with ``strong``,
+    gamma and a slight blur). No flips (anatomy is lateralised: the heart is on the left)."""
     from torchvision.transforms import v2
 
-    return v2.Compose([
-        v2.RandomResizedCrop(size, scale=(0.75, 1.0), ratio=(0.9, 1.1), antialias=True),
-        v2.RandomAffine(degrees=10, translate=(0.05, 0.05)),
-        v2.ColorJitter(brightness=0.2, contrast=0.2),
-    ])
+    if strength not in AUGMENTATIONS:
+        raise ValueError(f"augment_strength must be one of {sorted(AUGMENTATIONS)}, got {strength!r}")
+    scale, deg, shift, bc, gamma, blur = AUGMENTATIONS[strength]
+    steps = [
+        v2.RandomResizedCrop(size, scale=scale, ratio=(0.9, 1.1), antialias=True),
+        v2.RandomAffine(degrees=deg, translate=(shift, shift)),
+        v2.ColorJitter(brightness=bc, contrast=bc),
+    ]
+    if gamma:
+        steps.append(RandomGamma(*gamma))
+    if blur:
+        steps.append(v2.RandomApply([v2.GaussianBlur(3, sigma=(0.1, 1.0))], p=0.3))
+    return v2.Compose(steps)
 
 
 def processor_size(processor) -> tuple[int, int]:
@@ -302,9 +338,9 @@ class ImageTransform:
     """datasets set_transform: undecoded image -> load_image -> [augment] -> image processor
     (through :func:`cxr.preprocessing.pixel_values`, the same call as the Predictor's)."""
 
-    def __init__(self, processor, augment: bool = False):
+    def __init__(self, processor, augment: bool = False, strength: str = "standard"):
         self.processor = processor
-        self.augment = build_augmentation(processor_size(processor)) if augment else None
+        self.augment = build_augmentation(processor_size(processor), strength) if augment else None
 
     def __call__(self, batch: dict) -> dict:
         images = [load_image(_image_ref(x), isolate=False) for x in batch["image"]]  # training data: chosen by the user, decoded in-process (same checks)

@@ -143,7 +143,7 @@ def card_facts(argv, model_args, data_args, training_args, data, metrics: dict, 
 
     import torch
 
-    from .data import processor_size
+    from .data import describe_augmentation, processor_size
     from .modeling import is_preset
 
     preset = is_preset(model_args.model_name_or_path)
@@ -180,8 +180,7 @@ def card_facts(argv, model_args, data_args, training_args, data, metrics: dict, 
         learning_rate=training_args.learning_rate,
         class_weights=[round(w, 3) for w in data.class_weights],
         precision="bf16 autocast" if training_args.bf16 else "fp32",
-        augmentation="random resized crop (75–100%), rotation ±10°, shift 5%, brightness/contrast ±20%; no flips"
-        if data_args.augment else "none",
+        augmentation=describe_augmentation(data_args.augment_strength) if data_args.augment else "none",
         train_time=f"{fitted.train_seconds / 60:.1f} min" + (f" (+ {cv_minutes(cv)} for {cv['k']}-fold CV)" if cv else ""),
         hardware=torch.cuda.get_device_name() if torch.cuda.is_available()
         else f"{os.cpu_count()} CPU cores ({platform.machine()})",

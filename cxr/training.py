@@ -26,15 +26,19 @@ METRIC_MODULE = str(Path(__file__).resolve().parent / "clinical_metrics")
 
 
 class WeightedCrossEntropy:
-    """Trainer ``compute_loss_func``: class-weighted cross-entropy."""
+    """Trainer ``compute_loss_func``: class-weighted cross-entropy, with optional label smoothing
+    (``--label_smoothing_factor``, the TrainingArguments field, honoured here because a custom
+    loss replaces the Trainer's own smoother)."""
 
-    def __init__(self, weights):
+    def __init__(self, weights, label_smoothing: float = 0.0):
         self.weights = torch.tensor(weights, dtype=torch.float32)
+        self.label_smoothing = float(label_smoothing or 0.0)
 
     def __call__(self, outputs, labels, num_items_in_batch=None):
         logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
         w = self.weights.to(logits.device)
-        loss = torch.nn.functional.cross_entropy(logits.float(), labels, weight=w, reduction="sum")
+        loss = torch.nn.functional.cross_entropy(logits.float(), labels, weight=w, reduction="sum",
+                                                 label_smoothing=self.label_smoothing)
         # normalise by the summed weights of the batch (the usual weighted-mean definition)
         return loss / w[labels].sum()
 

@@ -87,10 +87,17 @@ def test_pip_install_outside_the_repository(tmp_path):
     shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(".git", "outputs", "test-output", "*.egg-info",
                                                               "__pycache__", "build", ".pytest_cache", "runs", "*.pyi"))
     venv = tmp_path / "venv"
-    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True, timeout=300)
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
+    # The dependencies are the running interpreter's, whether it is a system Python or a user's
+    # venv (--system-site-packages would see the base interpreter, not the venv): its
+    # site-packages go on the new venv's path *after* the venv's own (plain path lines in a
+    # .pth file: the parent's own .pth files, e.g. an editable install of this project, do not run).
+    parent = [p for p in sys.path if p.rstrip("/").endswith("site-packages")]
+    installed = venv / "lib" / f"python{sys.version_info.major}.{sys.version_info.minor}" / "site-packages"
+    (installed / "_cxr_test_parent.pth").write_text("\n".join(parent) + "\n")
     py = venv / "bin" / "python"
     env = {k: v for k, v in subprocess_env().items() if k != "PYTHONPATH"}
-    # --no-deps: the dependencies are this interpreter's (system site-packages); the build
+    # --no-deps: the dependencies are this interpreter's (the .pth above); the build
     # backend (setuptools) comes from the package index in an isolated build, as for a user
     pip = subprocess.run([str(py), "-m", "pip", "install", "--no-deps", "--quiet", str(src)],
                          capture_output=True, text=True, env=env, timeout=600)
@@ -102,7 +109,6 @@ def test_pip_install_outside_the_repository(tmp_path):
     out = subprocess.run([str(py), "-c", code], cwd=elsewhere, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     assert str(venv) in out.stdout and str(ROOT) not in out.stdout     # the installed copy
-    installed = venv / "lib" / f"python{sys.version_info.major}.{sys.version_info.minor}" / "site-packages"
     assert (installed / "cxr" / "clinical_metrics" / "clinical_metrics.py").is_file()
     shipped = sorted(p.name for p in (ROOT / "app" / "examples").glob("*.jpeg"))
     assert shipped and sorted(p.name for p in (installed / "cxr_app" / "examples").glob("*.jpeg")) == shipped

@@ -1,0 +1,78 @@
+"""A patient-grouped hold-out carved out of the training split *before* any lever is tuned (issue #19).
+
+Out-of-fold scores of a K-fold CV are the scores every choice of the recipe was made on (the
+threshold included), so they flatter the recipe. This carves ~15 % of the patients, stratified
+by label and grouped by patient (scikit-learn ``StratifiedGroupKFold``, fixed seed), writes the
+list of held-out patients (``--manifest``, committed, so every study scores the same films) and
+lays out two symlinked image folders for ``train_hf.py``:
+
+    <out>/pool/train/<LABEL>/<file>   the ~85 % that trains (validation is carved out of it by patient)
+    <out>/holdout/<LABEL>/<file>      scored once per lever, never trained or tuned on
+
+    python -m experiments.holdout --data ../shared/data/chest_xray_224 --out outputs/holdout_data \\
+        --manifest docs/levers/holdout_patients.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+
+SUFFIXES = (".jpeg", ".jpg", ".png")
+
+
+def carve(files: list[Path], fraction: float, seed: int) -> set[str]:
+    """Patient ids of a stratified, patient-grouped hold-out of about ``fraction`` of the films."""
+    from sklearn.model_selection import StratifiedGroupKFold
+
+    from cxr.data import patient_id_from_filename
+
+    labels = np.array([f.parent.name for f in files])
+    groups = np.array([patient_id_from_filename(f.name) or f.stem for f in files])
+    sgkf = StratifiedGroupKFold(n_splits=int(round(1 / fraction)), shuffle=True, random_state=seed)
+    _, held = next(sgkf.split(np.zeros(len(files)), labels, groups))
+    return set(groups[held].tolist())
+
+
+def layout(files: list[Path], held: set[str], out: Path) -> dict:
+    from cxr.data import patient_id_from_filename
+
+    counts: dict = {}
+    for f in files:
+        pid = patient_id_from_filename(f.name) or f.stem
+        part = "holdout" if pid in held else "pool/train"
+        dst = out / part / f.parent.name / f.name
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        if not dst.exists():
+            dst.symlink_to(f.resolve())
+        counts.setdefault(part, {}).setdefault(f.parent.name, 0)
+        counts[part][f.parent.name] += 1
+    return counts
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--data", required=True, help="image folder <split>/<LABEL>/<file> or <LABEL>/<file>")
+    ap.add_argument("--out", required=True, help="where the symlinked pool/ and holdout/ folders go")
+    ap.add_argument("--manifest", required=True, help="JSON list of held-out patients (read if it exists)")
+    ap.add_argument("--fraction", type=float, default=0.15)
+    ap.add_argument("--seed", type=int, default=2026)
+    a = ap.parse_args(argv)
+    files = sorted(p for p in Path(a.data).rglob("*") if p.suffix.lower() in SUFFIXES)
+    manifest = Path(a.manifest)
+    if manifest.exists():   # the committed hold-out: the same films for every study
+        held = set(json.loads(manifest.read_text())["patients"])
+    else:
+        held = carve(files, a.fraction, a.seed)
+        manifest.parent.mkdir(parents=True, exist_ok=True)
+        manifest.write_text(json.dumps({"fraction": a.fraction, "seed": a.seed, "patients": sorted(held)},
+                                       indent=1) + "\n")
+    counts = layout(files, held, Path(a.out))
+    print(json.dumps({"patients_held_out": len(held), "images": counts}))
+
+
+if __name__ == "__main__":
+    main()

@@ -26,7 +26,7 @@ from cxr.checkpointing import resolve_resume
 from cxr.architecture import CNN, family
 from cxr.config import ConfigError, parse_args, resolved_config
 from cxr.data import (
-    DataError, ImageTransform, PreparedData, check_images, check_patient_disjoint, cv_fold, cv_folds,
+    DataError, ImageTransform, PreparedData, check_images, check_patient_disjoint, cv_fold, cv_folds, fold_overlaps,
     prepare_data, processor_size,
 )
 from cxr.hub import PushError, card_facts, check_push_access, push_folder, render_model_card
@@ -139,6 +139,9 @@ def cross_validate(model_args, data_args, training_args, data: PreparedData, out
             del fitted
     finally:
         training_args.output_dir = main_dir
+    overlaps = fold_overlaps(pool["patient_id"], fold_of)
+    if overlaps:  # cannot happen with StratifiedGroupKFold; checked because every CV figure rests on it
+        raise DataError(f"cross-validation folds share patients: {overlaps}")
     labels = np.asarray(pool["label"])
     names = [Path(item.get("path") or "").name for item in pool["image"]]
     return {"k": k, "oof_logits": oof, "labels": labels, "fold": fold_of, "names": names,

@@ -233,6 +233,17 @@ def cv_folds(train, k: int, seed: int) -> list[np.ndarray]:
     return [np.sort(held) for _, held in sgkf.split(np.zeros(len(labels)), labels, groups)]
 
 
+def fold_overlaps(patients, folds) -> list[tuple[int, int, int]]:
+    """(fold i, fold j, number of shared patients) for every pair of CV folds that share a patient:
+    empty when the folds are grouped by patient (checked by every ``--cv_folds`` run and by
+    ``experiments.oof_gap`` on a saved ``oof_scores.json``)."""
+    patients, folds = np.asarray(patients), np.asarray(folds)
+    ks = sorted(set(folds.tolist()))
+    members = {k: set(patients[folds == k].tolist()) for k in ks}
+    return [(i, j, len(members[i] & members[j])) for a, i in enumerate(ks) for j in ks[a + 1:]
+            if members[i] & members[j]]
+
+
 def cv_fold(data: PreparedData, held_out: np.ndarray, data_args, seed: int) -> PreparedData:
     """One fold: the other folds' patients train (a patient-grouped validation carved out of
     them for early stopping and checkpoint choice), the fold's patients are 'held_out'."""

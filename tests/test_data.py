@@ -150,3 +150,34 @@ def test_hub_dataset_id_offline_is_a_clear_error():
     # HF_DATASETS_OFFLINE=1 (conftest): the Hub code path runs and fails with a named dataset
     with pytest.raises(DataError, match="cannot load dataset 'someone/no-such-cxr-dataset'"):
         prepare_data(DataArguments(dataset_name="someone/no-such-cxr-dataset"))
+
+
+def test_cv_folds_share_no_patient(tmp_path):
+    """Every pair of CV folds is checked for shared patients (several films per patient)."""
+    from cxr.data import cv_folds, fold_overlaps
+
+    root = write_kermany_folder(tmp_path, n_patients=25, per_patient=3, size=40)
+    train = prepare_data(args(root), seed=3, carve_validation=False).splits["train"]
+    held = cv_folds(train, 5, seed=3)
+    fold = np.full(len(train), -1)
+    for k, idx in enumerate(held):
+        fold[idx] = k
+    assert (fold >= 0).all() and sorted(np.concatenate(held).tolist()) == list(range(len(train)))
+    assert fold_overlaps(train["patient_id"], fold) == []
+    leaked = fold.copy()
+    first = np.flatnonzero(fold == 0)[0]                       # move one film of a fold-0 patient to fold 1
+    leaked[first] = 1
+    assert fold_overlaps(train["patient_id"], leaked) == [(0, 1, 1)]
+
+
+def test_shipped_out_of_fold_scores_share_no_patient_between_folds():
+    """The shipped default's own oof_scores.json: no patient in two folds, every fold non-empty."""
+    import json
+
+    from cxr.data import fold_overlaps
+    from cxr.inference import DEFAULT_MODEL_DIR as DEFAULT_MODEL
+
+    oof = json.loads((DEFAULT_MODEL / "oof_scores.json").read_text())
+    assert len(oof["patients"]) == len(oof["fold"]) == len(oof["scores"]) > 1000
+    assert set(oof["fold"]) == set(range(5))
+    assert fold_overlaps(oof["patients"], oof["fold"]) == []

@@ -155,7 +155,8 @@ def score_cv(cv: dict, op, positive_id: int, seed: int) -> dict:
         m = cv["fold"] == i
         per_fold.append(score_split(cv["oof_logits"][m], cv["labels"][m], positive_id, op, n_boot=0))
     pooled = score_split(cv["oof_logits"], cv["labels"], positive_id, op, seed=seed)
-    return {"k": cv["k"], "per_fold": per_fold, "summary": summarise_folds(per_fold), "pooled": pooled}
+    return {"k": cv["k"], "per_fold": per_fold, "summary": summarise_folds(per_fold), "pooled": pooled,
+            "train_seconds": float(cv["train_seconds"])}   # the card's CV time reads it
 
 
 def score_external(folder: str, trainer, processor, id2label: dict, positive_id: int, op) -> dict:

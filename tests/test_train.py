@@ -195,6 +195,10 @@ def test_cv_folds_trains_k_models_and_fits_the_operating_point_out_of_fold(kerma
     assert "5-fold cross-validation" in card and "mean ± sd" in card
     assert "External check" in card and "is **unknown**" in card
     assert "Warning: not a usable model" in card                           # 2 steps: a smoke run, said so
+    cv_seconds = sum(json.loads((out / "cv" / f"fold{i}" / "train_results.json").read_text())["train_runtime"]
+                     for i in range(5))
+    assert cv["train_seconds"] >= 0.9 * cv_seconds > 0                      # the folds' own training time
+    assert f"(+ {cv['train_seconds'] / 60:.1f} min for 5-fold CV)" in card  # the card quotes that time
 
     # the robustness-lever study re-scores every image with the fold model that never saw it
     from experiments import oof_levers

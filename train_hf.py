@@ -179,10 +179,9 @@ def score_external(folder: str, trainer, processor, id2label: dict, positive_id:
             logits.append(model(pixel_values=x).logits.float().cpu().numpy()[0])
     logits, labels = np.stack(logits), np.array([label2id[f.parent.name] for f in files])
     m = score_split(logits, labels, positive_id, op, n_boot=0)
-    p = op.probabilities(logits)[:, positive_id]
-    m["per_image"] = [{"file": f.name, "label": f.parent.name, "p_positive": round(float(s), 4),
-                       "decision": id2label[positive_id] if s >= op.threshold else
-                       next(v for k, v in id2label.items() if k != positive_id)} for f, s in zip(files, p)]
+    d = op.apply(logits, positive_id)     # the serving decision rule (cxr.operating_point)
+    m["per_image"] = [{"file": f.name, "label": f.parent.name, "p_positive": round(float(p), 4),
+                       "decision": id2label[int(k)]} for f, p, k in zip(files, d.probability, d.label_ids)]
     return m
 
 

@@ -46,7 +46,6 @@ MAX_REQUEST_BYTES = 10 * 1024 * 1024 + 64 * 1024   # one 10 MB file plus multipa
 MAX_FILES_PER_REQUEST = 1
 ACCEPTED_TYPES = [".png", ".jpg", ".jpeg", ".dcm", ".dicom"]
 DISPLAY_MAX_SIDE = 512
-BORDERLINE_MARGIN = 0.05   # |P - threshold| below this: "borderline"
 DEFAULT_OPACITY = 0.6
 QUEUE_SIZE = 64            # waiting requests beyond the 2 running; more are refused at once (env CXR_QUEUE_SIZE)
 SESSION_CAPACITY = 256     # sessions kept in memory (env CXR_SESSION_CAPACITY)
@@ -112,10 +111,6 @@ CSS = """
 
 # ------------------------------------------------------------------ results (the one story)
 
-def is_borderline(p: float, threshold: float, margin: float = BORDERLINE_MARGIN) -> bool:
-    return abs(p - threshold) < margin
-
-
 def result_dict(predictor: Predictor, result, heatmap_file: str | None = None) -> dict:
     """The API object for one model. ``decision`` is None for flagged inputs."""
     flagged = bool(result.out_of_distribution)
@@ -126,7 +121,8 @@ def result_dict(predictor: Predictor, result, heatmap_file: str | None = None) -
         "positive_label": result.positive_label,
         "probability": None if flagged else round(result.positive_probability, 4),
         "threshold": round(result.threshold, 4),
-        "borderline": (not flagged) and is_borderline(result.positive_probability, result.threshold),
+        "borderline": (not flagged) and result.borderline,       # the operating point's rule (cxr.operating_point)
+        "borderline_margin": predictor.operating_point.borderline_margin,
         "probabilities": None if flagged else {k: round(v, 4) for k, v in result.probabilities.items()},
         "threshold_source": result.threshold_source,
         "out_of_distribution": flagged,
@@ -151,7 +147,7 @@ def answer_card(r: dict, show_model: bool) -> str:
     p, t, pos = r["probability"], r["threshold"], r["positive_label"]
     tag = '<span class="cxr-tag">borderline</span>' if r["borderline"] else ""
     side = "at or above" if p >= t else "below"
-    caution = (f" It is within {BORDERLINE_MARGIN:.2f} of the threshold: treat it as uncertain."
+    caution = (f" It is within {r.get('borderline_margin', 0.05):.2f} of the threshold: treat it as uncertain."
                if r["borderline"] else "")
     return (f'<div class="cxr-card" data-testid="cxr-card" data-decision="{e(r["decision"])}">{model}'
             f'<div class="cxr-headline" data-testid="cxr-headline">{e(r["decision"])}{tag}</div>'

@@ -26,7 +26,7 @@ from .explain import (explainer_kind, gap_linear_head, gradcam_from_features, la
                       no_map_reason, rollout_map)
 from .imaging import ImageLoadError, check_is_radiograph, load_image
 from .locate import MissingFolderError, local_folder
-from .operating_point import OperatingPoint, softmax as compute_softmax
+from .operating_point import OperatingPoint
 from .precision import autocast_dtype, check_precision
 from .preprocessing import pixel_values
 
@@ -56,6 +56,7 @@ class Prediction:
     explainer: str | None = None
     ood_score: float | None = None       # distance from the training films (cxr.ood); None: no scorer
     ood_threshold: float | None = None
+    borderline: bool = False             # within the operating point's borderline_margin of the threshold
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -222,18 +223,14 @@ class Predictor:
             from .ood import OOD_WARNING
 
             warning = OOD_WARNING
-        probs = compute_softmax(logits[None], self.temperature)[0]
-        p_pos = float(probs[self.positive_id])
-        if len(self.id2label) == 2:
-            neg = 1 - self.positive_id
-            label = self.id2label[self.positive_id] if p_pos >= self.threshold else self.id2label[neg]
-        else:
-            label = self.id2label[int(np.argmax(probs))]
+        d = self.operating_point.apply(logits[None], self.positive_id)
+        probs, p_pos, label = d.probabilities[0], float(d.probability[0]), self.id2label[int(d.label_ids[0])]
         return Prediction(
             label=None if warning else label,
             probabilities={self.id2label[i]: float(p) for i, p in enumerate(probs)},
             positive_label=self.id2label[self.positive_id], positive_probability=p_pos,
             threshold=self.threshold, threshold_source=self.threshold_source,
+            borderline=warning is None and bool(d.borderline[0]),
             out_of_distribution=warning is not None, warning=warning, ood_score=ood_score,
             ood_threshold=None if self.ood is None else float(self.ood.threshold))
 

@@ -134,11 +134,7 @@ def compute_bootstrap_ci(
     return ci
 
 
-def compute_softmax(logits, temperature: float = 1.0) -> np.ndarray:
-    z = np.asarray(logits, dtype=np.float64) / float(temperature)
-    z = z - z.max(axis=-1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=-1, keepdims=True)
+from .operating_point import softmax as compute_softmax  # noqa: E402 (the one softmax; re-exported)
 
 
 def compute_temperature(logits, y_true) -> float:

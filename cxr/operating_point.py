@@ -31,6 +31,19 @@ def softmax(logits, temperature: float = 1.0) -> np.ndarray:
     return e / e.sum(axis=-1, keepdims=True)
 
 
+@dataclass(frozen=True)
+class Decision:
+    """What the operating point says of a batch of logits: per row the calibrated probabilities,
+    the positive-class probability, whether the positive class is called, and whether the call
+    is borderline (within ``borderline_margin`` of the threshold). Binary tasks only decide by
+    threshold; with more classes the call is the argmax and ``positive`` is that it is the positive class."""
+    probabilities: np.ndarray       # (N, C), temperature-scaled softmax
+    probability: np.ndarray         # (N,), positive class
+    positive: np.ndarray            # (N,) bool
+    borderline: np.ndarray          # (N,) bool
+    label_ids: np.ndarray           # (N,) the called class index
+
+
 @dataclass
 class OperatingPoint:
     threshold: float = 0.5
@@ -67,6 +80,18 @@ class OperatingPoint:
     def probabilities(self, logits) -> np.ndarray:
         """Calibrated (temperature-scaled) softmax, (N, C)."""
         return softmax(logits, self.temperature)
+
+    def apply(self, logits, positive_id: int) -> Decision:
+        """The one decision rule (Predictor, training's external scoring, app, experiments)."""
+        probs = self.probabilities(np.atleast_2d(np.asarray(logits, dtype=np.float64)))
+        p = probs[:, positive_id]
+        if probs.shape[1] == 2:
+            positive = self.decide(p)
+            ids = np.where(positive, positive_id, 1 - positive_id)
+        else:
+            ids = probs.argmax(axis=1)
+            positive = ids == positive_id
+        return Decision(probs, p, positive, self.borderline(p), ids)
 
     def decide(self, positive_probability) -> np.ndarray:
         """True where the positive class is called (at or above the threshold)."""

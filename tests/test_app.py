@@ -380,18 +380,24 @@ def test_sessions_are_bounded_for_api_callers(model_folders, monkeypatch, tmp_pa
 # ------------------------------------------------------------------ page handlers
 
 def test_answer_card_headline_bar_and_api_agree():
-    from app.app import answer_card, is_borderline
+    from app.app import answer_card
+    from cxr.operating_point import OperatingPoint
 
     for p in np.linspace(0, 1, 41):
         for t in (0.256, 0.5):
-            decision = "PNEUMONIA" if p >= t else "NORMAL"
+            op = OperatingPoint(threshold=t)
+            logits = np.log([[1 - p + 1e-12, p + 1e-12]])       # softmax(logits)[1] == p (temperature 1)
+            d = op.apply(logits, positive_id=1)
+            decision = "PNEUMONIA" if d.positive[0] else "NORMAL"
             r = {"model": "m", "out_of_distribution": False, "probability": float(p), "threshold": t,
-                 "positive_label": "PNEUMONIA", "decision": decision, "borderline": is_borderline(p, t)}
+                 "positive_label": "PNEUMONIA", "decision": decision, "borderline": bool(d.borderline[0]),
+                 "borderline_margin": op.borderline_margin}
             card = answer_card(r, show_model=False)
             assert f'data-decision="{decision}"' in card and f">{decision}<" in card.replace(
                 '<span class="cxr-tag">borderline</span>', "<")
             assert f"left:{100 * t:.1f}%" in card and f"width:{100 * p:.1f}%" in card
-            assert ("borderline" in card) == (abs(p - t) < 0.05)
+            assert ("borderline" in card) == bool(d.borderline[0])
+            assert bool(d.borderline[0]) == (abs(d.probability[0] - t) < 0.05)
 
 
 def test_flagged_card_has_no_decision():

@@ -134,3 +134,21 @@ def test_operating_point_policies_and_round_trip():
     assert OperatingPoint.from_config({}).threshold == 0.5
     with pytest.raises(ValueError):
         OperatingPoint.from_config({"cxr_operating_point": {"threshold": 1.5}})
+
+
+def test_operating_point_apply_is_the_one_decision_rule():
+    """apply(): temperature-scaled softmax, threshold on the positive class, borderline band, and
+    the called class index, on either positive index."""
+    from cxr.operating_point import OperatingPoint, softmax
+
+    op = OperatingPoint(threshold=0.3, temperature=2.0, borderline_margin=0.05)
+    logits = np.array([[2.0, 0.0], [0.0, 0.0], [0.0, 3.0], [1.0, 0.2]])
+    for pos in (0, 1):
+        d = op.apply(logits, positive_id=pos)
+        p = softmax(logits, 2.0)[:, pos]
+        assert np.allclose(d.probability, p) and np.allclose(d.probabilities.sum(1), 1)
+        assert (d.positive == (p >= 0.3)).all()
+        assert (d.label_ids == np.where(p >= 0.3, pos, 1 - pos)).all()
+        assert (d.borderline == (np.abs(p - 0.3) < 0.05)).all()
+    one = op.apply(np.array([0.0, 3.0]), positive_id=1)            # a single row is accepted
+    assert one.positive.shape == (1,) and bool(one.positive[0])

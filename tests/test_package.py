@@ -84,7 +84,7 @@ def test_pip_install_outside_the_repository(tmp_path):
     """A venv (reusing this interpreter's installed dependencies), `pip install <copy of the
     checkout>`, then from another folder: import the Predictor and run each script's --help."""
     src = tmp_path / "src"
-    shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(".git", "outputs", "test-output", "*.egg-info",
+    shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(".git", ".venv", "venv", "checkpoints", "outputs", "test-output", "*.egg-info",
                                                               "__pycache__", "build", ".pytest_cache", "runs", "*.pyi"))
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)

@@ -125,12 +125,14 @@ class CardFacts:
         kw.update(operating_point=op.to_config(), operating_point_text=op.describe(), warnings=self.warnings())
         tables = []
         for split, title in (("validation", "Validation (a patient-grouped split of the training data)"),
-                             ("test", "Test"), ("external", "External check (other patients' films)")):
+                             ("test", "Test"), ("external", "External / hold-out check (patients never trained or tuned on)")):
             if self.metrics.get(split):
                 tables.append(build_metric_table(title, self.metrics[split]))
         kw["metric_tables"] = tables
         kw["cv_table"] = build_cv_table(self.cv) if self.cv else None
-        kw["external_images"] = (self.metrics.get("external") or {}).get("per_image")
+        per_image = (self.metrics.get("external") or {}).get("per_image") or []
+        # a per-film table for a handful of films; a large folder (a hold-out) stays in external_results.json
+        kw["external_images"] = per_image if len(per_image) <= MAX_CARD_FILMS else None
         return kw
 
 
@@ -187,6 +189,9 @@ def card_facts(argv, model_args, data_args, training_args, data, metrics: dict, 
         command=f"python train_hf.py {args_str}".strip(),
         operating_point=op, metrics=metrics, cv=cv, is_kermany=is_kermany,
     )
+
+
+MAX_CARD_FILMS = 50
 
 
 def cv_minutes(cv: dict) -> str:

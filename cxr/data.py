@@ -13,6 +13,7 @@ import numpy as np
 from datasets import ClassLabel, DatasetDict, Image as ImageFeature, load_dataset
 
 from .imaging import ImageLoadError, load_image
+from .operating_point import positive_class_id
 from .preprocessing import pixel_values
 
 logger = logging.getLogger(__name__)
@@ -168,13 +169,9 @@ def prepare_data(data_args, seed: int = 42, need_test: bool = False, carve_valid
         if ds[split].features["label"].names != names:
             raise DataError(f"split '{split}' has labels {ds[split].features['label'].names}, train has {names}")
     id2label = dict(enumerate(names))
-    if data_args.positive_label is not None:
-        if data_args.positive_label not in names:
-            raise DataError(f"positive_label '{data_args.positive_label}' is not one of {names}")
-        positive_id = names.index(data_args.positive_label)
-    else:
-        others = [i for i, n in enumerate(names) if n.upper() != "NORMAL"]
-        positive_id = others[0] if len(names) == 2 and len(others) == 1 else 1
+    if data_args.positive_label is not None and data_args.positive_label not in names:
+        raise DataError(f"positive_label '{data_args.positive_label}' is not one of {names}")
+    positive_id = positive_class_id(id2label, data_args.positive_label)
 
     ds = add_patient_ids(ds)
     train = ds[data_args.train_split]

@@ -26,7 +26,7 @@ from .explain import (explainer_kind, gap_linear_head, gradcam_from_features, la
                       no_map_reason, rollout_map)
 from .imaging import ImageLoadError, check_is_radiograph, load_image
 from .locate import MissingFolderError, local_folder
-from .operating_point import OperatingPoint
+from .operating_point import OperatingPoint, positive_class_id
 from .precision import autocast_dtype, check_precision
 from .preprocessing import pixel_values
 
@@ -105,11 +105,7 @@ class Predictor:
             self.operating_point = op = OperatingPoint.from_config(model.config)
         except (TypeError, ValueError) as e:
             raise ModelLoadError(f"{name}: {str(e).splitlines()[0]}") from None
-        pos_name = op.positive_label
-        if pos_name not in self.id2label.values():
-            others = [i for i, n in self.id2label.items() if n.upper() != "NORMAL"]
-            pos_name = self.id2label[others[0] if len(others) == 1 else max(self.id2label)]
-        self.positive_id = {v: k for k, v in self.id2label.items()}[pos_name]
+        self.positive_id = positive_class_id(self.id2label, op.positive_label)
         self.temperature = float(op.temperature)
         self.threshold = float(op.threshold)
         self.threshold_source = op.source

@@ -24,6 +24,16 @@ POLICIES = {
 }
 
 
+def positive_class_id(id2label: dict, positive_label: str | None = None) -> int:
+    """The one positive-class rule (training and serving): the named label if given and present,
+    else the only class that is not NORMAL, else index 1."""
+    names = {int(k): v for k, v in id2label.items()}
+    if positive_label is not None and positive_label in names.values():
+        return next(k for k, v in names.items() if v == positive_label)
+    others = [k for k, v in names.items() if str(v).upper() != "NORMAL"]
+    return others[0] if len(others) == 1 else 1
+
+
 def softmax(logits, temperature: float = 1.0) -> np.ndarray:
     z = np.asarray(logits, dtype=np.float64) / float(temperature)
     z = z - z.max(axis=-1, keepdims=True)

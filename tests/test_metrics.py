@@ -152,3 +152,13 @@ def test_operating_point_apply_is_the_one_decision_rule():
         assert (d.borderline == (np.abs(p - 0.3) < 0.05)).all()
     one = op.apply(np.array([0.0, 3.0]), positive_id=1)            # a single row is accepted
     assert one.positive.shape == (1,) and bool(one.positive[0])
+
+
+def test_one_positive_class_rule():
+    from cxr.operating_point import positive_class_id
+
+    assert positive_class_id({0: "NORMAL", 1: "PNEUMONIA"}) == 1
+    assert positive_class_id({0: "PNEUMONIA", 1: "NORMAL"}) == 0           # the one that is not NORMAL
+    assert positive_class_id({0: "PNEUMONIA", 1: "NORMAL"}, "NORMAL") == 1  # named wins
+    assert positive_class_id({0: "a", 1: "b"}, "missing") == 1             # unknown name: index 1
+    assert positive_class_id({"0": "NORMAL", "1": "x"}) == 1               # config.json string keys

@@ -236,12 +236,13 @@ def run(argv: list[str] | None = None) -> dict:
     # 5. Operating point + temperature: on out-of-fold scores with CV, else on validation.
     if cv is not None:
         op = fit_operating_point(cv["oof_logits"], cv["labels"], data.positive_id, data.id2label,
-                                 policy=data_args.threshold_policy,
+                                 policy=data_args.threshold_policy, min_sensitivity=data_args.min_sensitivity,
                                  fitted_on=f"out-of-fold scores ({cv['k']} folds, {len(cv['labels']):,} images)")
         cv_scores = score_cv(cv, op, data.positive_id, training_args.seed)
     else:
         op = fit_operating_point(val_logits, val_labels, data.positive_id, data.id2label,
-                                 policy=data_args.threshold_policy, fitted_on="the validation split")
+                                 policy=data_args.threshold_policy, min_sensitivity=data_args.min_sensitivity,
+                                 fitted_on="the validation split")
     op.scored_in = "bf16" if training_args.bf16 else "fp32"   # the Predictor's "auto" precision follows it
     logger.info("operating point: %s", op.describe())
 

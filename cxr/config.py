@@ -103,7 +103,12 @@ class DataArguments:
     threshold_policy: str = field(
         default="equal_error", metadata={"help": "How the decision threshold is chosen on the fitting scores "
                                                  "(out-of-fold with --cv_folds, else validation): equal_error "
-                                                 "(sensitivity = specificity), youden, or default (0.5)."})
+                                                 "(sensitivity = specificity), youden, sensitivity_floor (the most "
+                                                 "specific threshold keeping sensitivity >= --min_sensitivity), "
+                                                 "or default (0.5)."})
+    min_sensitivity: float = field(
+        default=0.95, metadata={"help": "Sensitivity the high-sensitivity threshold (and the sensitivity_floor "
+                                        "policy) keeps on the fitting scores."})
     external_dataset: str | None = field(
         default=None, metadata={"help": "A local image folder <LABEL>/<image> of other patients, scored once with "
                                         "the final model at its saved operating point (reported, never tuned on)."})
@@ -277,9 +282,11 @@ def validate_args(model_args: ModelArguments, data_args: DataArguments, training
         raise ConfigError(f"unknown precision '{data_args.precision}': choose auto, bf16 or fp32")
     if data_args.cv_folds == 1 or data_args.cv_folds < 0:
         raise ConfigError("cv_folds must be 0 (off) or at least 2")
-    if data_args.threshold_policy not in ("equal_error", "youden", "default"):
-        raise ConfigError(f"unknown threshold_policy '{data_args.threshold_policy}': choose equal_error, youden "
-                          "or default")
+    if data_args.threshold_policy not in ("equal_error", "youden", "default", "sensitivity_floor"):
+        raise ConfigError(f"unknown threshold_policy '{data_args.threshold_policy}': choose equal_error, youden, "
+                          "sensitivity_floor or default")
+    if not 0.5 <= data_args.min_sensitivity < 1.0:
+        raise ConfigError("min_sensitivity must be in [0.5, 1)")
     if data_args.augment_strength not in ("standard", "strong"):
         raise ConfigError(f"unknown augment_strength '{data_args.augment_strength}': choose standard or strong")
     if not 0.0 <= training_args.label_smoothing_factor < 1.0:

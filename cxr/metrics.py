@@ -100,7 +100,7 @@ def compute_operating_points(y_true, y_score, min_sensitivity: float = 0.95) -> 
     (so specificity is as high as that constraint allows).
     """
     y_true, y_score = _check(y_true, y_score)
-    fpr, tpr, thr = roc_curve(y_true, y_score)
+    fpr, tpr, thr = roc_curve(y_true, y_score, drop_intermediate=False)  # every threshold: the highest one counts
     thr = np.clip(thr, 0.0, 1.0)  # sklearn puts +inf first
     j = tpr - fpr
     youden = float(thr[int(np.argmax(j))])

@@ -21,6 +21,7 @@ POLICIES = {
     "equal_error": "sensitivity = specificity",
     "youden": "Youden's J (sensitivity + specificity - 1) maximal",
     "default": "0.5 on the calibrated probability",
+    "sensitivity_floor": "the most specific threshold keeping sensitivity >= min_sensitivity",
 }
 
 

@@ -134,7 +134,9 @@ def fit_operating_point(logits, labels, positive_id: int, id2label: dict, *, pol
 
     Policies: ``equal_error`` (sensitivity = specificity: errors balanced, the threshold sits
     between the two classes' score distributions rather than at the edge of the negatives'
-    as Youden's J tends to on an easy split), ``youden``, ``default`` (0.5). The
+    as Youden's J tends to on an easy split), ``youden``, ``default`` (0.5), ``sensitivity_floor``
+    (the highest threshold whose sensitivity is still >= ``min_sensitivity``: fewest false alarms
+    on NORMAL films, which is where new patients' scores shift; issue #19). The
     high-sensitivity threshold (sensitivity >= ``min_sensitivity``) is kept beside it."""
     y = binary_labels(labels, positive_id)
     positive = id2label[positive_id]
@@ -146,8 +148,9 @@ def fit_operating_point(logits, labels, positive_id: int, id2label: dict, *, pol
     p = positive_scores(logits, positive_id, temperature)
     ops = compute_operating_points(y, p, min_sensitivity)
     eer = equal_error_threshold(y, p)
-    chosen = {"equal_error": eer, "youden": ops["youden"], "default": 0.5}[policy]
-    source = f"{POLICIES[policy]} on {fitted_on}"
+    chosen = {"equal_error": eer, "youden": ops["youden"], "default": 0.5,
+              "sensitivity_floor": ops["high_sensitivity"]}[policy]
+    source = (f"{POLICIES[policy]} on {fitted_on}".replace("min_sensitivity", f"{min_sensitivity:.0%}"))
     m = compute_threshold_metrics(y, p, chosen)
     if policy != "default" and m["sensitivity"] + m["specificity"] - 1 <= 0:  # uninformative model
         chosen, policy = 0.5, "default"

@@ -33,7 +33,11 @@ def policy_thresholds(y, p) -> dict[str, float]:
     eer = thr[np.argmin(np.abs(tpr - (1 - fpr)))]
     youden = thr[np.argmax(tpr - fpr)]
     spec99 = thr[np.flatnonzero(1 - fpr >= 0.99)[-1]]    # the most sensitive threshold keeping spec >= 0.99
-    return {"equal_error": float(eer), "youden": float(youden), "spec>=0.99": float(spec99), "0.5": 0.5}
+    from cxr.metrics import compute_operating_points
+
+    floor97 = compute_operating_points(np.asarray(y), np.asarray(p), 0.97)["high_sensitivity"]
+    return {"equal_error": float(eer), "youden": float(youden), "spec>=0.99": float(spec99),
+            "sensitivity_floor 0.97": float(floor97), "0.5": 0.5}
 
 
 def _films(folder: Path) -> tuple[list[Path], np.ndarray]:
@@ -70,6 +74,11 @@ def score_run(run: Path, external: Path, holdout: Path) -> dict:
                                   for name, t in policy_thresholds(val["labels"], val["scores"]).items()}
     files, y_e = _films(external)
     p_e, thr = _predict(run, files)
+    if (run / "oof_scores.json").is_file():   # the same policies fitted on the out-of-fold scores instead
+        oof = json.loads((run / "oof_scores.json").read_text())
+        row["oof_policies"] = {name: {"threshold": round(t, 4), "holdout": _rates(y_h, p_h, t),
+                                      "external16": _rates(y_e, p_e, t), "oof": _rates(oof["labels"], oof["scores"], t)}
+                               for name, t in policy_thresholds(oof["labels"], oof["scores"]).items()}
     row["external16"] = {"normal_correct": int(((p_e < thr) & (y_e == 0)).sum()), "normals": int((y_e == 0).sum()),
                          "pneumonia_correct": int(((p_e >= thr) & (y_e == 1)).sum()), "pneumonias": int(y_e.sum()),
                          "max_p_normal": round(float(p_e[y_e == 0].max()), 3),
@@ -116,6 +125,12 @@ def report(runs: Path, out: Path, external: Path, holdout: Path = Path("outputs/
         lines.append(f"| {r['run']} | " + " | ".join(
             f"{v['sensitivity']:.3f} / {v['specificity']:.3f} (t={v['threshold']:.2f})"
             for v in r["policies_on_holdout"].values()) + " |")
+    for r in (r for r in rows if "oof_policies" in r):
+        lines += ["", f"Threshold policies fitted on the out-of-fold scores of `{r['run']}` (sensitivity / specificity):",
+                  "", "| policy | threshold | OOF | hold-out | 16 new-patient films |", "|---|---|---|---|---|"]
+        for name, v in r["oof_policies"].items():
+            lines.append(f"| {name} | {v['threshold']:.3f} | " + " | ".join(
+                f"{v[k]['sensitivity']:.3f} / {v[k]['specificity']:.3f}" for k in ("oof", "holdout", "external16")) + " |")
     ens = [r for r in rows if "fold_ensemble" in r]
     if ens:
         lines += ["", "Fold ensemble (mean probability of the fold models, at the run's threshold):", "",

@@ -128,6 +128,15 @@ def test_operating_point_policies_and_round_trip():
     assert j(you) >= j(eer) and you.threshold != eer.threshold        # Youden maximises J, EER balances
     assert (p[labels == 1] >= eer.high_sensitivity_threshold).mean() >= 0.95
     assert abs(equal_error_threshold((labels == 1).astype(int), p) - eer.threshold) < 1e-12
+    # sensitivity_floor: the highest threshold still keeping sensitivity >= the floor
+    floor = fit_operating_point(logits, labels, 1, {0: "NORMAL", 1: "PNEUMONIA"}, policy="sensitivity_floor",
+                                min_sensitivity=0.9)
+    pf = floor.probabilities(logits)[:, 1]
+    assert floor.policy == "sensitivity_floor" and "90%" in floor.source
+    assert (pf[labels == 1] >= floor.threshold).mean() >= 0.9
+    above = np.sort(pf[labels == 1])
+    nxt = above[above > floor.threshold][0]                           # the next higher positive score
+    assert (pf[labels == 1] >= nxt).mean() < 0.9                      # one step higher breaks the floor
     # config round trip, and the 0.5 default for a model without one
     back = OperatingPoint.from_config({"cxr_operating_point": eer.to_config()})
     assert abs(back.threshold - eer.threshold) < 1e-6 and back.fitted_on == "the validation split"

@@ -171,13 +171,13 @@ def test_cv_folds_share_no_patient(tmp_path):
 
 
 def test_shipped_out_of_fold_scores_share_no_patient_between_folds():
-    """The shipped default's own oof_scores.json: no patient in two folds, every fold non-empty."""
+    """The shipped default recipe's out-of-fold scores (recipe_oof_scores.json): no patient in two folds, every fold non-empty."""
     import json
 
     from cxr.data import fold_overlaps
     from cxr.inference import DEFAULT_MODEL_DIR as DEFAULT_MODEL
 
-    oof = json.loads((DEFAULT_MODEL / "oof_scores.json").read_text())
+    oof = json.loads((DEFAULT_MODEL / "recipe_oof_scores.json").read_text())
     assert len(oof["patients"]) == len(oof["fold"]) == len(oof["scores"]) > 1000
     assert set(oof["fold"]) == set(range(5))
     assert fold_overlaps(oof["patients"], oof["fold"]) == []

@@ -22,21 +22,21 @@ import numpy as np
 import torch
 import yaml
 
-from cxr.checkpointing import resolve_resume
 from cxr.architecture import CNN, family
-from cxr.config import ConfigError, parse_args, resolved_config
-from cxr.data import (
+from cxr.operating_point import CONFIG_KEY
+from cxr_train.checkpointing import resolve_resume
+from cxr_train.config import ConfigError, parse_args, resolved_config
+from cxr_train.data import (
     DataError, ImageTransform, PreparedData, check_images, check_patient_disjoint, cv_fold, cv_folds, fold_overlaps,
-    prepare_data, processor_size,
+    prepare_data,
 )
-from cxr.hub import PushError, card_facts, check_push_access, push_folder, render_model_card
-from cxr.modeling import (
+from cxr_train.hub import CardFacts, PushError, check_push_access, push_folder, render_model_card
+from cxr_train.modeling import (
     ModelError, apply_strategy, build_model, count_parameters, merge_for_export, save_model_folder,
 )
-from cxr.operating_point import CONFIG_KEY
-from cxr.training import (
+from cxr_train.report import CVResult, RunReport
+from cxr_train.training import (
     WeightedCrossEntropy, binary_labels, build_compute_metrics, fit_operating_point, prefixed, score_split,
-    summarise_folds,
 )
 
 logger = logging.getLogger("train_hf")
@@ -110,7 +110,7 @@ def train_one(model_args, data_args, training_args, data: PreparedData, predict:
     return Fitted(trainer, logits, trainable, total, seconds)
 
 
-def cross_validate(model_args, data_args, training_args, data: PreparedData, out_dir: Path) -> dict:
+def cross_validate(model_args, data_args, training_args, data: PreparedData, out_dir: Path) -> CVResult:
     """K models, each trained on the other folds' patients and scoring its own fold once:
     out-of-fold (OOF) logits for every training image, and per-fold metrics."""
     k = data_args.cv_folds
@@ -144,40 +144,31 @@ def cross_validate(model_args, data_args, training_args, data: PreparedData, out
         raise DataError(f"cross-validation folds share patients: {overlaps}")
     labels = np.asarray(pool["label"])
     names = [Path(item.get("path") or "").name for item in pool["image"]]
-    return {"k": k, "oof_logits": oof, "labels": labels, "fold": fold_of, "names": names,
-            "patients": list(pool["patient_id"]), "train_seconds": seconds}
+    return CVResult(k=k, oof_logits=oof, labels=labels, fold=fold_of, names=names,
+                    patients=list(pool["patient_id"]), train_seconds=seconds)
 
 
-def score_cv(cv: dict, op, positive_id: int, seed: int) -> dict:
-    """Per-fold metrics at the (OOF-fitted) operating point, mean ± sd, and the pooled OOF metrics."""
-    per_fold = []
-    for i in range(cv["k"]):
-        m = cv["fold"] == i
-        per_fold.append(score_split(cv["oof_logits"][m], cv["labels"][m], positive_id, op, n_boot=0))
-    pooled = score_split(cv["oof_logits"], cv["labels"], positive_id, op, seed=seed)
-    return {"k": cv["k"], "per_fold": per_fold, "summary": summarise_folds(per_fold), "pooled": pooled,
-            "train_seconds": float(cv["train_seconds"])}   # the card's CV time reads it
-
-
-def score_external(folder: str, trainer, processor, id2label: dict, positive_id: int, op) -> dict:
-    """A folder of other patients' films (<LABEL>/<image>), scored once at the saved operating point."""
-    from cxr.imaging import load_image
-    from cxr.preprocessing import pixel_values
+def score_external(folder: str, predictor, id2label: dict) -> dict:
+    """A folder of other patients' films (<LABEL>/<image>), scored once by the shipped model
+    through the serving Predictor (its preprocessing, precision and decision rule)."""
+    from cxr.imaging import ImageLoadError, load_image
+    from cxr.locate import image_files
 
     label2id = {v: k for k, v in id2label.items()}
-    files = sorted(p for p in Path(folder).glob("*/*") if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".dcm"))
+    files = [f for f in image_files(folder) if f.parent.parent == Path(folder)]
     unknown = sorted({p.parent.name for p in files} - set(label2id))
     if unknown or not files:
         raise DataError(f"external_dataset {folder}: expected <LABEL>/<image> with labels {list(label2id)}"
                         + (f", found {unknown}" if unknown else ", found no images"))
-    model = trainer.model.eval()
-    device = next(model.parameters()).device
     logits = []
-    with torch.no_grad():
-        for f in files:
-            x = pixel_values(processor, [load_image(f)]).to(device)
-            logits.append(model(pixel_values=x).logits.float().cpu().numpy()[0])
-    logits, labels = np.stack(logits), np.array([label2id[f.parent.name] for f in files])
+    for i in range(0, len(files), 32):
+        try:
+            images = [load_image(f) for f in files[i:i + 32]]
+        except ImageLoadError as e:
+            raise DataError(f"external_dataset {folder}: {e}") from None
+        logits.append(predictor.logits(predictor.preprocess(images)))
+    logits, labels = np.concatenate(logits), np.array([label2id[f.parent.name] for f in files])
+    op, positive_id = predictor.operating_point, predictor.positive_id
     m = score_split(logits, labels, positive_id, op, n_boot=0)
     d = op.apply(logits, positive_id)     # the serving decision rule (cxr.operating_point)
     m["per_image"] = [{"file": f.name, "label": f.parent.name, "p_positive": round(float(p), 4),
@@ -235,10 +226,10 @@ def run(argv: list[str] | None = None) -> dict:
 
     # 5. Operating point + temperature: on out-of-fold scores with CV, else on validation.
     if cv is not None:
-        op = fit_operating_point(cv["oof_logits"], cv["labels"], data.positive_id, data.id2label,
+        op = fit_operating_point(cv.oof_logits, cv.labels, data.positive_id, data.id2label,
                                  policy=data_args.threshold_policy, min_sensitivity=data_args.min_sensitivity,
-                                 fitted_on=f"out-of-fold scores ({cv['k']} folds, {len(cv['labels']):,} images)")
-        cv_scores = score_cv(cv, op, data.positive_id, training_args.seed)
+                                 fitted_on=f"out-of-fold scores ({cv.k} folds, {len(cv.labels):,} images)")
+        cv_scores = cv.score(op, data.positive_id, training_args.seed)
     else:
         op = fit_operating_point(val_logits, val_labels, data.positive_id, data.id2label,
                                  policy=data_args.threshold_policy, min_sensitivity=data_args.min_sensitivity,
@@ -258,16 +249,8 @@ def run(argv: list[str] | None = None) -> dict:
         trainer.save_metrics("test", prefixed(metrics["test"], "test"), combined=False)
         _write_json(out_dir / "test_scores.json", _scores(test_logits, test_labels, data.positive_id, op))
     if cv_scores is not None:
-        _write_json(out_dir / "cv_results.json", cv_scores)
-        _write_json(out_dir / "oof_scores.json", {
-            "operating_point": op.to_config(), "files": cv["names"], "patients": cv["patients"],
-            "fold": cv["fold"].tolist(), "labels": binary_labels(cv["labels"], data.positive_id).tolist(),
-            "scores": [round(float(x), 6) for x in op.probabilities(cv["oof_logits"])[:, data.positive_id]]})
-    if data_args.external_dataset:
-        metrics["external"] = score_external(data_args.external_dataset, trainer, trainer.processing_class,
-                                             data.id2label, data.positive_id, op)
-        _write_json(out_dir / "external_results.json", metrics["external"])
-
+        _write_json(out_dir / "cv_results.json", cv_scores.to_json())
+        _write_json(out_dir / "oof_scores.json", cv.oof_json(op, data.positive_id))
     # 7. Export: merged weights (safetensors), processor, adapter beside them, card.
     if not trainer.is_world_process_zero():  # under accelerate launch, one process writes
         return {"output_dir": str(out_dir), "metrics": metrics, "operating_point": op, "cv": cv_scores}
@@ -276,7 +259,16 @@ def run(argv: list[str] | None = None) -> dict:
         model.save_pretrained(out_dir / "adapter", safe_serialization=True)
     model = merge_for_export(model).to(memory_format=torch.contiguous_format)
     setattr(model.config, CONFIG_KEY, op.to_config())
-    facts = card_facts(argv, model_args, data_args, training_args, data, metrics, op, fitted, cv_scores)
+    if data_args.external_dataset:  # the shipped weights, through the serving Predictor
+        from cxr.inference import Predictor
+
+        predictor = Predictor(model, trainer.processing_class, name=out_dir.name)
+        metrics["external"] = score_external(data_args.external_dataset, predictor, data.id2label)
+        _write_json(out_dir / "external_results.json", metrics["external"])
+        model = predictor.model.to(memory_format=torch.contiguous_format)
+    report = RunReport(argv=argv, model_args=model_args, data_args=data_args, training_args=training_args,
+                       data=data, fitted=fitted, operating_point=op, metrics=metrics, cv=cv_scores)
+    facts = CardFacts.from_report(report)
     model.config.cxr_training = facts.config_summary()
     save_model_folder(model, trainer.processing_class, out_dir)
     facts.figures = _figures(out_dir, val_logits, val_labels, data.positive_id, op, cv) if training_args.do_eval else {}
@@ -298,10 +290,10 @@ def _scores(logits, labels, positive_id: int, op) -> dict:
             "threshold": op.threshold}
 
 
-def _figures(out_dir: Path, logits, labels, positive_id: int, op, cv: dict | None) -> dict:
+def _figures(out_dir: Path, logits, labels, positive_id: int, op, cv: CVResult | None) -> dict:
     """ROC (validation, and out-of-fold with CV) and the reliability diagram, for the model card."""
-    from cxr.plots import render_calibration, render_roc
-    from cxr.training import positive_scores
+    from cxr_train.plots import render_calibration, render_roc
+    from cxr_train.training import positive_scores
 
     y = binary_labels(labels, positive_id)
     if len(set(y.tolist())) < 2:
@@ -309,8 +301,8 @@ def _figures(out_dir: Path, logits, labels, positive_id: int, op, cv: dict | Non
     cal = op.probabilities(logits)[:, positive_id]
     curves = {"validation": (y, cal)}
     if cv is not None:
-        curves[f"out-of-fold ({cv['k']} folds)"] = (binary_labels(cv["labels"], positive_id),
-                                                    op.probabilities(cv["oof_logits"])[:, positive_id])
+        curves[f"out-of-fold ({cv.k} folds)"] = (binary_labels(cv.labels, positive_id),
+                                                 op.probabilities(cv.oof_logits)[:, positive_id])
     render_roc(curves, out_dir / "roc_validation.png")
     render_calibration(y, positive_scores(logits, positive_id), cal, out_dir / "calibration_validation.png")
     return {"roc": "roc_validation.png", "calibration": "calibration_validation.png"}

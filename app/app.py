@@ -35,6 +35,7 @@ from PIL import Image
 # cxr is the installed package (pip install .), or the cxr/ folder beside app.py in a Space
 from cxr.explain import EXPLAINER_NAMES, colorbar_css, evidence_map, heatmap_image, overlay
 from cxr.imaging import ImageLoadError, load_image
+from cxr.locate import IMAGE_SUFFIXES
 from cxr.inference import DISCLAIMER, ModelLoadError, Predictor
 
 HERE = Path(__file__).resolve().parent
@@ -44,7 +45,7 @@ logger = logging.getLogger("cxr.app")
 MAX_FILE_SIZE = "10mb"
 MAX_REQUEST_BYTES = 10 * 1024 * 1024 + 64 * 1024   # one 10 MB file plus multipart overhead
 MAX_FILES_PER_REQUEST = 1
-ACCEPTED_TYPES = [".png", ".jpg", ".jpeg", ".dcm", ".dicom"]
+ACCEPTED_TYPES = list(IMAGE_SUFFIXES)
 DISPLAY_MAX_SIDE = 512
 DEFAULT_OPACITY = 0.6
 QUEUE_SIZE = 64            # waiting requests beyond the 2 running; more are refused at once (env CXR_QUEUE_SIZE)
@@ -552,8 +553,7 @@ def _fmt_metrics(m) -> str:
 
 
 def model_facts(predictor: Predictor) -> str:
-    f = predictor.describe()
-    training = getattr(predictor.config, "cxr_training", None) or {}
+    f = predictor.describe()    # config.json's training facts through cxr.facts (versioned) + the operating point
     strategy = f.get("strategy")
     base = f.get("base_model")
     how = None
@@ -570,9 +570,9 @@ def model_facts(predictor: Predictor) -> str:
                  else "colour check only (no fitted distance for this model)"))
     metrics = f.get("validation_metrics") or {}
     rows.append(("Validation (held-out patients)", _fmt_metrics(metrics) if metrics else "not recorded"))
-    cv = training.get("cv_metrics")
+    cv = f.get("cv_metrics")
     rows.append(("Cross-validated", _fmt_metrics(cv) if cv else "not measured for this model"))
-    ext = training.get("external_metrics")
+    ext = f.get("external_metrics")
     rows.append(("External data", _fmt_metrics(ext) if ext else "not measured for this model"))
     table = "\n".join(f"| {k} | {v} |" for k, v in rows if v not in (None, ""))
     return "| fact | value |\n|---|---|\n" + table

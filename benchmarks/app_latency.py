@@ -41,6 +41,7 @@ import time
 from pathlib import Path
 
 from benchmarks import common  # run from the repository root: python -m benchmarks.<name>
+from benchmarks.gradio_http import HttpUser
 
 NAME = "app_latency"
 
@@ -76,51 +77,6 @@ def summary(latencies: list[float]) -> dict:
     ms = [x * 1000 for x in latencies]
     return {"n": len(ms), "p50_ms": common.percentile(ms, 50), "p95_ms": common.percentile(ms, 95),
             "mean_ms": statistics.fmean(ms), "min_ms": min(ms), "max_ms": max(ms)}
-
-
-class HttpUser:
-    """One browser-like user: a kept-alive connection and Gradio's documented HTTP API."""
-
-    def __init__(self, url: str):
-        import httpx
-
-        self.http = httpx.Client(base_url=url, timeout=120)
-
-    def predict(self, path: Path, heatmap: bool, steps: dict | None = None) -> list:
-        import json
-
-        t0 = time.perf_counter()
-        r = self.http.post("/gradio_api/upload", files={"files": (path.name, path.read_bytes())})
-        r.raise_for_status()
-        t1 = time.perf_counter()
-        file_data = {"path": r.json()[0], "meta": {"_type": "gradio.FileData"}}
-        r = self.http.post("/gradio_api/call/predict", json={"data": [file_data, heatmap]})
-        r.raise_for_status()
-        event_id = r.json()["event_id"]
-        t2 = time.perf_counter()
-        data, event = None, None
-        with self.http.stream("GET", f"/gradio_api/call/predict/{event_id}") as stream:
-            for line in stream.iter_lines():
-                if line.startswith("event:"):
-                    event = line[6:].strip()
-                elif line.startswith("data:") and event in ("complete", "error"):
-                    data = json.loads(line[5:])
-                    break
-        if event != "complete" or not isinstance(data, list):
-            raise RuntimeError(f"request failed: {event}: {str(data)[:200]}")
-        t3 = time.perf_counter()
-        for model in data[0].get("models", [data[0]]):       # one JSON object; its heat-map file(s)
-            heat = model.get("heatmap")
-            if isinstance(heat, dict) and heat.get("url"):
-                self.http.get(heat["url"]).raise_for_status()
-        t4 = time.perf_counter()
-        if steps is not None:
-            for k, v in (("upload", t1 - t0), ("call", t2 - t1), ("queue_and_run", t3 - t2), ("download", t4 - t3)):
-                steps.setdefault(k, []).append(v)
-        return data
-
-    def close(self):
-        self.http.close()
 
 
 def make_gradio_client(url: str, downloads: Path):
@@ -213,7 +169,7 @@ def main(argv=None) -> int:
     data_dir, synthetic = common.resolve_data(args.data)
     common.quiet_libraries()
     from app import app as app_module
-    from cxr.data import processor_size
+    from cxr_train.data import processor_size
     from cxr.inference import Predictor
 
     info = common.machine_info()

@@ -105,7 +105,7 @@ def main(argv=None) -> int:
     import torch
     from transformers import pipeline
 
-    from cxr.data import processor_size
+    from cxr_train.data import processor_size
     from cxr.inference import Predictor
     from cxr.architecture import CNN, family
 

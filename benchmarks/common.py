@@ -7,11 +7,11 @@
   small synthetic Kermany-style image folder (so every script also runs offline on a bare
   checkout).
 - ``resolve_model()``: a model folder, or a random-init folder built from a preset
-  (``cxr.modeling.PRESETS``) or ``vit-b16-random`` (ViT-B/16 from ``ViTConfig()`` defaults).
+  (``cxr_train.modeling.PRESETS``) or ``vit-b16-random`` (ViT-B/16 from ``ViTConfig()`` defaults).
 
 Import-order note: ``datasets`` reads ``HF_DATASETS_CACHE`` when it is first imported, so
 ``resolve_data()`` (which may point that cache at a temporary folder for synthetic data) runs
-before anything imports ``cxr.data``, ``datasets`` or ``train_hf``.
+before anything imports ``cxr_train.data``, ``datasets`` or ``train_hf``.
 """
 
 from __future__ import annotations
@@ -29,6 +29,8 @@ import time
 from pathlib import Path
 from typing import Callable
 
+from cxr.locate import image_files
+
 ROOT = Path(__file__).resolve().parent.parent
 
 # Benchmarks never touch the network.
@@ -44,7 +46,6 @@ DEFAULT_DATA_DIR = ROOT.parent / "shared" / "data" / "chest_xray_224"
 DEFAULT_MODEL_DIR = ROOT / "models" / "cxr-resnet-small-scratch"
 DEFAULT_PRESET = "cxr-resnet-small-scratch"
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".dcm", ".dicom")
 ID2LABEL = {0: "NORMAL", 1: "PNEUMONIA"}
 
 _TEMP_DIRS: list[tempfile.TemporaryDirectory] = []   # kept alive until the process ends
@@ -236,7 +237,7 @@ def write_json(path: str | os.PathLike, data: dict) -> Path:
 
 def write_synthetic_folder(root: Path, n_patients: int = 24, per_patient: int = 2, size: int = 224) -> Path:
     """train/<LABEL>/<file>.jpeg with Kermany-style names, RGB JPEG like the shared 224-px copy."""
-    from cxr.synthetic import write_kermany_folder
+    from cxr_train.synthetic import write_kermany_folder
 
     return write_kermany_folder(root, n_patients=n_patients, per_patient=per_patient, size=size)
 
@@ -255,7 +256,7 @@ def subset_folder(data_dir: Path, per_class: int) -> Path:
     root = temp_dir("subset")
     _temp_datasets_cache(root)
     out = root / "data"
-    classes = sorted({p.parent for p in data_dir.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES})
+    classes = sorted({p.parent for p in image_files(data_dir)})
     for cls in classes:
         target = out / cls.relative_to(data_dir)
         target.mkdir(parents=True, exist_ok=True)
@@ -290,7 +291,7 @@ def find_images(data_dir: str | os.PathLike, n: int, *, unique: bool = False) ->
     """``n`` image paths from ``data_dir`` (recursively), spread evenly over the sorted list so
     that every class is represented; repeated cyclically if the folder has fewer than ``n``
     (or, with ``unique``, all of them)."""
-    files = sorted(p for p in Path(data_dir).rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    files = image_files(data_dir)
     if not files:
         raise SystemExit(f"error: no images under {data_dir}")
     if len(files) >= n or unique:
@@ -308,11 +309,11 @@ def resolve_model(arg: str | None) -> tuple[Path, str]:
     - a folder: used as is;
     - ``vit-b16-random``: random-init ViT-B/16 (``ViTConfig()`` defaults, 224 px, patch 16)
       with a ``ViTImageProcessor``, saved to a temporary folder;
-    - a preset name from ``cxr.modeling.PRESETS``: random-init preset, saved to a temporary folder;
+    - a preset name from ``cxr_train.modeling.PRESETS``: random-init preset, saved to a temporary folder;
     - nothing: the shipped from-scratch model (``DEFAULT_MODEL_DIR``), or (if it is not there) a random-init
       ``cxr-resnet-small-scratch`` of the same architecture.
     """
-    from cxr.modeling import PRESETS, build_preset, save_model_folder
+    from cxr_train.modeling import PRESETS, build_preset, save_model_folder
 
     if arg is None:
         if (DEFAULT_MODEL_DIR / "config.json").is_file():

@@ -3,7 +3,7 @@
 
 What is measured, all with the same model, batch size, image size, precision and data:
 
-1. **data loader only**: the training split with ``cxr.data.ImageTransform(processor,
+1. **data loader only**: the training split with ``cxr_train.data.ImageTransform(processor,
    augment=True)`` (decode + augmentation + image processor) through a ``torch`` DataLoader
    (``num_workers=0``, the project's default), no model.
 2. **plain loop, model only**: forward + weighted cross-entropy + backward + grad clipping +
@@ -20,7 +20,7 @@ What is measured, all with the same model, batch size, image size, precision and
    export: the same in both runs, so it cancels out, but adds noise). One untimed warm-up run
    comes first (imports, dataset cache).
 
-The plain loop is built from the very same parsed arguments (``cxr.config.parse_args``),
+The plain loop is built from the very same parsed arguments (``cxr_train.config.parse_args``),
 data (``prepare_data``, the same train subset), model (``build_model``), loss
 (``WeightedCrossEntropy``), precision, channels_last choice, optimizer (fused AdamW when the
 Trainer's ``optim`` is ``adamw_torch_fused``) and gradient clipping (``max_grad_norm``) as the
@@ -130,11 +130,11 @@ class PlainLoop:
         from torch.utils.data import DataLoader
         from transformers import default_data_collator
 
-        from cxr.config import parse_args
-        from cxr.data import ImageTransform, prepare_data
+        from cxr_train.config import parse_args
+        from cxr_train.data import ImageTransform, prepare_data
         from cxr.architecture import CNN, family
-        from cxr.modeling import apply_strategy, build_model
-        from cxr.training import WeightedCrossEntropy
+        from cxr_train.modeling import apply_strategy, build_model
+        from cxr_train.training import WeightedCrossEntropy
 
         self.torch, self.steps, b = torch, args.plain_steps, args.batch_size
         # The same parsed arguments, data, model and loss as the Trainer run.

@@ -108,3 +108,31 @@ def find_blocks(model) -> list[tuple[str, torch.nn.Module]]:
     if layers:
         return layers
     raise ModelError(f"cannot find backbone blocks in {model.__class__.__name__} for the partial strategy")
+
+
+def classification_head(model) -> tuple[str, torch.nn.Module]:
+    """The classification head as (name, module): what timm's ``get_classifier()`` returns for
+    a model behind ``TimmWrapper``, else transformers' ``classifier``. The one head finder used
+    by the training strategies, the OOD feature tap and the explainer."""
+    tm = getattr(model, "timm_model", None)
+    if tm is not None and hasattr(tm, "get_classifier"):
+        head = tm.get_classifier()
+        for name, module in model.named_modules():
+            if module is head:
+                return name, head
+    head = getattr(model, "classifier", None)
+    if isinstance(head, torch.nn.Module):
+        return "classifier", head
+    raise ModelError(f"cannot find the classification head of {model.__class__.__name__} "
+                     "(no timm get_classifier(), no 'classifier' module)")
+
+
+def head_linear(model) -> torch.nn.Linear:
+    """The head's Linear layer whose outputs are the logits (a bare Linear, or the last Linear of
+    a Sequential head such as transformers ResNet's Flatten + Linear)."""
+    _, head = classification_head(model)
+    linears = [head] if isinstance(head, torch.nn.Linear) else [m for m in head.modules()
+                                                                 if isinstance(m, torch.nn.Linear)]
+    if not linears:
+        raise ModelError(f"the classification head of {model.__class__.__name__} has no Linear layer")
+    return linears[-1]

@@ -17,8 +17,13 @@ Fast paths used by the Predictor (same maps, one forward pass, no backward pass)
   at load): the gradient of a logit with respect to the last feature map is the class's
   weight row / (h*w) at every position, so Grad-CAM equals CAM (Zhou et al., 2016) computed
   from the prediction's own last feature map (:func:`last_feature_map_and_logits`).
-  :func:`gradcam_from_features` does that with the grad-cam package's own scaling; tests check
-  it against ``pytorch_grad_cam.GradCAM`` on the same layer (:func:`cam_target_layer`).
+  :func:`gradcam_from_features` does that with the grad-cam package's scaling and resize
+  (written out in torch, so serving the default model does not import ``pytorch_grad_cam``,
+  which pulls in scikit-learn, matplotlib and OpenCV); tests check it against
+  ``pytorch_grad_cam.GradCAM`` on the same layer (:func:`cam_target_layer`).
+
+Other CNN heads need Grad-CAM's backward pass through ``pytorch_grad_cam`` (the ``gradcam``
+extra; without it such a model gets :class:`NoMapError` saying what to install).
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .architecture import CNN, VIT, describe_architecture, family, find_blocks
+from .architecture import CNN, VIT, classification_head, describe_architecture, family, find_blocks
 
 
 class _LogitsOnly(torch.nn.Module):
@@ -131,7 +136,11 @@ class Explainer:
             raise NoMapError(no_map_reason(model))
         self._lock = threading.Lock()  # Grad-CAM keeps activations in hooks: one call at a time
         if self.kind == "grad-cam":
-            from pytorch_grad_cam import GradCAM
+            try:
+                from pytorch_grad_cam import GradCAM
+            except ImportError:
+                raise NoMapError(f"the heat map of {describe_architecture(model)} needs a Grad-CAM backward pass: "
+                                 "pip install 'cxr-transfer[gradcam]' (pytorch-grad-cam)") from None
 
             target = cam_target_layer(model)
             self._cam = GradCAM(model=_LogitsOnly(model), target_layers=[target])
@@ -167,9 +176,9 @@ def gap_linear_head(model) -> torch.nn.Linear | None:
     if getattr(getattr(model, "config", None), "model_type", None) != "resnet":
         return None
     pooler = getattr(getattr(model, "resnet", None), "pooler", None)
-    head = getattr(model, "classifier", None)
     if not isinstance(pooler, torch.nn.AdaptiveAvgPool2d) or pooler.output_size not in (1, (1, 1)):
         return None
+    _, head = classification_head(model)
     layers = list(head) if isinstance(head, torch.nn.Sequential) else [head]
     layers = [m for m in layers if not isinstance(m, (torch.nn.Flatten, torch.nn.Identity))]
     return layers[0] if len(layers) == 1 and isinstance(layers[0], torch.nn.Linear) else None
@@ -184,7 +193,7 @@ def _timm_cam(model) -> tuple[torch.nn.Linear, torch.nn.Module] | None:
     tm = getattr(model, "timm_model", None)
     if family(model) != CNN or tm is None or not hasattr(tm, "forward_features") or not hasattr(tm, "forward_head"):
         return None
-    head = tm.get_classifier() if hasattr(tm, "get_classifier") else None
+    _, head = classification_head(model)
     if not isinstance(head, torch.nn.Linear):
         return None
     size = (getattr(model.config, "pretrained_cfg", None) or {}).get("input_size", [3, 64, 64])[-1]
@@ -234,14 +243,19 @@ def gradcam_from_features(features: torch.Tensor, head: torch.nn.Linear, class_i
     """Grad-CAM of ``class_id`` from the last stage's output ``features`` (1, C, h, w) for a
     global-average-pool + ``head`` classifier, resized to ``size`` (H, W); the same steps as
     ``pytorch_grad_cam.GradCAM`` (weights = mean gradient, ReLU, min-max scaling, resize)."""
-    from pytorch_grad_cam.utils.image import scale_cam_image
-
     a = features[0].float()
     h, w = a.shape[-2:]
     weights = head.weight[class_id].detach().float() / (h * w)   # d logit / d features, at every position
-    cam = np.maximum(torch.einsum("c,chw->hw", weights, a).cpu().numpy(), 0)
-    scaled = scale_cam_image(cam[None], (int(size[1]), int(size[0])))
-    return np.asarray(scale_cam_image(np.maximum(scaled, 0))[0], dtype=np.float32)
+    cam = _min_max(torch.einsum("c,chw->hw", weights, a).detach().clamp(min=0))
+    up = torch.nn.functional.interpolate(cam[None, None], size=(int(size[0]), int(size[1])), mode="bilinear",
+                                         align_corners=False)[0, 0]     # = cv2.resize INTER_LINEAR
+    return _min_max(up.clamp(min=0)).cpu().numpy().astype(np.float32)
+
+
+def _min_max(x: torch.Tensor) -> torch.Tensor:
+    """``pytorch_grad_cam.utils.image.scale_cam_image``'s scaling: (x - min) / (1e-7 + max)."""
+    x = x - x.min()
+    return x / (1e-7 + x.max())
 
 
 def rollout_map(attentions, size: tuple[int, int], num_prefix_tokens: int | None = None) -> np.ndarray:

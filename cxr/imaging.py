@@ -62,6 +62,8 @@ from pydicom import uid
 from PIL import Image, ImageOps
 from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
+from .locate import DICOM_SUFFIXES
+
 __all__ = [
     "ACCEPTED_FORMATS", "COLOUR_GRID", "DECODE_MEMORY_MB", "DECODE_TIMEOUT_S", "MAX_ASPECT", "MAX_FILE_BYTES",
     "MAX_JPEG_SCANS", "MAX_PIXELS", "MIN_SIDE", "DecodePool", "ImageLoadError", "check_is_radiograph",
@@ -81,7 +83,6 @@ DECODE_WORKERS = max(1, min(2, os.cpu_count() or 1))
 
 _NOT_AN_IMAGE = "not a PNG, JPEG or DICOM image"
 _CORRUPT = "truncated or corrupt image"
-_DICOM_SUFFIXES = (".dcm", ".dicom")
 _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 _JPEG_MAGIC = b"\xff\xd8\xff"
 # Formats people upload by mistake, named in the error message (sniffed, never decoded).
@@ -164,7 +165,7 @@ def _decode(data: bytes, suffix: str, max_pixels: int) -> Image.Image:
     head = data[:132]
     if head[128:132] == b"DICM":
         return _load_dicom(data, max_pixels, force=False)
-    if suffix in _DICOM_SUFFIXES and not head.startswith((_PNG_MAGIC, _JPEG_MAGIC)):
+    if suffix in DICOM_SUFFIXES and not head.startswith((_PNG_MAGIC, _JPEG_MAGIC)):
         return _load_dicom(data, max_pixels, force=True)
     return _load_pillow(io.BytesIO(data), head, max_pixels)
 

@@ -25,7 +25,8 @@ from .architecture import CNN, VIT, family
 from .explain import (explainer_kind, gap_linear_head, gradcam_from_features, last_feature_map_and_logits,
                       no_map_reason, rollout_map)
 from .imaging import ImageLoadError, check_is_radiograph, load_image
-from .locate import MissingFolderError, local_folder
+from .facts import HEADLINE, FactsError, numeric_metrics, read_training_facts
+from .locate import MissingFolderError, local_folder, weights_problem
 from .operating_point import OperatingPoint, positive_class_id
 from .precision import autocast_dtype, check_precision
 from .preprocessing import pixel_values
@@ -65,23 +66,9 @@ class Prediction:
 
 
 def _check_weights(folder: Path) -> None:
-    if not folder.is_dir():
-        raise ModelLoadError(f"model folder not found: {folder}")
-    if not (folder / "config.json").is_file():
-        raise ModelLoadError(f"{folder.name}: not a model folder (no config.json)")
-    if (folder / "model.safetensors.index.json").is_file():
-        from .checkpointing import index_problem
-
-        problem = index_problem(folder)
-        if problem:  # the index could name a torch.save (pickle) file, or one outside the folder
-            raise ModelLoadError(f"{folder.name}: {problem}; only safetensors weights are loaded")
-    has_st = (folder / "model.safetensors").is_file() or (folder / "model.safetensors.index.json").is_file()
-    if not has_st:
-        pickles = [p.name for p in folder.glob("*.bin")] + [p.name for p in folder.glob("*.pt*")]
-        if pickles:
-            raise ModelLoadError(f"{folder.name} has only pickle weights ({', '.join(sorted(pickles))}); "
-                                 "only safetensors weights are loaded")
-        raise ModelLoadError(f"{folder.name} has no model.safetensors")
+    problem = weights_problem(folder)
+    if problem:
+        raise ModelLoadError(problem)
 
 
 def resolve_precision(precision: str, op: OperatingPoint | None = None) -> torch.dtype | None:
@@ -105,6 +92,10 @@ class Predictor:
             self.operating_point = op = OperatingPoint.from_config(model.config)
         except (TypeError, ValueError) as e:
             raise ModelLoadError(f"{name}: {str(e).splitlines()[0]}") from None
+        try:
+            self.training_facts = read_training_facts(model.config)
+        except FactsError as e:
+            raise ModelLoadError(f"{name}: {e}") from None
         self.positive_id = positive_class_id(self.id2label, op.positive_label)
         self.temperature = float(op.temperature)
         self.threshold = float(op.threshold)
@@ -314,15 +305,11 @@ class Predictor:
 
     def describe(self) -> dict:
         """Card facts for the UI: base model, strategy, data, validation metrics."""
-        facts = dict(getattr(self.config, "cxr_training", None) or {})
+        facts = self.training_facts.to_dict()
         folder = getattr(self, "folder", None)
         if "validation_metrics" not in facts and folder is not None and (folder / "eval_results.json").is_file():
             ev = json.loads((folder / "eval_results.json").read_text())
-            facts["validation_metrics"] = {k: ev[f"eval_{k}"] for k in ("roc_auc", "accuracy", "sensitivity",
-                                                                          "specificity") if f"eval_{k}" in ev}
-        if facts.get("validation_metrics"):  # undefined ones (null: one-class validation) are left out
-            facts["validation_metrics"] = {k: v for k, v in facts["validation_metrics"].items()
-                                           if isinstance(v, (int, float)) and v == v}
+            facts["validation_metrics"] = numeric_metrics({k: ev.get(f"eval_{k}") for k in HEADLINE})
         facts.update(model=self.name, architecture=self.config.model_type, labels=list(self.id2label.values()),
                      threshold=self.threshold, threshold_source=self.threshold_source,
                      temperature=self.temperature, explainer=explainer_kind_name(self.model))

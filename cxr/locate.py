@@ -1,29 +1,44 @@
-"""Is a model name a local folder or a Hub id? A name that looks like a path but is not on
-disk is reported as a missing folder, not as a Hub connection error."""
+"""Where a model or dataset lives, and whether a model folder's weights are safe to load.
+
+One rule for every caller (Predictor, training, the Space builder, the data loader): a name
+that exists on disk is a local folder; a name that looks like a path but is not on disk is
+reported as a missing folder, not as a Hub connection error; anything else must be a Hub id.
+Weights are loaded only from safetensors files whose header parses (never a pickle).
+"""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from pathlib import Path
 
-HUB_ID = re.compile(r"^(?:[A-Za-z0-9][\w.-]{0,95}/)?[\w.-]{1,96}$")
+HUB_ID = re.compile(r"^(?:[A-Za-z0-9][\w.-]{0,95}/)?[\w.-]{1,96}$")    # name or namespace/name
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".dcm", ".dicom")             # every image reader's list
+DICOM_SUFFIXES = (".dcm", ".dicom")
+WEIGHT_FILES = ("model.safetensors", "adapter_model.safetensors")
+PICKLE_PATTERNS = ("*.bin", "*.pt", "*.pth", "*.ckpt")
 
 
 class MissingFolderError(FileNotFoundError):
-    """A local model folder that does not exist."""
+    """A local model or dataset folder that does not exist."""
+
+
+def is_hub_id(name: str, *, namespaced: bool = False) -> bool:
+    """``name`` is a valid Hub repository id (``namespace/name`` when ``namespaced``)."""
+    return bool(HUB_ID.match(name)) and ".." not in name and (not namespaced or name.count("/") == 1)
 
 
 def looks_like_path(name: str) -> bool:
     if name.startswith((".", "/", "~")) or name.endswith(("/", os.sep)) or "\\" in name or os.path.isabs(name):
         return True
-    if not HUB_ID.match(name) or ".." in name:
+    if not is_hub_id(name):
         return True
     first = name.split("/", 1)[0]
     return "/" in name and Path(first).is_dir()    # e.g. models/typo beside an existing models/
 
 
-def local_folder(name: str | os.PathLike) -> Path | None:
+def local_folder(name: str | os.PathLike, kind: str = "model") -> Path | None:
     """The local folder ``name`` names, or None when it is a Hub id.
     Raises MissingFolderError when it looks like a path that does not exist."""
     text = str(name)
@@ -31,5 +46,72 @@ def local_folder(name: str | os.PathLike) -> Path | None:
     if path.exists():
         return path
     if looks_like_path(text):
-        raise MissingFolderError(f"model folder not found: {text} (no such folder)")
+        raise MissingFolderError(f"{kind} folder not found: {text} (no such folder)")
     return None
+
+
+def image_files(folder: str | os.PathLike) -> list[Path]:
+    """Every image file under ``folder`` (by suffix, sorted)."""
+    return sorted(p for p in Path(folder).rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+# ------------------------------------------------------------------ weights
+
+def safetensors_ok(path: str | os.PathLike) -> bool:
+    """Header parses and the file is as long as the header says (no tensor is read)."""
+    path = Path(path)
+    try:
+        with path.open("rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            if not 0 < n < 100 << 20:
+                return False
+            header = json.loads(f.read(n))
+        if not isinstance(header, dict):
+            return False
+        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+        return path.stat().st_size >= 8 + n + end
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
+def index_problem(folder: str | os.PathLike) -> str | None:
+    """``None`` if every shard named by ``model.safetensors.index.json`` is a ``.safetensors``
+    file inside ``folder`` with a valid header; else what is wrong (no path in the text)."""
+    folder = Path(folder)
+    try:
+        shards = set(json.loads((folder / "model.safetensors.index.json").read_text())["weight_map"].values())
+    except (OSError, ValueError, KeyError, AttributeError, TypeError):
+        return "model.safetensors.index.json is unreadable"
+    if not shards:
+        return "model.safetensors.index.json names no shard"
+    root = folder.resolve()
+    for shard in sorted(shards):
+        if not isinstance(shard, str) or not shard.endswith(".safetensors"):
+            return "the index names a shard that is not a .safetensors file"
+        path = (folder / shard).resolve()
+        if path.parent != root:
+            return "the index names a shard outside the model folder"
+        if not path.is_file() or not safetensors_ok(path):
+            return f"shard {Path(shard).name[:80]} is missing or not a valid safetensors file"
+    return None
+
+
+def weights_problem(folder: str | os.PathLike, *, require_weights: bool = True) -> str | None:
+    """What makes a local model folder unloadable (no config.json, a bad shard index, only
+    pickle weights, no weights), or None. The text names the folder, not its full path."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return f"model folder not found: {folder}"
+    if not (folder / "config.json").is_file():
+        return f"{folder.name}: not a model folder (no config.json)"
+    if (folder / "model.safetensors.index.json").is_file():
+        problem = index_problem(folder)
+        if problem:  # the index could name a torch.save (pickle) file, or one outside the folder
+            return f"{folder.name}: {problem}; only safetensors weights are loaded"
+        return None
+    if not require_weights or (folder / "model.safetensors").is_file():
+        return None
+    pickles = sorted({p.name for pattern in PICKLE_PATTERNS for p in folder.glob(pattern)})
+    if pickles:
+        return f"{folder.name} has only pickle weights ({', '.join(pickles)}); only safetensors weights are loaded"
+    return f"{folder.name} has no model.safetensors"

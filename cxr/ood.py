@@ -9,15 +9,16 @@ The threshold is set on held-out validation films plus non-X-ray images (greysca
 CT- and MR-like slices): the value that best separates the two while flagging at most
 ``max_val_flagged`` (1 %) of the validation films.
 
-Fitting from the command line lives in :mod:`cxr.ood_fit` (it reads training data, so it
-stays out of the Space). Saved next to the model as ``ood.safetensors`` (means and precision matrix; the threshold and
+This module scores (serving); fitting (scikit-learn, the training data, the reference
+non-X-ray images) lives in :mod:`cxr_train.ood_fit`, out of the Space. Saved next to the model as ``ood.safetensors`` (means and precision matrix; the threshold and
 fit facts in its metadata), so it travels with the model folder / Hub repo.
 
-    python -m cxr.ood_fit fit --model models/cxr-resnet-small-scratch --data ../shared/data/chest_xray_224
-    python -m cxr.ood_fit score --model models/cxr-resnet-small-scratch a.png b.dcm
+    python -m cxr_train.ood_fit fit --model models/cxr-resnet-small-scratch --data ../shared/data/chest_xray_224
+    python -m cxr_train.ood_fit score --model models/cxr-resnet-small-scratch a.png b.dcm
 
 From Python (e.g. at the end of training)::
 
+    from cxr_train.ood_fit import fit_ood
     scorer = fit_ood(model, processor, train_images, val_images, labels_train=labels)
     scorer.save(output_dir)
     OODScorer.from_folder(output_dir).score_images(model, processor, [image])
@@ -35,6 +36,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .architecture import head_linear
+
 logger = logging.getLogger(__name__)
 
 OOD_FILE = "ood.safetensors"
@@ -44,15 +47,6 @@ OOD_WARNING = ("This does not look like a chest X-ray the model was trained on (
 
 
 # ------------------------------------------------------------------ features
-
-def head_linear(model) -> torch.nn.Linear:
-    """The classification head's Linear layer: the last ``nn.Linear`` whose outputs are the labels."""
-    n = int(getattr(model.config, "num_labels", 0) or len(model.config.id2label))
-    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear) and m.out_features == n]
-    if not linears:
-        raise ValueError("cannot find the classification head (no Linear layer with one output per label)")
-    return linears[-1]
-
 
 class FeatureTap:
     """Records the head's input (the penultimate features) of every forward pass, per thread,
@@ -149,133 +143,3 @@ class OODScorer:
         """The scorer saved in a model folder, or None when the folder has none."""
         path = Path(folder) / OOD_FILE
         return cls.load(path) if path.is_file() else None
-
-
-def choose_threshold(val_scores: np.ndarray, ood_scores: np.ndarray | None,
-                     max_val_flagged: float = MAX_VAL_FLAGGED) -> float:
-    """The threshold between validation films (in distribution) and non-X-ray images that
-    maximises (flagged non-X-rays) - (flagged validation films), among those flagging at most
-    ``max_val_flagged`` of the validation films; the middle of the best range. Without
-    non-X-ray scores: the (1 - max_val_flagged) quantile of the validation scores."""
-    val = np.sort(np.asarray(val_scores, dtype=np.float64))
-    floor = float(np.quantile(val, 1.0 - max_val_flagged))
-    if ood_scores is None or len(ood_scores) == 0:
-        return floor
-    ood = np.asarray(ood_scores, dtype=np.float64)
-    points = np.unique(np.concatenate([val, ood]))
-    cands = np.unique(np.concatenate([(points[:-1] + points[1:]) / 2, [floor]]))
-    cands = cands[cands >= floor]
-    j = np.array([(ood > t).mean() - (val > t).mean() for t in cands])
-    best = np.flatnonzero(j >= j.max() - 1e-12)
-    run = [best[0]]
-    for b in best[1:]:          # the first contiguous run of best thresholds: take its middle
-        if b != run[-1] + 1:
-            break
-        run.append(b)
-    return float((cands[run[0]] + cands[run[-1]]) / 2)
-
-
-def fit_ood(model, processor, images_train, images_val, *, labels_train=None, images_ood=None,
-            max_val_flagged: float = MAX_VAL_FLAGGED, batch_size: int = 32) -> OODScorer:
-    """Fit the scorer: Gaussians on ``images_train`` features (per class when ``labels_train``
-    is given, with a shared Ledoit-Wolf covariance), threshold on ``images_val`` plus
-    ``images_ood`` (default: :func:`reference_ood_images`). Images: PIL, arrays or paths."""
-    from sklearn.covariance import LedoitWolf
-
-    if len(images_train) < 2 or len(images_val) < 1:
-        raise ValueError("fit_ood needs at least 2 training and 1 validation image")
-    train = extract_features(model, processor, list(images_train), batch_size)
-    labels = np.zeros(len(train), int) if labels_train is None else np.asarray(labels_train)
-    if len(labels) != len(train):
-        raise ValueError("labels_train must have one label per training image")
-    classes = [c for c in np.unique(labels) if (labels == c).sum() >= 2] or [labels[0]]
-    means = np.stack([train[labels == c].mean(0) for c in classes])
-    keep = np.isin(labels, classes)
-    centred = train[keep] - means[np.searchsorted(classes, labels[keep])]
-    lw = LedoitWolf(assume_centered=True).fit(centred)
-    scorer = OODScorer(means=means.astype(np.float32), precision=lw.precision_.astype(np.float32), threshold=0.0)
-    val = scorer.score(extract_features(model, processor, list(images_val), batch_size))
-    if images_ood is None:
-        images_ood = [im for _, im in reference_ood_images()]
-    ood = scorer.score(extract_features(model, processor, list(images_ood), batch_size)) if len(images_ood) else None
-    scorer.threshold = choose_threshold(val, ood, max_val_flagged)
-    scorer.facts = {
-        "method": "Mahalanobis distance to the nearest class mean, penultimate features, Ledoit-Wolf covariance",
-        "feature_dim": int(train.shape[1]), "n_train": int(len(train)), "n_val": int(len(val)),
-        "n_ood_reference": 0 if ood is None else int(len(ood)), "shrinkage": float(lw.shrinkage_),
-        "val_flagged": float((val > scorer.threshold).mean()),
-        "ood_reference_flagged": None if ood is None else float((ood > scorer.threshold).mean()),
-        "val_score_quantiles": {q: float(np.quantile(val, float(q))) for q in ("0.5", "0.99")},
-    }
-    return scorer
-
-
-# ------------------------------------------------------------------ reference non-X-ray images
-
-def synthetic_ct_slice(seed: int, size: int = 256, kind: str = "ct") -> Image.Image:
-    """A CT- or MR-like axial slice: a round body on black, bright rim/bone, organs or brain."""
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[:size, :size] / size - 0.5
-    a, b = rng.uniform(0.36, 0.46), rng.uniform(0.28, 0.42)
-    body = (xx / a) ** 2 + (yy / b) ** 2 <= 1
-    img = np.zeros((size, size), np.float32)
-    if kind == "mr":                                      # head: bright scalp ring, grey brain, folds
-        img[body] = 200
-        inner = (xx / (a - 0.04)) ** 2 + (yy / (b - 0.04)) ** 2 <= 1
-        img[inner] = 110 + 25 * np.sin(40 * xx[inner] + 10 * rng.random()) * np.cos(35 * yy[inner])
-        img[(xx / 0.08) ** 2 + (yy / 0.05) ** 2 <= 1] = 40   # ventricles
-    else:                                                 # chest: soft tissue, dark lungs, spine
-        img[body] = 130
-        for sx in (-1, 1):
-            lung = ((xx - sx * a * 0.45) / (a * 0.38)) ** 2 + ((yy + 0.02) / (b * 0.7)) ** 2 <= 1
-            img[lung] = 25
-        img[(xx / 0.05) ** 2 + ((yy - b * 0.7) / 0.05) ** 2 <= 1] = 250   # vertebra
-        ring = ((xx / a) ** 2 + (yy / b) ** 2 <= 1) & ((xx / (a - 0.015)) ** 2 + (yy / (b - 0.015)) ** 2 > 1)
-        img[ring] = 220
-    img += rng.normal(0, 6, img.shape) * body
-    return Image.fromarray(np.clip(img, 0, 255).astype(np.uint8), "L").convert("RGB")
-
-
-def synthetic_photo(seed: int, size: int = 256) -> Image.Image:
-    """A greyscale 'photo': smooth gradients, a horizon, blocks and texture (not an X-ray)."""
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[:size, :size] / size
-    img = 80 + 120 * yy + 40 * np.sin(6 * xx + rng.random() * 6)
-    for _ in range(6):
-        y0, x0 = rng.integers(0, size - 40, 2)
-        h, w = rng.integers(20, 90, 2)
-        img[y0:y0 + h, x0:x0 + w] = rng.uniform(0, 255)
-    img += rng.normal(0, 12, img.shape)
-    return Image.fromarray(np.clip(img, 0, 255).astype(np.uint8), "L").convert("RGB")
-
-
-SKIMAGE_FIT = ("camera", "astronaut", "coffee", "chelsea", "rocket", "coins", "page", "moon")
-SKIMAGE_HELD_OUT = ("clock", "brick", "grass", "gravel", "text", "cell", "hubble_deep_field", "retina")
-
-
-def _skimage_grey(names) -> list[tuple[str, Image.Image]]:
-    try:
-        import skimage.data
-    except ImportError:
-        return []
-    out = []
-    for n in names:
-        try:
-            a = np.asarray(getattr(skimage.data, n)())
-        except Exception:  # noqa: BLE001 - a missing sample is skipped
-            continue
-        im = Image.fromarray(a.astype(np.uint8) if a.dtype != bool else (a * 255).astype(np.uint8))
-        out.append((f"skimage:{n}", im.convert("L").convert("RGB")))
-    return out
-
-
-def reference_ood_images(held_out: bool = False) -> list[tuple[str, Image.Image]]:
-    """Non-X-ray images for the threshold: scikit-image's greyscale photos (when installed),
-    synthetic CT- and MR-like slices and synthetic greyscale photos. ``held_out=True`` gives a
-    disjoint set (other photos, other seeds) for reporting, never for fitting."""
-    base = 1000 if held_out else 0
-    imgs = _skimage_grey(SKIMAGE_HELD_OUT if held_out else SKIMAGE_FIT)
-    imgs += [(f"synthetic-ct:{s}", synthetic_ct_slice(base + s)) for s in range(8)]
-    imgs += [(f"synthetic-mr:{s}", synthetic_ct_slice(base + s, kind="mr")) for s in range(8)]
-    imgs += [(f"synthetic-photo:{s}", synthetic_photo(base + s)) for s in range(8)]
-    return imgs

@@ -4,7 +4,7 @@ A model folder's ``config.json`` holds ``cxr_operating_point``: the temperature 
 calibrates the softmax, the decision threshold on the calibrated positive-class probability,
 the policy that chose it and on which scores. :class:`OperatingPoint` reads and writes that
 dict, turns logits into calibrated probabilities and probabilities into decisions. It needs
-numpy only (serving imports it); fitting it on scores lives in :mod:`cxr.training`.
+numpy only (serving imports it); fitting it on scores lives in :mod:`cxr_train.training`.
 """
 
 from __future__ import annotations

@@ -24,7 +24,7 @@ __all__ = ["has_fast_path", "pixel_values", "to_uint8_batch"]
 
 def has_fast_path(processor) -> bool:
     """True for a torchvision-backend processor that only resizes to a fixed size, rescales
-    and normalises (what ``cxr.modeling`` saves), so :func:`pixel_values` may batch it."""
+    and normalises (what ``cxr_train.modeling`` saves), so :func:`pixel_values` may batch it."""
     try:
         from transformers.image_processing_backends import TorchvisionBackend
     except ImportError:  # pragma: no cover - older transformers

@@ -21,14 +21,14 @@ from pathlib import Path
 
 import numpy as np
 
-SUFFIXES = (".jpeg", ".jpg", ".png")
+from cxr.locate import image_files
 
 
 def carve(files: list[Path], fraction: float, seed: int) -> set[str]:
     """Patient ids of a stratified, patient-grouped hold-out of about ``fraction`` of the films."""
     from sklearn.model_selection import StratifiedGroupKFold
 
-    from cxr.data import patient_id_from_filename
+    from cxr_train.data import patient_id_from_filename
 
     labels = np.array([f.parent.name for f in files])
     groups = np.array([patient_id_from_filename(f.name) or f.stem for f in files])
@@ -38,7 +38,7 @@ def carve(files: list[Path], fraction: float, seed: int) -> set[str]:
 
 
 def layout(files: list[Path], held: set[str], out: Path) -> dict:
-    from cxr.data import patient_id_from_filename
+    from cxr_train.data import patient_id_from_filename
 
     counts: dict = {}
     for f in files:
@@ -61,7 +61,7 @@ def main(argv=None) -> None:
     ap.add_argument("--fraction", type=float, default=0.15)
     ap.add_argument("--seed", type=int, default=2026)
     a = ap.parse_args(argv)
-    files = sorted(p for p in Path(a.data).rglob("*") if p.suffix.lower() in SUFFIXES)
+    files = image_files(a.data)
     manifest = Path(a.manifest)
     if manifest.exists():   # the committed hold-out: the same films for every study
         held = set(json.loads(manifest.read_text())["patients"])

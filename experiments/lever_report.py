@@ -33,7 +33,7 @@ def policy_thresholds(y, p) -> dict[str, float]:
     eer = thr[np.argmin(np.abs(tpr - (1 - fpr)))]
     youden = thr[np.argmax(tpr - fpr)]
     spec99 = thr[np.flatnonzero(1 - fpr >= 0.99)[-1]]    # the most sensitive threshold keeping spec >= 0.99
-    from cxr.metrics import compute_operating_points
+    from cxr_train.metrics import compute_operating_points
 
     floor97 = compute_operating_points(np.asarray(y), np.asarray(p), 0.97)["high_sensitivity"]
     return {"equal_error": float(eer), "youden": float(youden), "spec>=0.99": float(spec99),

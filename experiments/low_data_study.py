@@ -31,8 +31,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 
 import train_hf  # noqa: E402
-from cxr.data import add_patient_ids, load_raw_dataset  # noqa: E402
-from cxr.plots import render_confusions, render_learning_curves, render_roc  # noqa: E402
+from cxr_train.data import add_patient_ids, load_raw_dataset  # noqa: E402
+from cxr_train.plots import render_confusions, render_learning_curves, render_roc  # noqa: E402
 
 logger = logging.getLogger("study")
 ARMS = {  # name -> (init, strategy)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cxr.data import fold_overlaps
+from cxr_train.data import fold_overlaps
 
 NORMAL2_BANDS = ((0, 700), (700, 1100), (1100, 1300), (1300, 1500))
 PERSON_BANDS = ((0, 500), (500, 1000), (1000, 1500), (1500, 2000))

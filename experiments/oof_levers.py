@@ -88,8 +88,8 @@ def _score(model, proc, images: list[Image.Image], variant: str, positive_id: in
 
 
 def _metrics(y: np.ndarray, p: np.ndarray) -> dict:
-    from cxr.metrics import compute_operating_points, compute_threshold_metrics
-    from cxr.training import equal_error_threshold
+    from cxr_train.metrics import compute_operating_points, compute_threshold_metrics
+    from cxr_train.training import equal_error_threshold
     from sklearn.metrics import roc_auc_score
 
     t = equal_error_threshold(y, p)
@@ -116,7 +116,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(0)
     run, out = Path(args.run), Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    oof = json.loads((run / "oof_scores.json").read_text())
+    oof_file = run / "oof_scores.json"   # a shipped folder calls the recipe's copy recipe_oof_scores.json
+    oof = json.loads((oof_file if oof_file.is_file() else run / "recipe_oof_scores.json").read_text())
     folds_dirs = sorted((run / "cv").glob("fold*/model"))
     if not folds_dirs:
         raise SystemExit(f"no fold models under {run / 'cv'}: run train_hf.py with --cv_folds")
@@ -152,7 +153,9 @@ def main(argv: list[str] | None = None) -> int:
                                                          - results["variants"][v]["roc_auc"])
         print(v, json.dumps(results["variants"][v]), flush=True)
     if args.external:
-        ext = sorted(p for p in Path(args.external).rglob("*") if p.suffix.lower() in (".jpeg", ".jpg", ".png"))
+        from cxr.locate import image_files
+
+        ext = image_files(args.external)
         ye = np.array([int(p.parent.name.upper() == positive.upper()) for p in ext])
         images = [load_image(p) for p in ext]
         proc = _processor(run, None)

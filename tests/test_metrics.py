@@ -4,11 +4,11 @@ import evaluate
 import numpy as np
 import pytest
 
-from cxr.metrics import (
+from cxr_train.metrics import (
     compute_bootstrap_ci, compute_calibration, compute_clinical_metrics, compute_operating_points,
     compute_softmax, compute_temperature,
 )
-from cxr.training import METRIC_MODULE
+from cxr_train.training import METRIC_MODULE
 
 
 def test_hand_computed_case():
@@ -107,7 +107,7 @@ def test_operating_point_policies_and_round_trip():
     import numpy as np
 
     from cxr.operating_point import OperatingPoint
-    from cxr.training import equal_error_threshold, fit_operating_point
+    from cxr_train.training import equal_error_threshold, fit_operating_point
 
     rng = np.random.default_rng(0)
     # negatives tight, positives spread: the two policies pick different thresholds

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from cxr.modeling import (
+from cxr_train.modeling import (
     ModelError, apply_strategy, build_model, build_preset, count_parameters, find_blocks, load_checkpoint,
     merge_for_export, save_model_folder,
 )
@@ -91,7 +91,7 @@ def test_save_reload_identical_logits(tmp_path, preset):
     x = torch.randn(2, 3, size, size)
     with torch.no_grad():
         assert torch.equal(model(pixel_values=x).logits, loaded(pixel_values=x).logits)
-    from cxr.data import processor_size
+    from cxr_train.data import processor_size
 
     assert proc2.image_mean == proc.image_mean and processor_size(proc2) == processor_size(proc)
 
@@ -100,7 +100,7 @@ def test_checkpoint_gets_fresh_head(tmp_path):
     """A 1000-class checkpoint becomes a 2-class model (ignore_mismatched_sizes)."""
     from transformers import ResNetConfig, ResNetForImageClassification
 
-    from cxr.modeling import ViTImageProcessor
+    from cxr_train.modeling import ViTImageProcessor
 
     cfg = ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], num_labels=1000)
     save_model_folder(ResNetForImageClassification(cfg), ViTImageProcessor(size={"height": 64, "width": 64}),
@@ -108,7 +108,7 @@ def test_checkpoint_gets_fresh_head(tmp_path):
     model, proc = build_model(str(tmp_path / "ckpt"), ID2LABEL, image_size=48)
     assert model.config.num_labels == 2 and model.config.id2label == ID2LABEL
     assert model.classifier[-1].out_features == 2
-    from cxr.data import processor_size
+    from cxr_train.data import processor_size
 
     assert processor_size(proc) == (48, 48)
 

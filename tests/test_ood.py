@@ -14,8 +14,8 @@ from PIL import Image
 
 from cxr.imaging import ImageLoadError, load_image
 from cxr.inference import Predictor
-from cxr.ood import (OOD_FILE, FeatureTap, OODScorer, choose_threshold, extract_features, fit_ood,
-                     synthetic_ct_slice, synthetic_photo)
+from cxr.ood import OOD_FILE, FeatureTap, OODScorer, extract_features
+from cxr_train.ood_fit import choose_threshold, synthetic_ct_slice
 from tests.helpers import greyscale_photo, make_dicom, make_model_folder, make_xray, xrays
 
 
@@ -92,7 +92,7 @@ def test_dicom_modality_must_be_a_radiograph():
 
 
 def test_fit_cli_writes_the_stats_file(tmp_path, kermany_folder, capsys):
-    from cxr import ood_fit as ood
+    from cxr_train import ood_fit as ood
 
     folder = make_model_folder(tmp_path / "m", ood=False)
     assert ood.main(["fit", "--model", str(folder), "--data", str(kermany_folder), "--max_train", "30"]) == 0

@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 
 import train_hf
-from cxr.checkpointing import find_resume_checkpoint, incomplete_reason
-from cxr.hub import METRIC_ROWS
+from cxr_train.checkpointing import find_resume_checkpoint, incomplete_reason
+from cxr_train.hub import METRIC_ROWS
 from tests.helpers import ROOT, base_args, subprocess_env
 
 # ------------------------------------------------------------------ crash-safe checkpoints
@@ -158,7 +158,7 @@ def test_output_dir_that_is_a_file_is_a_clear_error(kermany_folder, tmp_path, ca
 
 
 def _tiny_model_folder(path: Path) -> Path:
-    from cxr.modeling import build_preset, save_model_folder
+    from cxr_train.modeling import build_preset, save_model_folder
 
     model, processor = build_preset("tiny-resnet-scratch", {0: "NORMAL", 1: "PNEUMONIA"})
     save_model_folder(model, processor, path)
@@ -186,7 +186,7 @@ def test_auto_map_never_runs_the_folders_code(tmp_path, monkeypatch, where):
     """`echo y | python app/app.py --model folder` ran the folder's Python: the loaders left
     trust_remote_code unset, so transformers asked on stdin. Answer 'y' to any prompt here."""
     from cxr.inference import ModelLoadError, Predictor
-    from cxr.modeling import ModelError, load_checkpoint
+    from cxr_train.modeling import ModelError, load_checkpoint
 
     folder = _tiny_model_folder(tmp_path / "model")
     marker = tmp_path / "MARKER"
@@ -211,7 +211,7 @@ def test_index_naming_a_pickle_file_is_refused(tmp_path):
     from safetensors.torch import load_file
 
     from cxr.inference import ModelLoadError, Predictor
-    from cxr.modeling import ModelError, load_checkpoint
+    from cxr_train.modeling import ModelError, load_checkpoint
 
     folder = _tiny_model_folder(tmp_path / "model")
     weights = load_file(folder / "model.safetensors")
@@ -249,7 +249,7 @@ def test_sharded_safetensors_folder_still_loads(tmp_path):
 def _exif_rotated_jpeg(path: Path) -> Path:
     from PIL import Image
 
-    from cxr.synthetic import make_xray
+    from cxr_train.synthetic import make_xray
 
     exif = Image.Exif()
     exif[0x0112] = 6  # rotate 90° on display
@@ -263,7 +263,7 @@ def test_predict_on_a_pil_image_equals_the_file_upload(trained_folder, tmp_path)
     from PIL import Image
 
     from cxr.inference import Predictor
-    from cxr.synthetic import make_xray
+    from cxr_train.synthetic import make_xray
 
     predictor = Predictor.from_pretrained(trained_folder, precision="fp32")
     grey = np.asarray(make_xray(2, False, 64), dtype=np.uint16) * 16  # 12-bit values in 16 bits
@@ -334,7 +334,7 @@ def test_score_split_of_a_one_class_split_has_no_nan():
     import numpy as np
 
     from cxr.operating_point import OperatingPoint
-    from cxr.training import prefixed, score_split
+    from cxr_train.training import prefixed, score_split
 
     logits = np.array([[0.2, 0.8], [0.6, 0.4], [0.1, 0.9]])
     m = prefixed(score_split(logits, np.array([1, 1, 1]), 1, OperatingPoint(), n_boot=50), "test")

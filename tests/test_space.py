@@ -1,17 +1,20 @@
-"""The Space folder built by cxr.space, and push failures (offline: HF_HUB_OFFLINE=1 from conftest)."""
+"""The Space folder built by cxr_train.space, and push failures (offline: HF_HUB_OFFLINE=1 from conftest)."""
 
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from huggingface_hub import SpaceCard
 
-from cxr.hub import PushError
-from cxr.space import DEFAULT_MODEL_ID, SERVING_MODULES, WEIGHT_PATTERNS, build_space_folder, main, push_space
+from cxr_train.hub import PushError
+from cxr_train.space import DEFAULT_MODEL_ID, WEIGHT_PATTERNS, build_space_folder, main, push_space
 
-TRAINING_ONLY = {"training", "data", "metrics", "modeling", "config", "hub", "plots", "synthetic", "space",
-                 "checkpoints", "ood_fit"}
+import cxr
+
+TRAINING_ONLY = {"cxr_train", "datasets", "peft", "evaluate", "accelerate", "sklearn", "matplotlib"}
+SERVING_DIR = Path(cxr.__file__).resolve().parent
 
 
 @pytest.fixture(scope="module")
@@ -19,13 +22,16 @@ def space(tmp_path_factory):
     return build_space_folder(tmp_path_factory.mktemp("space") / "repo", model_id="someone/cxr-model")
 
 
+def _tree(root):
+    return {p.relative_to(root).as_posix() for p in root.rglob("*")
+            if p.is_file() and "__pycache__" not in p.parts and p.suffix != ".pyc"}
+
+
 def test_space_folder_layout(space):
     for name in ("app.py", "README.md", "requirements.txt", "cxr/__init__.py", "cxr/inference.py",
-                 "cxr/imaging.py", "cxr/explain.py", "examples/ATTRIBUTION.md"):
+                 "cxr/explain.py", "examples/ATTRIBUTION.md"):
         assert (space / name).is_file(), name
-    bundled = {p.name for p in (space / "cxr").iterdir()}
-    assert bundled == set(SERVING_MODULES)                # the explicit list, nothing else
-    assert not {f"{m}.py" for m in TRAINING_ONLY} & bundled and not (space / "cxr" / "clinical_metrics").exists()
+    assert _tree(space / "cxr") == _tree(SERVING_DIR)    # the serving package whole, nothing else
     assert len(list((space / "examples").glob("*.jpeg"))) == 6
     assert not [p for pat in WEIGHT_PATTERNS for p in space.rglob(pat)]
     assert not list(space.rglob("__pycache__"))
@@ -36,32 +42,37 @@ def test_space_folder_layout(space):
     assert not names & {"scikit-learn", "datasets", "peft", "accelerate", "evaluate", "matplotlib"}, names
 
 
-def _cxr_imports(path):
-    """cxr modules a file imports (top level or inside functions): relative or absolute."""
+def _imports(path, root):
+    """(absolute module names, cxr-relative module paths) a file imports, top level or lazily."""
     import ast
 
-    found = set()
+    here = path.relative_to(root).with_suffix("").parts[:-1]     # the file's package, e.g. ('cxr', 'imaging')
+    absolute, local = set(), set()
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.ImportFrom):
-            if node.level == 1 and node.module:
-                found.add(node.module.split(".")[0])
-            elif node.level == 1:
-                found |= {a.name for a in node.names}
-            elif node.module and node.module.split(".")[0] == "cxr" and "." in node.module:
-                found.add(node.module.split(".")[1])
+            if node.level:
+                base = here[:len(here) - node.level + 1]
+                mod = (*base, *(node.module.split(".") if node.module else ()))
+                local |= {mod} if node.module else {(*mod, a.name) for a in node.names}
+            else:
+                absolute.add(node.module)
         elif isinstance(node, ast.Import):
-            found |= {a.name.split(".")[1] for a in node.names if a.name.startswith("cxr.")}
-    return found
+            absolute |= {a.name for a in node.names}
+    local |= {tuple(m.split(".")) for m in absolute if m.split(".")[0] == "cxr"}
+    return absolute, local
 
 
 def test_space_modules_are_closed_under_imports(space):
     """Every cxr module that app.py or a bundled module imports (even lazily) is bundled, so
-    the Space never meets an ImportError at request time; none of them is training code."""
-    bundled = {p.stem for p in (space / "cxr").glob("*.py")}
-    for f in [space / "app.py", *(space / "cxr").glob("*.py")]:
-        missing = _cxr_imports(f) - bundled
-        assert not missing, f"{f.name} imports cxr.{', cxr.'.join(sorted(missing))}, not in SERVING_MODULES"
-    assert not bundled & TRAINING_ONLY
+    the Space never meets an ImportError at request time; none of them imports training code
+    or a training-only dependency."""
+    for f in [*space.glob("*.py"), *(space / "cxr").rglob("*.py")]:
+        absolute, local = _imports(f, space)
+        for mod in local:
+            target = space.joinpath(*mod)
+            assert target.with_suffix(".py").is_file() or (target / "__init__.py").is_file(), (f, mod)
+        bad = {m for m in absolute if m.split(".")[0] in TRAINING_ONLY}
+        assert not bad, f"{f.relative_to(space)} imports {sorted(bad)}"
 
 
 def test_space_card(space):

@@ -85,7 +85,7 @@ def test_lora_run_exports_merged_and_adapter(kermany_folder, tmp_path):
 
 
 def test_resume_after_kill(kermany_folder, tmp_path, monkeypatch):
-    from cxr import training
+    from cxr_train import training
 
     out = tmp_path / "resume"
     args = base_args(kermany_folder, out, "--max_steps", "4", "--save_strategy", "steps", "--save_steps", "2",
@@ -163,7 +163,7 @@ def test_accelerate_two_cpu_processes(kermany_folder, tmp_path):
 def test_cv_folds_trains_k_models_and_fits_the_operating_point_out_of_fold(kermany_folder, tmp_path):
     """--cv_folds 5 on a small subset: every training image scored once by a model that never saw its
     patient; per-fold + mean ± sd metrics; threshold/temperature fitted on those scores."""
-    from cxr.data import patient_id_from_filename
+    from cxr_train.data import patient_id_from_filename
 
     out = tmp_path / "cv"
     args = base_args(kermany_folder, out, "--cv_folds", "5", "--save_strategy", "no",

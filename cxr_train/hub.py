@@ -9,6 +9,10 @@ from pathlib import Path
 
 from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData
 
+from cxr.facts import HEADLINE, SCHEMA, TrainingFacts
+
+from .report import CVScores, RunReport
+
 logger = logging.getLogger(__name__)
 
 TEMPLATE = Path(__file__).resolve().parent / "model_card.md"   # a link to the top-level model_card.md (packaged as a file)
@@ -43,12 +47,15 @@ def build_metric_table(title: str, metrics: dict) -> dict:
 
 def build_cv_table(cv: dict) -> dict:
     """Per-fold rows and the mean ± sd row, for the card (cv: train_hf.score_cv's output)."""
-    keys = [(k, n) for k, n in METRIC_ROWS if k in cv["summary"]]
+    keys = [(k, n) for k, n in METRIC_ROWS if k in cv.summary]
     folds = [{"name": f"fold {i + 1}", "n": f["n_samples"], "cells": [_fmt(f[k]) for k, _ in keys]}
-             for i, f in enumerate(cv["per_fold"])]
-    mean = [f"{cv['summary'][k]['mean']:.4f} ± {cv['summary'][k]['sd']:.4f}" for k, _ in keys]
-    return {"k": cv["k"], "columns": [n for _, n in keys], "folds": folds, "mean": mean,
-            "pooled": build_metric_table(f"Pooled out-of-fold scores ({cv['pooled']['n_samples']} images)", cv["pooled"])}
+             for i, f in enumerate(cv.per_fold)]
+    mean = [f"{cv.summary[k]['mean']:.4f} ± {cv.summary[k]['sd']:.4f}" for k, _ in keys]
+    return {"k": cv.k, "columns": [n for _, n in keys], "folds": folds, "mean": mean,
+            "pooled": build_metric_table(f"Pooled out-of-fold scores ({cv.pooled['n_samples']} images)", cv.pooled)}
+
+
+MAX_CARD_FILMS = 50   # a per-film external table for a handful of films only
 
 
 @dataclass
@@ -83,7 +90,7 @@ class CardFacts:
     command: str
     operating_point: object          # OperatingPoint
     metrics: dict                    # split -> plain-named metrics (validation, test, external)
-    cv: dict | None = None
+    cv: CVScores | None = None
     is_kermany: bool = False
     license: str = "cc-by-4.0"
     figures: dict = field(default_factory=dict)
@@ -104,20 +111,19 @@ class CardFacts:
         return out
 
     def config_summary(self) -> dict:
-        """config.json's cxr_training: what serving (the app's facts panel) shows."""
-        pick = lambda m: {k: round(float(m[k]), 4) for k in ("roc_auc", "accuracy", "sensitivity", "specificity")  # noqa: E731
-                          if m.get(k) is not None and m[k] == m[k]}
-        out = {"strategy": self.strategy, "base_model": self.base_model or self.base_model_text,
-               "dataset": self.dataset_id, "image_size": self.image_size}
+        """config.json's cxr_training: what serving (the app's facts panel) shows, read back by
+        :func:`cxr.facts.read_training_facts` (versioned)."""
+        pick = lambda m: {k: round(float(m[k]), 4) for k in HEADLINE if m.get(k) is not None and m[k] == m[k]}  # noqa: E731
+        facts = TrainingFacts(strategy=self.strategy, base_model=self.base_model or self.base_model_text,
+                              dataset=self.dataset_id, image_size=self.image_size)
         if self.metrics.get("validation"):
-            out["validation_metrics"] = pick(self.metrics["validation"])
+            facts.validation_metrics = pick(self.metrics["validation"])
         if self.cv:
-            out["cv_metrics"] = {"k": self.cv["k"], **{k: {"mean": round(v["mean"], 4), "sd": round(v["sd"], 4)}
-                                                        for k, v in self.cv["summary"].items()
-                                                        if k in ("roc_auc", "accuracy", "sensitivity", "specificity")}}
+            facts.cv_metrics = {"k": self.cv.k, **{k: {"mean": round(v["mean"], 4), "sd": round(v["sd"], 4)}
+                                                   for k, v in self.cv.summary.items() if k in HEADLINE}}
         if self.metrics.get("external"):
-            out["external_metrics"] = {"n": self.metrics["external"]["n_samples"], **pick(self.metrics["external"])}
-        return out
+            facts.external_metrics = {"n": self.metrics["external"]["n_samples"], **pick(self.metrics["external"])}
+        return {"schema": SCHEMA, **facts.to_dict()}
 
     def template_kwargs(self) -> dict:
         kw = {f.name: getattr(self, f.name) for f in fields(self)}
@@ -135,67 +141,63 @@ class CardFacts:
         kw["external_images"] = per_image if len(per_image) <= MAX_CARD_FILMS else None
         return kw
 
+    @classmethod
+    def from_report(cls, report: RunReport) -> "CardFacts":
+        """Facts of a train_hf.py run (arguments, data, trainer state, scores) for the card."""
+        import os
+        import platform
+        import shlex
+        import sys
 
-def card_facts(argv, model_args, data_args, training_args, data, metrics: dict, op, fitted, cv) -> CardFacts:
-    """Facts of a train_hf.py run (arguments, data, trainer state, scores) for the card."""
-    import os
-    import platform
-    import shlex
-    import sys
+        import torch
 
-    import torch
+        from .data import describe_augmentation, processor_size
+        from .modeling import is_preset
 
-    from .data import describe_augmentation, processor_size
-    from .modeling import is_preset
+        model_args, data_args, training_args = report.model_args, report.data_args, report.training_args
+        data, fitted, op, cv, argv = report.data, report.fitted, report.operating_point, report.cv, report.argv
+        preset = is_preset(model_args.model_name_or_path)
+        dataset = data_args.dataset_name
+        local = Path(dataset).exists()
+        is_kermany = "chest_xray" in dataset.lower() or "kermany" in dataset.lower()
+        strategy_text = {
+            "frozen": "frozen backbone, classification head trained",
+            "partial": f"last {model_args.partial_stages} backbone stage(s) and the head fine-tuned",
+            "full": "all weights trained" + (" from random initialisation" if preset else ", fine-tuned"),
+            "lora": f"LoRA (r={model_args.lora_r}, alpha={model_args.lora_alpha}) merged into the base weights",
+        }[model_args.strategy]
+        trainer = fitted.trainer
+        args_str = " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
+        return cls(
+            model_name=training_args.hub_model_id or Path(training_args.output_dir).name,
+            repo_id=training_args.hub_model_id or training_args.output_dir,
+            dataset_id=Path(dataset).name if local else dataset, dataset_is_hub=not local,
+            dataset_name="Kermany 2018 paediatric chest X-ray" if is_kermany else Path(dataset).name,
+            dataset_note=KERMANY_NOTE if is_kermany else "",
+            base_model=None if preset else model_args.model_name_or_path,
+            base_model_text=f"none: {model_args.model_name_or_path} preset, random init" if preset
+            else model_args.model_name_or_path,
+            labels=list(data.id2label.values()), positive_label=data.id2label[data.positive_id],
+            strategy=model_args.strategy, strategy_text=strategy_text,
+            trainable_text=f"{fitted.trainable:,} of {fitted.total:,} ({100 * fitted.trainable / fitted.total:.1f}%)",
+            n_train=len(data.splits["train"]), n_validation=len(data.splits["validation"]),
+            validation_text=("carved out of the training split, stratified and grouped by patient "
+                             f"({data_args.validation_fraction:.0%} of patients, seed {training_args.seed})")
+            if not data_args.validation_split else f"the dataset's '{data_args.validation_split}' split",
+            image_size=processor_size(trainer.processing_class)[0],
+            epochs=round(trainer.state.epoch or 0, 2), steps=trainer.state.global_step,
+            batch_size=training_args.per_device_train_batch_size * max(1, training_args.world_size),
+            learning_rate=training_args.learning_rate,
+            class_weights=[round(w, 3) for w in data.class_weights],
+            precision="bf16 autocast" if training_args.bf16 else "fp32",
+            augmentation=describe_augmentation(data_args.augment_strength) if data_args.augment else "none",
+            train_time=f"{fitted.train_seconds / 60:.1f} min" + (f" (+ {cv.minutes} for {cv.k}-fold CV)" if cv else ""),
+            hardware=torch.cuda.get_device_name() if torch.cuda.is_available()
+            else f"{os.cpu_count()} CPU cores ({platform.machine()})",
+            command=f"python train_hf.py {args_str}".strip(),
+            operating_point=op, metrics=report.metrics, cv=cv, is_kermany=is_kermany,
+        )
 
-    preset = is_preset(model_args.model_name_or_path)
-    dataset = data_args.dataset_name
-    local = Path(dataset).exists()
-    is_kermany = "chest_xray" in dataset.lower() or "kermany" in dataset.lower()
-    strategy_text = {
-        "frozen": "frozen backbone, classification head trained",
-        "partial": f"last {model_args.partial_stages} backbone stage(s) and the head fine-tuned",
-        "full": "all weights trained" + (" from random initialisation" if preset else ", fine-tuned"),
-        "lora": f"LoRA (r={model_args.lora_r}, alpha={model_args.lora_alpha}) merged into the base weights",
-    }[model_args.strategy]
-    trainer = fitted.trainer
-    args_str = " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
-    return CardFacts(
-        model_name=training_args.hub_model_id or Path(training_args.output_dir).name,
-        repo_id=training_args.hub_model_id or training_args.output_dir,
-        dataset_id=Path(dataset).name if local else dataset, dataset_is_hub=not local,
-        dataset_name="Kermany 2018 paediatric chest X-ray" if is_kermany else Path(dataset).name,
-        dataset_note=KERMANY_NOTE if is_kermany else "",
-        base_model=None if preset else model_args.model_name_or_path,
-        base_model_text=f"none: {model_args.model_name_or_path} preset, random init" if preset
-        else model_args.model_name_or_path,
-        labels=list(data.id2label.values()), positive_label=data.id2label[data.positive_id],
-        strategy=model_args.strategy, strategy_text=strategy_text,
-        trainable_text=f"{fitted.trainable:,} of {fitted.total:,} ({100 * fitted.trainable / fitted.total:.1f}%)",
-        n_train=len(data.splits["train"]), n_validation=len(data.splits["validation"]),
-        validation_text=("carved out of the training split, stratified and grouped by patient "
-                         f"({data_args.validation_fraction:.0%} of patients, seed {training_args.seed})")
-        if not data_args.validation_split else f"the dataset's '{data_args.validation_split}' split",
-        image_size=processor_size(trainer.processing_class)[0],
-        epochs=round(trainer.state.epoch or 0, 2), steps=trainer.state.global_step,
-        batch_size=training_args.per_device_train_batch_size * max(1, training_args.world_size),
-        learning_rate=training_args.learning_rate,
-        class_weights=[round(w, 3) for w in data.class_weights],
-        precision="bf16 autocast" if training_args.bf16 else "fp32",
-        augmentation=describe_augmentation(data_args.augment_strength) if data_args.augment else "none",
-        train_time=f"{fitted.train_seconds / 60:.1f} min" + (f" (+ {cv_minutes(cv)} for {cv['k']}-fold CV)" if cv else ""),
-        hardware=torch.cuda.get_device_name() if torch.cuda.is_available()
-        else f"{os.cpu_count()} CPU cores ({platform.machine()})",
-        command=f"python train_hf.py {args_str}".strip(),
-        operating_point=op, metrics=metrics, cv=cv, is_kermany=is_kermany,
-    )
-
-
-MAX_CARD_FILMS = 50
-
-
-def cv_minutes(cv: dict) -> str:
-    return f"{cv['train_seconds'] / 60:.1f} min"   # measured by cross_validate; no silent 0
 
 
 def render_model_card(facts: CardFacts, template_path: str | Path = TEMPLATE) -> ModelCard:

@@ -19,8 +19,8 @@ from transformers import (
     ViTImageProcessor,
 )
 
-from .architecture import CNN, VIT, ModelError, family, find_blocks  # noqa: F401 (re-exported)
-from .locate import MissingFolderError, local_folder
+from cxr.architecture import CNN, VIT, ModelError, classification_head, family, find_blocks  # noqa: F401 (re-exported)
+from cxr.locate import MissingFolderError, local_folder, weights_problem
 
 logger = logging.getLogger(__name__)
 
@@ -110,14 +110,9 @@ def load_checkpoint(name: str, id2label: dict[int, str], image_size: int | None 
 
         hint = missing_checkpoint_hint(name)
         raise ModelError(str(e) + (f"; make it with: {hint}" if hint else "")) from None
-    if local and not Path(name, "config.json").is_file():
-        raise ModelError(f"{name}: not a model folder (no config.json)")
-    if local and Path(name, "model.safetensors.index.json").is_file():
-        from .checkpointing import index_problem
-
-        problem = index_problem(name)
-        if problem:
-            raise ModelError(f"{name}: {problem}; only safetensors weights are loaded")
+    problem = weights_problem(name, require_weights=False) if local else None
+    if problem:   # a fresh head is trained, so a config-only folder (from-scratch) is fine here
+        raise ModelError(problem)
     try:
         config = AutoConfig.from_pretrained(name, revision=revision, trust_remote_code=False)
     except (OSError, ValueError) as e:  # ValueError: e.g. remote code refused
@@ -184,11 +179,7 @@ def reset_head(model) -> None:
 
 def find_head(model) -> list[str]:
     """Names (prefixes) of the classification head's parameters."""
-    if model.__class__.__name__.startswith("TimmWrapper"):
-        head = model.timm_model.get_classifier()
-        names = [n for n, m in model.named_modules() if m is head]
-        return names
-    return ["classifier"]
+    return [classification_head(model)[0]]
 
 
 def _final_norms(model) -> list[str]:

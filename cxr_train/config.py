@@ -18,7 +18,7 @@ from pathlib import Path
 import yaml
 from transformers import HfArgumentParser, TrainingArguments
 
-from .precision import PRECISIONS, resolve_bf16
+from cxr.precision import PRECISIONS, resolve_bf16
 
 STRATEGIES = ("frozen", "partial", "full", "lora")
 USAGE = "train_hf.py [--config FILE.yaml] [--field value ...]   (or: cxr-train ...)"

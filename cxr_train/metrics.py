@@ -3,7 +3,7 @@
 Conventions: ``y_true`` holds 0 (negative, e.g. NORMAL) and 1 (positive, e.g. PNEUMONIA);
 ``y_score`` is the probability of the positive class. The confusion matrix is
 ``[[TN, FP], [FN, TP]]``. This module is the ONE implementation: the ``evaluate`` module
-in ``cxr/clinical_metrics`` and the Trainer's ``compute_metrics`` both call it.
+in ``cxr_train/clinical_metrics`` and the Trainer's ``compute_metrics`` both call it.
 """
 
 from __future__ import annotations
@@ -134,7 +134,7 @@ def compute_bootstrap_ci(
     return ci
 
 
-from .operating_point import softmax as compute_softmax  # noqa: E402 (the one softmax; re-exported)
+from cxr.operating_point import softmax as compute_softmax  # noqa: E402 (the one softmax; re-exported)
 
 
 def compute_temperature(logits, y_true) -> float:

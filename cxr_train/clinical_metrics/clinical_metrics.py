@@ -1,13 +1,13 @@
 """Clinical metrics for binary chest X-ray classification, as a local `evaluate` module.
 
-Load it offline with ``evaluate.load("cxr/clinical_metrics")`` (a path, so nothing is
-fetched from the Hub). The math lives in ``cxr.metrics`` (one implementation).
+Load it offline with ``evaluate.load("cxr_train/clinical_metrics")`` (a path, so nothing is
+fetched from the Hub). The math lives in ``cxr_train.metrics`` (one implementation).
 """
 
 import datasets
 import evaluate
 
-from cxr.metrics import compute_clinical_metrics
+from cxr_train.metrics import compute_clinical_metrics
 
 _DESCRIPTION = """Accuracy, AUROC, PR-AUC, sensitivity, specificity, precision (PPV), NPV, F1,
 balanced accuracy, Brier score, ECE and the confusion matrix [[TN, FP], [FN, TP]].
@@ -20,7 +20,7 @@ Args:
     threshold (float, default 0.5): predicted positive when probability >= threshold.
 Returns: dict of metric name -> value.
 Example:
-    >>> m = evaluate.load("cxr/clinical_metrics")
+    >>> m = evaluate.load("cxr_train/clinical_metrics")
     >>> m.compute(predictions=[0.1, 0.9], references=[0, 1])["roc_auc"]
     1.0
 """

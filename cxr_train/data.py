@@ -12,9 +12,10 @@ from pathlib import Path
 import numpy as np
 from datasets import ClassLabel, DatasetDict, Image as ImageFeature, load_dataset
 
-from .imaging import ImageLoadError, load_image
-from .operating_point import positive_class_id
-from .preprocessing import pixel_values
+from cxr.imaging import ImageLoadError, load_image
+from cxr.locate import IMAGE_SUFFIXES, MissingFolderError, image_files, local_folder
+from cxr.operating_point import positive_class_id
+from cxr.preprocessing import pixel_values
 
 logger = logging.getLogger(__name__)
 
@@ -47,15 +48,16 @@ def _image_ref(item: dict) -> str | bytes:
 
 def load_raw_dataset(dataset_name: str, config_name: str | None = None, revision: str | None = None) -> DatasetDict:
     """Hub id or local folder -> DatasetDict with undecoded 'image' and ClassLabel 'label'."""
-    path = Path(dataset_name).expanduser()
-    looks_local = path.exists() or dataset_name.startswith((".", "/", "~")) or dataset_name.count("/") > 1
-    if looks_local:
+    try:
+        path = local_folder(dataset_name, kind="dataset")
+    except MissingFolderError as e:
+        raise DataError(str(e)) from None
+    if path is not None:
         if not path.is_dir():
-            raise DataError(f"dataset folder not found: {dataset_name}")
-        images = [p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in
-                  (".png", ".jpg", ".jpeg", ".dcm", ".dicom")]
+            raise DataError(f"dataset folder not found: {dataset_name} (not a folder)")
+        images = image_files(path)
         if not images:
-            raise DataError(f"no images (.png, .jpg, .jpeg, .dcm) under {dataset_name}; expected "
+            raise DataError(f"no images ({', '.join(IMAGE_SUFFIXES)}) under {dataset_name}; expected "
                             "<split>/<LABEL>/<image> or <LABEL>/<image>")
         classes = sorted({p.parent.name for p in images})
         if len(classes) < 2:

@@ -3,9 +3,10 @@
     python -m cxr_train.space --repo_id user/cxr-demo --model_id user/cxr-model [--private]
     python -m cxr_train.space --model_id user/cxr-model --dry_run /tmp/space      # build the folder only
 
-The Space folder holds app.py, README.md (Space card), requirements.txt, examples/ and the
-serving package ``cxr`` whole (training, data loading, metrics and test helpers live in
-``cxr_train``); never model weights: the Space downloads MODEL_ID from the Hub.
+The Space folder holds app.py and its sibling modules (handlers.py, render.py, files.py, as
+top-level files), README.md (Space card), requirements.txt, examples/ and the serving package
+``cxr`` whole (training, data loading, metrics and test helpers live in ``cxr_train``); never
+model weights: the Space downloads MODEL_ID from the Hub.
 """
 
 from __future__ import annotations
@@ -44,6 +45,14 @@ def _app_dir() -> Path:
 APP_DIR = _app_dir()
 DEFAULT_MODEL_ID = "cxr-transfer/cxr-efficientnet-lite0-imagenet-full"
 WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.pt", "*.pth", "*.ckpt", "*.onnx", "*.h5", "*.msgpack")
+
+
+def app_modules() -> list[Path]:
+    """The app's Python modules (app.py, handlers.py, render.py, files.py, ...): every *.py in
+    APP_DIR but the package's __init__.py; never stubs (*.pyi) or __pycache__."""
+    return sorted(p for p in APP_DIR.glob("*.py") if p.is_file() and p.name != "__init__.py")
+
+
 def resolve_model_id(model_id: str | None) -> str | None:
     """The Hub id the Space should serve, or None for a local folder (which is never uploaded)."""
     if model_id is None:
@@ -78,7 +87,8 @@ def _assemble(dest: str | Path, hub_id: str | None) -> Path:
         raise FileExistsError(f"{dest} exists and is not an empty folder: choose a new destination")
     dest.mkdir(parents=True, exist_ok=True)
 
-    shutil.copy2(APP_DIR / "app.py", dest / "app.py")
+    for module in app_modules():     # app.py and its sibling modules, top-level files in the Space
+        shutil.copy2(module, dest / module.name)
     shutil.copy2(APP_DIR / "requirements.txt", dest / "requirements.txt")
     if (APP_DIR / "examples").is_dir():
         shutil.copytree(APP_DIR / "examples", dest / "examples", ignore=_ignore)

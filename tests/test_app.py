@@ -234,7 +234,7 @@ def test_upload_is_deleted_after_prediction_and_no_temp_files_leak(server, tmp_p
 
 
 def test_janitor_sweeps_keeps_protected_survives_errors_and_cleans_at_shutdown(tmp_path, caplog):
-    from app.app import Janitor
+    from app.files import Janitor
 
     root = tmp_path / "cache"
     (root / "examples").mkdir(parents=True)
@@ -272,12 +272,13 @@ def test_janitor_sweeps_keeps_protected_survives_errors_and_cleans_at_shutdown(t
 
 def test_demo_close_removes_the_cache_folder(model_folders):
     from app import app as app_module
+    from app import files as app_files
 
     demo = app_module.create_demo(Predictor.from_pretrained(model_folders[1], precision="fp32"))
     app_module.launch(demo, server_name="127.0.0.1", prevent_thread_lock=True, quiet=True)
-    root = app_module.janitor().root
+    root = app_files.janitor().root
     assert root.is_dir() and os.environ["GRADIO_TEMP_DIR"] == str(root)
-    others = [b for b in app_module.janitor().blocks if b is not demo]
+    others = [b for b in app_files.janitor().blocks if b is not demo]
     demo.close()
     assert root.is_dir() == bool(others)      # removed when the last app closes
 
@@ -380,7 +381,7 @@ def test_sessions_are_bounded_for_api_callers(model_folders, monkeypatch, tmp_pa
 # ------------------------------------------------------------------ page handlers
 
 def test_answer_card_headline_bar_and_api_agree():
-    from app.app import answer_card
+    from app.render import answer_card
     from cxr.operating_point import OperatingPoint
 
     for p in np.linspace(0, 1, 41):
@@ -401,7 +402,7 @@ def test_answer_card_headline_bar_and_api_agree():
 
 
 def test_flagged_card_has_no_decision():
-    from app.app import answer_card
+    from app.render import answer_card
 
     card = answer_card({"model": "m", "out_of_distribution": True, "message": "Not an X-ray <b>"}, True)
     assert "Not analysed" in card and "PNEUMONIA" not in card and "&lt;b&gt;" in card
@@ -410,19 +411,19 @@ def test_flagged_card_has_no_decision():
 def test_controls_redraw_without_prediction():
     import gradio as gr
 
-    from app import app as app_module
+    from app import handlers
 
-    assert all(isinstance(u, type(gr.skip())) for u in app_module.reblend(True, 0.5, None, n_models=1))
+    assert all(isinstance(u, type(gr.skip())) for u in handlers.reblend(True, 0.5, None, n_models=1))
     display = make_xray(1, False).convert("RGB")
     heat = np.linspace(0, 1, 64 * 64, dtype=np.float32).reshape(64, 64)
     r = {"model": "m", "out_of_distribution": False, "heatmap_method": "Grad-CAM", "heatmap_class": "PNEUMONIA"}
     state = {"display": display, "results": [(r, heat)]}
-    faint, strong = (app_module.reblend(True, o, state, n_models=1)[0]["value"] for o in (0.0, 1.0))
+    faint, strong = (handlers.reblend(True, o, state, n_models=1)[0]["value"] for o in (0.0, 1.0))
     assert np.abs(np.asarray(faint, int) - np.asarray(strong, int)).max() > 50
     assert np.array_equal(np.asarray(faint), np.asarray(display))      # opacity 0: the plain film
-    hidden = app_module.reblend(False, 1.0, state, n_models=1)           # unticked: film, no map, no caption
+    hidden = handlers.reblend(False, 1.0, state, n_models=1)           # unticked: film, no map, no caption
     assert hidden[0]["value"] is display and hidden[1]["visible"] is False
-    shown = app_module.reblend(True, 1.0, state, n_models=1)
+    shown = handlers.reblend(True, 1.0, state, n_models=1)
     assert shown[1]["visible"] and "colorbar" in shown[1]["value"] and "not a map of disease" in shown[1]["value"]
 
 
@@ -440,27 +441,27 @@ def test_overlay_is_transparent_where_the_map_is_zero():
 
 
 def test_show_film_and_predict_button(model_folders, tmp_path):
-    from app import app as app_module
+    from app import handlers
 
     path = film(tmp_path, "f.png")
-    out = app_module.show_film(str(path), None, n_models=1)
+    out = handlers.show_film(str(path), None, n_models=1)
     assert out[0]["visible"] and out[0]["value"].size == (96, 96) and out[2]["interactive"] is True
     (tmp_path / "bad.png").write_bytes(b"not an image")
-    bad = app_module.show_film(str(tmp_path / "bad.png"), None, n_models=1)
+    bad = handlers.show_film(str(tmp_path / "bad.png"), None, n_models=1)
     assert bad[1]["visible"] and "Cannot use this file" in bad[1]["value"] and bad[2]["interactive"] is False
-    assert app_module.show_film(None, None, n_models=1)[2]["interactive"] is False
+    assert handlers.show_film(None, None, n_models=1)[2]["interactive"] is False
 
 
 def test_model_facts_show_cv_and_external_or_say_not_measured(model_folders, trained_folder):
-    from app import app as app_module
+    from app import render
 
-    facts = app_module.model_facts(Predictor.from_pretrained(model_folders[0], precision="fp32"))
+    facts = render.model_facts(Predictor.from_pretrained(model_folders[0], precision="fp32"))
     assert "Cross-validated | 5 folds; AUROC 0.910 ± 0.020" in facts
     assert "External data | 16 films; AUROC 0.870" in facts
     assert "distance limit" in facts
-    plain = app_module.model_facts(Predictor.from_pretrained(trained_folder, precision="fp32"))
+    plain = render.model_facts(Predictor.from_pretrained(trained_folder, precision="fp32"))
     assert "Cross-validated | not measured" in plain and "colour check only" in plain
-    assert "transfer learning" in app_module.TEACHING.lower()
+    assert "transfer learning" in render.TEACHING.lower()
 
 
 def test_parse_models():

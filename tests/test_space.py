@@ -1,5 +1,6 @@
 """The Space folder built by cxr_train.space, and push failures (offline: HF_HUB_OFFLINE=1 from conftest)."""
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -9,7 +10,7 @@ import pytest
 from huggingface_hub import SpaceCard
 
 from cxr_train.hub import PushError
-from cxr_train.space import DEFAULT_MODEL_ID, WEIGHT_PATTERNS, build_space_folder, main, push_space
+from cxr_train.space import APP_DIR, DEFAULT_MODEL_ID, WEIGHT_PATTERNS, build_space_folder, main, push_space
 
 import cxr
 
@@ -28,9 +29,12 @@ def _tree(root):
 
 
 def test_space_folder_layout(space):
-    for name in ("app.py", "README.md", "requirements.txt", "cxr/__init__.py", "cxr/inference.py",
-                 "cxr/explain.py", "examples/ATTRIBUTION.md"):
+    for name in ("app.py", "handlers.py", "render.py", "files.py", "README.md", "requirements.txt",
+                 "cxr/__init__.py", "cxr/inference.py", "cxr/explain.py", "examples/ATTRIBUTION.md"):
         assert (space / name).is_file(), name
+    # app/'s modules, top-level files beside app.py (no package __init__.py, no Gradio *.pyi stubs)
+    assert {p.name for p in space.glob("*.py")} == {p.name for p in APP_DIR.glob("*.py")} - {"__init__.py"}
+    assert not list(space.rglob("*.pyi"))
     assert _tree(space / "cxr") == _tree(SERVING_DIR)    # the serving package whole, nothing else
     assert len(list((space / "examples").glob("*.jpeg"))) == 6
     assert not [p for pat in WEIGHT_PATTERNS for p in space.rglob(pat)]
@@ -63,9 +67,11 @@ def _imports(path, root):
 
 
 def test_space_modules_are_closed_under_imports(space):
-    """Every cxr module that app.py or a bundled module imports (even lazily) is bundled, so
-    the Space never meets an ImportError at request time; none of them imports training code
-    or a training-only dependency."""
+    """Every cxr module that app.py, its sibling modules or a bundled module imports (even
+    lazily) is bundled, so the Space never meets an ImportError at request time; none of them
+    imports training code or a training-only dependency. The app's modules import each other
+    relatively (the cxr_app package) or, in a Space, absolutely as top-level modules: both ways
+    name the same siblings, all at the Space root, and nothing else is left unresolved."""
     for f in [*space.glob("*.py"), *(space / "cxr").rglob("*.py")]:
         absolute, local = _imports(f, space)
         for mod in local:
@@ -73,6 +79,15 @@ def test_space_modules_are_closed_under_imports(space):
             assert target.with_suffix(".py").is_file() or (target / "__init__.py").is_file(), (f, mod)
         bad = {m for m in absolute if m.split(".")[0] in TRAINING_ONLY}
         assert not bad, f"{f.relative_to(space)} imports {sorted(bad)}"
+    siblings = {p.stem for p in space.glob("*.py")}
+    for f in space.glob("*.py"):
+        absolute, local = _imports(f, space)
+        relative = {m[0] for m in local if m[0] != "cxr"}
+        tops = {m.split(".")[0] for m in absolute}
+        assert relative == tops & siblings, (f.name, relative, tops & siblings)   # package and Space agree
+        unresolved = {m for m in tops - siblings - {"cxr"} - set(sys.stdlib_module_names)
+                      if importlib.util.find_spec(m) is None}
+        assert not unresolved, f"{f.name} imports {sorted(unresolved)}: neither beside it nor installed"
 
 
 def test_space_card(space):
@@ -101,14 +116,21 @@ def test_bad_destination_and_model_id(space, tmp_path):
 
 @pytest.mark.slow   # a fresh interpreter imports gradio, torch and transformers
 def test_app_imports_cxr_from_beside_itself(space):
+    """In the Space, app.py and its sibling modules are top-level modules: app.py finds them,
+    and cxr, beside itself, both imported (as Gradio's runner does) and run as a script."""
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    code = ("import app, cxr, pathlib; here = pathlib.Path.cwd().resolve(); "
+    code = ("import app, cxr, handlers, pathlib; here = pathlib.Path.cwd().resolve(); "
             "assert pathlib.Path(cxr.__file__).resolve().parent == here / 'cxr', cxr.__file__; "
-            "assert len(app._examples()) == 6; print('ok')")
+            "mods = (app, app.files, app.handlers, app.render); "
+            "assert all(pathlib.Path(m.__file__).resolve().parent == here for m in mods), mods; "
+            "assert app.handlers is handlers and len(handlers.example_paths()) == 6; print('ok')")
     out = subprocess.run([sys.executable, "-c", code], cwd=space, env=env, capture_output=True, text=True,
                          timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().endswith("ok")
+    script = subprocess.run([sys.executable, "app.py", "--help"], cwd=space, env=env, capture_output=True,
+                            text=True, timeout=300)
+    assert script.returncode == 0 and "usage:" in script.stdout, script.stderr[-2000:]
 
 
 def test_push_offline_raises_clear_push_error():
@@ -142,6 +164,7 @@ def test_push_uses_space_repo_type_and_sets_model_id():
     (_, _, create), (_, _, upload), (_, _, var) = calls
     assert create == {"repo_type": "space", "space_sdk": "gradio", "exist_ok": True, "private": True}
     assert upload["repo_type"] == "space" and "app.py" in upload["files"] and "cxr/inference.py" in upload["files"]
+    assert {"handlers.py", "render.py", "files.py"} <= set(upload["files"])
     assert var == {"MODEL_ID": "someone/cxr-model"}
 
 

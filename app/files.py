@@ -1,0 +1,221 @@
+"""The app's files: where Gradio stores uploads and result files (a private cache folder,
+GRADIO_TEMP_DIR), when they are deleted (after their prediction, and by the Janitor's sweep
+after UPLOAD_TTL_S; the whole folder at shutdown), and what an upload request may hold (the
+UploadGuard ASGI middleware: one file of at most 10 MB, nosniff, attachments).
+"""
+
+from __future__ import annotations
+
+import atexit
+import json
+import logging
+import os
+import shutil
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import gradio as gr
+
+logger = logging.getLogger("cxr.app")
+
+MAX_FILE_SIZE = "10mb"
+MAX_REQUEST_BYTES = 10 * 1024 * 1024 + 64 * 1024   # one 10 MB file plus multipart overhead
+MAX_FILES_PER_REQUEST = 1
+UPLOAD_TTL_S = 300         # uploads and result files older than this are deleted (env CXR_UPLOAD_TTL_S)
+SWEEP_EVERY_S = 30
+
+
+class Janitor:
+    """Owns the app's file lifecycle (Gradio's own delete_cache is off: its sweeper could die
+    on a set changed during iteration). A daemon thread deletes files in the app's cache
+    folder older than ``ttl`` every ``every`` seconds; an error is logged and the next round
+    runs anyway. Files present right after start-up (example thumbnails) are kept until
+    shutdown, where the whole folder is removed."""
+
+    def __init__(self, root: Path, ttl: float = UPLOAD_TTL_S, every: float = SWEEP_EVERY_S):
+        self.root, self.ttl, self.every = Path(root), ttl, every
+        self.protected: set[str] = set()
+        self.blocks: list[gr.Blocks] = []
+        self.rounds = self.removed = self.errors = 0
+        self._pending: dict[str, int] = {}      # upload path -> uploads not yet read (same bytes, same path)
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def protect_existing(self) -> None:
+        self.protected |= {str(p) for p in self.root.rglob("*") if p.is_file()}
+
+    def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="cxr-janitor", daemon=True)
+            self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.every):
+            try:
+                self.sweep()
+            except Exception:  # noqa: BLE001 - never die: log and sweep again next round
+                self.errors += 1
+                logger.exception("upload sweep failed; retrying in %.0f s", self.every)
+
+    def sweep(self, max_age: float | None = None) -> int:
+        """Delete unprotected files older than ``max_age`` (default ttl); returns how many."""
+        cutoff = time.time() - (self.ttl if max_age is None else max_age)
+        removed = []
+        for dirpath, dirnames, filenames in os.walk(self.root):
+            for name in filenames:
+                path = os.path.join(dirpath, name)
+                if path in self.protected:
+                    continue
+                try:
+                    if os.lstat(path).st_mtime <= cutoff:
+                        os.unlink(path)
+                        removed.append(path)
+                        with self._lock:
+                            self._pending.pop(path, None)
+                except FileNotFoundError:
+                    pass
+        for dirpath, dirnames, filenames in os.walk(self.root, topdown=False):
+            if dirpath != str(self.root):
+                try:
+                    os.rmdir(dirpath)       # only empty folders
+                except OSError:
+                    pass
+        for blocks in list(self.blocks):    # Gradio's per-app sets of served paths would grow forever
+            for s in [getattr(blocks, "upload_file_set", set()), *getattr(blocks, "temp_file_sets", [])]:
+                for path in removed:
+                    s.discard(path)
+        self.rounds += 1
+        self.removed += len(removed)
+        return len(removed)
+
+    def register_upload(self, paths) -> None:
+        """Gradio stores an upload at <sha256 of its bytes>/<name>: two clients sending the same
+        file share one path, so it is deleted only when every such upload has been read."""
+        with self._lock:
+            for path in paths:
+                p = os.path.realpath(str(path))
+                self._pending[p] = self._pending.get(p, 0) + 1
+
+    def discard(self, path: str | None) -> None:
+        """Delete one upload now (after its prediction), if it lies in the app's cache folder
+        and no other upload of the same bytes is still waiting to be read."""
+        if not path:
+            return
+        p = os.path.realpath(path)
+        if p in self.protected or not p.startswith(str(self.root) + os.sep):
+            return
+        with self._lock:
+            left = self._pending.pop(p, 1) - 1
+            if left > 0:
+                self._pending[p] = left
+                return
+        try:
+            os.unlink(p)
+        except OSError:
+            pass
+
+    def shutdown(self) -> None:
+        self._stop.set()
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+_JANITOR: Janitor | None = None
+_JANITOR_LOCK = threading.Lock()
+
+
+def janitor() -> Janitor:
+    """The process's Janitor, with its own private Gradio cache folder (GRADIO_TEMP_DIR)."""
+    global _JANITOR
+    with _JANITOR_LOCK:
+        if _JANITOR is None or _JANITOR._stop.is_set():
+            root = Path(tempfile.mkdtemp(prefix="cxr-app-")).resolve()
+            os.environ["GRADIO_TEMP_DIR"] = str(root)
+            _JANITOR = Janitor(root, float(os.environ.get("CXR_UPLOAD_TTL_S", UPLOAD_TTL_S)))
+            atexit.register(_JANITOR.shutdown)
+        return _JANITOR
+
+
+class UploadGuard:
+    """ASGI middleware: at most MAX_FILES_PER_REQUEST files and MAX_REQUEST_BYTES per upload
+    request (413 otherwise, before Gradio stores anything), and every response carries
+    ``X-Content-Type-Options: nosniff``; files served from the cache are attachments (an
+    ``<img>`` still shows them, a browser never renders them as a page)."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        path = scope.get("path", "")
+        is_file_route = "/file=" in path
+        is_upload = scope.get("method") == "POST" and path.rstrip("/").endswith("/upload")
+        response_body: list[bytes] = []
+        status = [0]
+        if is_upload:
+            body, refused = await self._read_upload(scope, receive)
+            if refused:
+                return await self._refuse(send, refused)
+            sent = False
+
+            async def replay():
+                nonlocal sent
+                if not sent:
+                    sent = True
+                    return {"type": "http.request", "body": body, "more_body": False}
+                return await receive()
+            receive = replay
+
+        async def send_with_headers(message):
+            if message["type"] == "http.response.start":
+                drop = {b"x-content-type-options"} | ({b"content-disposition"} if is_file_route else set())
+                headers = [(k, v) for k, v in message.get("headers", []) if k.lower() not in drop]
+                headers.append((b"x-content-type-options", b"nosniff"))
+                if is_file_route:
+                    headers.append((b"content-disposition", b"attachment"))
+                message = dict(message, headers=headers)
+                status[0] = message.get("status", 0)
+            elif is_upload and message["type"] == "http.response.body" and status[0] == 200:
+                response_body.append(message.get("body", b""))
+                if not message.get("more_body", False):
+                    try:
+                        janitor().register_upload(json.loads(b"".join(response_body)))
+                    except (ValueError, TypeError):
+                        pass
+            await send(message)
+
+        return await self.app(scope, receive, send_with_headers)
+
+    @staticmethod
+    async def _read_upload(scope, receive) -> tuple[bytes, str | None]:
+        headers = dict(scope.get("headers", []))
+        length = headers.get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > MAX_REQUEST_BYTES:
+            return b"", "upload too large: at most one file of 10 MB per request"
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return b"", "client disconnected"
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > MAX_REQUEST_BYTES:
+                return b"", "upload too large: at most one file of 10 MB per request"
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        body = b"".join(chunks)
+        if body.count(b"filename=") > MAX_FILES_PER_REQUEST:
+            return b"", f"too many files: at most {MAX_FILES_PER_REQUEST} per upload request"
+        return body, None
+
+    @staticmethod
+    async def _refuse(send, text: str):
+        await send({"type": "http.response.start", "status": 413,
+                    "headers": [(b"content-type", b"text/plain; charset=utf-8"),
+                                (b"x-content-type-options", b"nosniff")]})
+        await send({"type": "http.response.body", "body": text.encode()})
+

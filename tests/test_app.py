@@ -22,6 +22,8 @@ from PIL import Image
 from cxr.inference import DISCLAIMER, Predictor
 from tests.helpers import PHI, ROOT, greyscale_photo, make_dicom, make_model_folder, make_xray
 
+pytestmark = pytest.mark.slow   # the whole module: real Gradio servers and subprocess snippets
+
 KEYS = {"model", "decision", "positive_label", "probability", "threshold", "borderline", "probabilities",
         "threshold_source", "out_of_distribution", "ood_score", "ood_threshold", "message", "heatmap",
         "heatmap_method", "heatmap_class", "disclaimer"}

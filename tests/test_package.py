@@ -68,6 +68,7 @@ def _serve(block: bool) -> list[str]:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow   # fresh interpreters (subprocess snippets)
 def test_serving_imports_nothing_from_training():
     """Loading the shipped default, predicting with a heat map and the OOD score, and the CLI
     import none of the training-only packages (nor pytorch_grad_cam: the map is closed-form);

@@ -90,6 +90,7 @@ def _check_resumed(out: Path) -> None:
     assert (out / "model.safetensors").is_file()
 
 
+@pytest.mark.slow   # a real training in a subprocess, killed and resumed
 @pytest.mark.parametrize("point", ["mid_weights", "before_optimizer", "mid_state", "external"])
 def test_killed_during_a_save_resumes_to_the_same_final_step(kermany_folder, tmp_path, point):
     """SIGKILL while checkpoint-4 is being written; then --resume_from_checkpoint true.

@@ -1,0 +1,33 @@
+"""What every decoder in :mod:`cxr.imaging` shares: :class:`ImageLoadError` and the size limits.
+
+``MAX_PIXELS``, ``MIN_SIDE`` and ``MAX_ASPECT`` are checked by :func:`_check_size` on the declared
+(header) size, before any pixel is decoded: PNG / JPEG (:mod:`.load`) and DICOM (:mod:`.dicom`)
+alike. Files above ``MAX_FILE_BYTES`` are refused unread (:mod:`.load`).
+"""
+
+from __future__ import annotations
+
+MAX_PIXELS = 40_000_000  # per image, checked from the header before decoding
+MIN_SIDE = 32  # smaller side below this -> error
+MAX_ASPECT = 8.0  # long/short side above this -> error
+MAX_FILE_BYTES = 128 * 2**20  # larger files are refused before they are read
+
+_CORRUPT = "truncated or corrupt image"
+
+
+class ImageLoadError(ValueError):
+    """Short, user-safe message: no traceback text, no file path, no patient data."""
+
+
+def _check_size(width: int, height: int, max_pixels: int) -> None:
+    """Reject images that are too large, too small or too elongated (header values)."""
+    if width * height > max_pixels:
+        raise ImageLoadError(f"image too large ({width}x{height} pixels; "
+                             f"the limit is {max_pixels:,} pixels)")
+    short, long = min(width, height), max(width, height)
+    if short < MIN_SIDE:
+        raise ImageLoadError(f"image too small ({width}x{height} pixels; "
+                             f"each side must be at least {MIN_SIDE} pixels)")
+    if long / short > MAX_ASPECT:
+        raise ImageLoadError(f"unusual aspect ratio ({width}x{height} pixels; "
+                             f"at most {MAX_ASPECT:g}:1 is accepted)")

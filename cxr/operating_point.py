@@ -4,7 +4,13 @@ A model folder's ``config.json`` holds ``cxr_operating_point``: the temperature 
 calibrates the softmax, the decision threshold on the calibrated positive-class probability,
 the policy that chose it and on which scores. :class:`OperatingPoint` reads and writes that
 dict, turns logits into calibrated probabilities and probabilities into decisions. It needs
-numpy only (serving imports it); fitting it on scores lives in :mod:`cxr_train.training`.
+numpy only (serving imports it); fitting it on scores lives in :mod:`cxr_train.training`, refitting
+it on a labelled sample of a new site in :mod:`cxr_train.calibrate` (``cxr-calibrate``).
+
+Fields added later are optional and default to "not recorded", so every config.json written
+before them still loads: ``fallback`` (the fitting fell back to 0.5 because the scores carried no
+information), and the site-calibration provenance (``calibrated_on``, ``calibrated_date``,
+``n_per_class``, ``sensitivity_confidence``, ``previous``: the operating point it replaced).
 """
 
 from __future__ import annotations
@@ -70,6 +76,13 @@ class OperatingPoint:
     min_sensitivity: float | None = None
     borderline_margin: float = 0.05            # |p - threshold| below this: "borderline"
     scored_in: str | None = None               # precision of the scores it was fitted on: "bf16" or "fp32"
+    fallback: bool = False                     # True: fitting fell back to 0.5 (one class, or no separation)
+    # site calibration (cxr_train.calibrate); None for an operating point fitted at training time
+    calibrated_on: str | None = None           # the site / sample's name
+    calibrated_date: str | None = None         # ISO date of the calibration
+    n_per_class: dict | None = None            # films per label in the calibration sample
+    sensitivity_confidence: float | None = None  # one-sided confidence that sensitivity >= min_sensitivity
+    previous: dict | None = None               # the operating point this one replaced (its to_config())
 
     # ------------------------------------------------------------ config.json
     def to_config(self) -> dict:
@@ -81,11 +94,34 @@ class OperatingPoint:
         raw = config.get(CONFIG_KEY) if isinstance(config, dict) else getattr(config, CONFIG_KEY, None)
         if not raw:
             return cls()
+        if not isinstance(raw, dict):
+            raise ValueError(f"invalid {CONFIG_KEY}: not a mapping")
         known = {f.name for f in fields(cls)}
-        op = cls(**{k: v for k, v in raw.items() if k in known})
+        kwargs = {k: v for k, v in raw.items() if k in known}
+        if "fallback" not in raw:   # written before the field: the fitting's fallback said so in its source
+            kwargs["fallback"] = raw.get("policy") == "default" and str(raw.get("source", "")).startswith(
+                "default 0.5 (") and raw.get("source") != NO_OPERATING_POINT
+        op = cls(**kwargs)
         if not (0.0 <= float(op.threshold) <= 1.0) or not float(op.temperature) > 0:
             raise ValueError(f"invalid {CONFIG_KEY}: threshold {op.threshold}, temperature {op.temperature}")
+        for name in ("n_per_class", "previous"):
+            if getattr(op, name) is not None and not isinstance(getattr(op, name), dict):
+                raise ValueError(f"invalid {CONFIG_KEY}: {name} is not a mapping")
+        op.fallback = bool(op.fallback)
         return op
+
+    @property
+    def n_calibration(self) -> int | None:
+        """Films in the site-calibration sample (None: not site-calibrated)."""
+        return sum(int(v) for v in self.n_per_class.values()) if self.n_per_class else None
+
+    def calibration_text(self) -> str | None:
+        """"calibrated at site X on N films (date)", or None for a training-time operating point."""
+        if not self.calibrated_on:
+            return None
+        counts = ", ".join(f"{v} {k}" for k, v in (self.n_per_class or {}).items())
+        return (f"calibrated at site '{self.calibrated_on}' on {self.n_calibration or 0} films"
+                + (f" ({counts})" if counts else "") + (f" on {self.calibrated_date}" if self.calibrated_date else ""))
 
     # ------------------------------------------------------------ use
     def probabilities(self, logits) -> np.ndarray:
@@ -115,4 +151,5 @@ class OperatingPoint:
         return (f"threshold {self.threshold:.3f} ({self.source}); temperature {self.temperature:.3f}"
                 + (f"; high-sensitivity threshold {self.high_sensitivity_threshold:.3f} "
                    f"(sensitivity >= {self.min_sensitivity:.0%})" if self.high_sensitivity_threshold is not None
-                   and self.min_sensitivity is not None else ""))
+                   and self.min_sensitivity is not None else "")
+                + (f"; {self.calibration_text()}" if self.calibrated_on else ""))

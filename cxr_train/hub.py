@@ -106,8 +106,8 @@ class CardFacts:
         t = self.operating_point.temperature
         if t <= 0.051 or t >= 19.9:
             out.append(f"the calibration temperature ({t:.3f}) hit its fitting bound")
-        if self.operating_point.policy == "default" and "no" not in self.operating_point.source:
-            out.append("no informative operating point could be fitted")
+        if self.operating_point.fallback:   # set by fit_operating_point, not guessed from the source text
+            out.append(f"no informative operating point could be fitted ({self.operating_point.source})")
         return out
 
     def config_summary(self) -> dict:
@@ -198,6 +198,69 @@ class CardFacts:
             operating_point=op, metrics=report.metrics, cv=cv, is_kermany=is_kermany,
         )
 
+
+
+SITE_SECTION = "## Site calibration"
+
+
+def render_site_calibration(record: dict) -> str:
+    """The card's "Site calibration" section, from ``site_calibration.json`` (cxr_train.calibrate)."""
+    def fig(f: dict, key: str, k: str, n: str) -> str:
+        lo, hi = f[f"{key}_ci"]
+        return f"{f[key]:.3f} [{lo:.3f} – {hi:.3f}] ({f[k]}/{f[n]})"
+
+    before, after = record["before"], record["after"]
+    counts = ", ".join(f"{v} {k}" for k, v in record["n_per_class"].items())
+    excluded = sum((record.get("excluded_out_of_distribution") or {}).values())
+    prev = record.get("previous_operating_point") or {}
+    lines = [
+        SITE_SECTION, "",
+        f"This folder is a copy of `{record['model']}` (weights unchanged) whose temperature and decision threshold "
+        f"were refitted on a labelled sample of a new site with `cxr-calibrate` on {record['date']}. "
+        "It replaces the operating point described elsewhere in this card (kept for the record).", "",
+        f"- Sample: `{record['sample']}`, {sum(record['n_per_class'].values())} films ({counts})"
+        + (f"; {excluded} film(s) flagged out of distribution left out" if excluded else "") + ".",
+        f"- Policy: {record['policy']}"
+        + (f": up to {record['misses_allowed']} missed {record['positive_label']} film(s) allowed on the sample."
+           if record["floor_shown"] else
+           f". **The sample is too small to show the floor**: the threshold is the lowest {record['positive_label']} "
+           "score of the sample."),
+        f"- Previous operating point: threshold {prev.get('threshold', 0.5):.4f}, temperature "
+        f"{prev.get('temperature', 1.0):.4f} ({prev.get('source', 'not recorded')}).",
+        f"- Scored at {record['precision']} precision through `cxr.inference.Predictor`. Command: `{record['command']}`",
+        "",
+        f"| on the calibration sample | threshold | temperature | sensitivity [{record['interval']}] "
+        f"| specificity [{record['interval']}] |",
+        "|---|---|---|---|---|",
+        f"| before (the model's) | {before['threshold']:.4f} | {before['temperature']:.4f} "
+        f"| {fig(before, 'sensitivity', 'tp', 'n_positive')} | {fig(before, 'specificity', 'tn', 'n_negative')} |",
+        f"| after (this site) | {after['threshold']:.4f} | {after['temperature']:.4f} "
+        f"| {fig(after, 'sensitivity', 'tp', 'n_positive')} | {fig(after, 'specificity', 'tn', 'n_negative')} |",
+        "",
+        "These figures are on the calibration sample itself, where the threshold was chosen: they are "
+        "**optimistic**. Only other films of the site (other patients) show how the model does there.",
+    ]
+    if record.get("warnings"):
+        lines += ["", "**Warnings:**", ""] + [f"- {w}" for w in record["warnings"]]
+    return "\n".join(lines) + "\n"
+
+
+def with_card_section(card: str, section: str) -> str:
+    """``card`` with ``section`` (a markdown ``## `` section) in place of its own "## Site calibration"
+    section, or before its first ``## `` heading (after the title and the disclaimers), or at the end."""
+    lines = card.splitlines()
+    heading = section.splitlines()[0]
+    if heading in lines:
+        start = lines.index(heading)
+        end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
+        return "\n".join(lines[:start] + section.rstrip("\n").splitlines() + [""] + lines[end:]).rstrip("\n") + "\n"
+    body = 0
+    if lines and lines[0].strip() == "---":   # YAML front matter
+        body = next((i + 1 for i in range(1, len(lines)) if lines[i].strip() == "---"), 0)
+    at = next((i for i in range(body, len(lines)) if lines[i].startswith("## ")), None)
+    if at is None:
+        return card.rstrip("\n") + "\n\n" + section
+    return "\n".join(lines[:at] + section.rstrip("\n").splitlines() + [""] + lines[at:]).rstrip("\n") + "\n"
 
 
 def render_model_card(facts: CardFacts, template_path: str | Path = TEMPLATE) -> ModelCard:

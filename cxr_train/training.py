@@ -136,13 +136,17 @@ def fit_operating_point(logits, labels, positive_id: int, id2label: dict, *, pol
     as Youden's J tends to on an easy split), ``youden``, ``default`` (0.5), ``sensitivity_floor``
     (the highest threshold whose sensitivity is still >= ``min_sensitivity``: fewest false alarms
     on NORMAL films, which is where new patients' scores shift; issue #19). The
-    high-sensitivity threshold (sensitivity >= ``min_sensitivity``) is kept beside it."""
+    high-sensitivity threshold (sensitivity >= ``min_sensitivity``) is kept beside it.
+
+    Where no informative threshold exists (one class only, or sensitivity + specificity - 1 <= 0
+    at the chosen one) it falls back to 0.5 and says so in ``fallback`` (the card warns on it; a
+    deliberate ``policy="default"`` is not a fallback)."""
     y = binary_labels(labels, positive_id)
     positive = id2label[positive_id]
     if len(np.unique(y)) < 2:
         logger.warning("%s has one class only: keeping threshold 0.5 and temperature 1", fitted_on)
         return OperatingPoint(positive_label=positive, policy="default", fitted_on=fitted_on, n_fit=len(y),
-                              source=f"default 0.5 ({fitted_on} had one class only)")
+                              source=f"default 0.5 ({fitted_on} had one class only)", fallback=True)
     temperature = compute_temperature(np.asarray(logits), np.asarray(labels))
     p = positive_scores(logits, positive_id, temperature)
     ops = compute_operating_points(y, p, min_sensitivity)
@@ -151,11 +155,13 @@ def fit_operating_point(logits, labels, positive_id: int, id2label: dict, *, pol
               "sensitivity_floor": ops["high_sensitivity"]}[policy]
     source = (f"{POLICIES[policy]} on {fitted_on}".replace("min_sensitivity", f"{min_sensitivity:.0%}"))
     m = compute_threshold_metrics(y, p, chosen)
+    fallback = False
     if policy != "default" and m["sensitivity"] + m["specificity"] - 1 <= 0:  # uninformative model
-        chosen, policy = 0.5, "default"
+        chosen, policy, fallback = 0.5, "default", True
         source = f"default 0.5 (the model does not separate the classes on {fitted_on})"
     chosen = float(min(max(chosen, 1e-6), 1 - 1e-6))
     return OperatingPoint(threshold=chosen, temperature=temperature, positive_label=positive, policy=policy,
                           source=source, fitted_on=fitted_on, n_fit=int(len(y)),
                           youden_threshold=ops["youden"], equal_error_threshold=eer,
-                          high_sensitivity_threshold=ops["high_sensitivity"], min_sensitivity=min_sensitivity)
+                          high_sensitivity_threshold=ops["high_sensitivity"], min_sensitivity=min_sensitivity,
+                          fallback=fallback)

@@ -23,12 +23,14 @@ import argparse
 import functools
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 
 import gradio as gr
 
 # cxr is the installed package (pip install .), or the cxr/ folder beside app.py in a Space
+from cxr.imaging import close_default_pool
 from cxr.inference import DISCLAIMER, ModelLoadError, Predictor
 from cxr.locate import IMAGE_SUFFIXES
 
@@ -148,6 +150,17 @@ def launch(demo: gr.Blocks, **kwargs):
     return demo.launch(**settings)
 
 
+def stop_on_signals() -> None:
+    """SIGTERM (how containers and Spaces stop a process) and SIGHUP end the app as Ctrl-C does:
+    Gradio's main-thread loop closes the server, then :func:`main` removes the upload cache and
+    stops the decode workers. Main thread only (Python delivers signals there)."""
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, interrupt)
+
+
 def parse_models(values: list[str] | None) -> list[str | None]:
     """--model may be repeated and/or hold a comma-separated list; None = the shipped model."""
     names = [m.strip() for v in (values or []) for m in str(v).split(",") if m.strip()]
@@ -170,11 +183,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     os.chdir(HERE)  # serve nothing outside the app's own folder
-    demo = create_demo(predictors)
+    stop_on_signals()
     try:
+        demo = create_demo(predictors)
+        logging.getLogger("cxr.app").info("upload cache: %s (removed at shutdown)", files.janitor().root)
         launch(demo, server_port=args.port)
+    except KeyboardInterrupt:
+        pass
     finally:
         files.janitor().shutdown()
+        close_default_pool()
     return 0
 
 

@@ -1,7 +1,9 @@
 """The app's files: where Gradio stores uploads and result files (a private cache folder,
-GRADIO_TEMP_DIR), when they are deleted (after their prediction, and by the Janitor's sweep
-after UPLOAD_TTL_S; the whole folder at shutdown), and what an upload request may hold (the
-UploadGuard ASGI middleware: one file of at most 10 MB, nosniff, attachments).
+GRADIO_TEMP_DIR), which of them a handler may open (:func:`uploaded_path`, the one server-side
+rule for every file argument of every endpoint), when they are deleted (after their prediction,
+and by the Janitor's sweep after UPLOAD_TTL_S; the whole folder at shutdown or on SIGTERM /
+SIGHUP / SIGINT), and what an upload request may hold (the UploadGuard ASGI middleware: one
+file of at most 10 MB, parsed as it streams, nosniff, attachments).
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import json
 import logging
 import os
 import shutil
+import stat
 import tempfile
 import threading
 import time
@@ -99,6 +102,11 @@ class Janitor:
                 p = os.path.realpath(str(path))
                 self._pending[p] = self._pending.get(p, 0) + 1
 
+    def is_pending(self, path: str) -> bool:
+        """True while ``path`` (canonical) is an upload this app stored and has not read yet."""
+        with self._lock:
+            return self._pending.get(path, 0) > 0
+
     def discard(self, path: str | None) -> None:
         """Delete one upload now (after its prediction), if it lies in the app's cache folder
         and no other upload of the same bytes is still waiting to be read."""
@@ -120,6 +128,45 @@ class Janitor:
     def shutdown(self) -> None:
         self._stop.set()
         shutil.rmtree(self.root, ignore_errors=True)
+
+
+# ------------------------------------------------------------------ the one rule for file arguments
+
+NOT_UPLOADED = "Please upload the film with this app first (PNG, JPEG or DICOM, up to 10 MB)."
+
+
+class NotUploaded(ValueError):
+    """A file argument that is not a file this app stored for an upload (one message, whatever
+    the reason: it says nothing about the path, whether it exists, or what it is)."""
+
+    def __init__(self):
+        super().__init__(NOT_UPLOADED)
+
+
+def uploaded_path(file) -> str:
+    """The path of a file this app stored in its own cache folder for an upload, or
+    :class:`NotUploaded`. Every file argument of every endpoint (API functions and page events
+    alike) goes through here before anything opens it: Gradio checks paths only for event
+    listeners with exact ``FileData`` metadata, an API function receives the client's raw value.
+
+    Accepted: a ``str`` path, a ``{"path": ...}`` dict or a ``gradio.FileData``, whose path is
+    absolute and already canonical (no ``..``, ``.``, doubled slashes or symbolic link in any
+    segment: ``os.path.realpath`` gives it back unchanged), lies inside this app's cache folder,
+    was registered by :class:`UploadGuard` when the upload route stored it and is not read yet,
+    and is a regular file. Anything else - relative paths, paths outside the cache, symbolic
+    links into it, results the app wrote itself, files already read - is refused alike."""
+    path = file.get("path") if isinstance(file, dict) else getattr(file, "path", file)
+    if not isinstance(path, str) or not path or "\0" in path or not os.path.isabs(path):
+        raise NotUploaded()
+    jan = janitor()
+    if os.path.realpath(path) != path or not path.startswith(str(jan.root) + os.sep) or not jan.is_pending(path):
+        raise NotUploaded()
+    try:
+        if not stat.S_ISREG(os.lstat(path).st_mode):
+            raise NotUploaded()
+    except OSError:
+        raise NotUploaded() from None
+    return path
 
 
 _JANITOR: Janitor | None = None

@@ -68,14 +68,14 @@ def result_dict(predictor: Predictor, result, heatmap_file: str | None = None) -
 
 # ------------------------------------------------------------------ handlers
 
-def _path_of(file) -> str | None:
+def _upload(file) -> str | None:
+    """The upload's path under the one rule (files.uploaded_path); None when no file was sent."""
     if file is None:
         return None
-    if isinstance(file, str):
-        return file
-    if isinstance(file, dict):
-        return file.get("path")
-    return getattr(file, "path", None) or getattr(file, "name", None)
+    try:
+        return files.uploaded_path(file)
+    except files.NotUploaded as e:
+        raise gr.Error(str(e), print_exception=False) from None
 
 
 def _display_copy(image: Image.Image) -> Image.Image:
@@ -126,7 +126,7 @@ def api_predict(file: gr.FileData, show_heatmap: bool = True, *, predictors: lis
     decision, probability, threshold, borderline flag, out-of-distribution score and flag,
     heat-map file (a greyscale PNG at the model's input size) and the disclaimer; with several
     models, every model's object under ``models``."""
-    path = _path_of(file)
+    path = _upload(file)
     if not path:
         raise gr.Error("Please send a chest X-ray (PNG, JPEG or DICOM).", print_exception=False)
     try:
@@ -165,14 +165,14 @@ def _panel_updates(state: dict | None, show_map: bool, opacity: float, n: int) -
 
 def show_film(file, state, *, n_models: int):
     """On upload: the film decoded by the project's loader, or why it cannot be used."""
-    path = _path_of(file)
     hidden = _panel_updates(None, False, 0, n_models)
-    if not path:
+    if file is None:
         return [gr.update(value=None, visible=False), gr.update(value="", visible=False),
                 gr.update(interactive=False), None, gr.update(value="", visible=False)] + hidden
     try:
+        path = files.uploaded_path(file)
         image = load_image(path)
-    except ImageLoadError as e:
+    except (ImageLoadError, files.NotUploaded) as e:
         files.janitor().discard(path)
         msg = f'<div class="cxr-notice">Cannot use this file: {html.escape(str(e))}.</div>'
         return [gr.update(value=None, visible=False), gr.update(value=msg, visible=True),
@@ -185,10 +185,11 @@ def show_film(file, state, *, n_models: int):
 
 def predict_ui(file, show_map: bool, opacity: float, state, *, predictors: list[Predictor]):
     """Predict: every model's answer card, then its overlay (film + map) and map caption."""
-    path = _path_of(file)
+    path = None if file is None else (file.get("path") if isinstance(file, dict) else getattr(file, "path", file))
     if state and state.get("results") is not None and state.get("path") == path:
         results = state["results"]                     # same film again: same answer
     else:
+        path = _upload(file)
         if not path:
             raise gr.Error("Please upload a chest X-ray (PNG, JPEG or DICOM).", print_exception=False)
         image = _load(path)

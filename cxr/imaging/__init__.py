@@ -55,7 +55,9 @@ from .headers import MAX_JPEG_SCANS, RADIOGRAPH_MODALITIES  # noqa: F401
 from .limits import MAX_ASPECT, MAX_FILE_BYTES, MAX_PIXELS, MIN_SIDE, ImageLoadError
 from .load import ACCEPTED_FORMATS, _to_rgb8, load_image  # noqa: F401 (_to_rgb8: tests)
 from .radiograph import COLOUR_GRID, check_is_radiograph, compute_colorfulness
-from .sandbox import DECODE_MEMORY_MB, DECODE_TIMEOUT_S, DECODE_WORKERS, DecodePool, default_pool  # noqa: F401
+from .sandbox import (  # noqa: F401
+    DECODE_MEMORY_MB, DECODE_TIMEOUT_S, DECODE_WORKERS, DecodePool, close_default_pool, default_pool,
+)
 
 __all__ = [
     "ACCEPTED_FORMATS", "COLOUR_GRID", "DECODE_MEMORY_MB", "DECODE_TIMEOUT_S", "MAX_ASPECT", "MAX_FILE_BYTES",

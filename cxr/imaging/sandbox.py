@@ -210,7 +210,8 @@ def default_pool() -> DecodePool:
 
 
 @atexit.register
-def _close_default_pool() -> None:
+def close_default_pool() -> None:
+    """Stop the shared pool's workers (at exit, and when a server shuts down)."""
     if _POOL is not None and _POOL.pid == os.getpid():
         _POOL.close()
 

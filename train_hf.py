@@ -24,6 +24,7 @@ import yaml
 
 from cxr.architecture import CNN, family
 from cxr.operating_point import CONFIG_KEY
+from cxr_train.batches import build_inputs
 from cxr_train.checkpointing import resolve_resume
 from cxr_train.config import ConfigError, parse_args, resolved_config
 from cxr_train.data import (
@@ -79,9 +80,8 @@ def train_one(model_args, data_args, training_args, data: PreparedData, predict:
                 100 * trainable / total, model_args.strategy)
     if model_args.channels_last and family(model) == CNN:
         model = model.to(memory_format=torch.channels_last)
-    for split, ds in data.splits.items():
-        ds.set_transform(ImageTransform(processor, augment=data_args.augment and split == "train",
-                                        strength=data_args.augment_strength))
+    # uint8 batches (film store or stream); conversion, augmentation, normalisation on the device
+    data, collator = build_inputs(model, processor, data, data_args, training_args.dataloader_num_workers)
 
     callbacks = []
     if data_args.early_stopping_patience and training_args.eval_strategy != "no" and training_args.load_best_model_at_end:
@@ -89,7 +89,7 @@ def train_one(model_args, data_args, training_args, data: PreparedData, predict:
     trainer = Trainer(
         model=model, args=training_args,
         train_dataset=data.splits["train"], eval_dataset=data.splits["validation"],
-        processing_class=processor,
+        processing_class=processor, data_collator=collator,
         compute_loss_func=WeightedCrossEntropy(data.class_weights, training_args.label_smoothing_factor),
         compute_metrics=build_compute_metrics(data.positive_id),
         callbacks=callbacks,

@@ -117,6 +117,14 @@ class DataArguments:
     precision: str = field(
         default="auto", metadata={"help": "auto (bf16 where the CPU/GPU supports it), bf16, or fp32."})
     hub_private: bool = field(default=False, metadata={"help": "Create the Hub repo as private."})
+    data_cache: str = field(
+        default="memmap", metadata={"help": "memmap: decode each film once into an on-disk uint8 store (resized by the "
+                                            "model's processor; reused by folds, epochs and later runs) and convert, "
+                                            "augment and normalise whole batches on the training device; none: "
+                                            "decode and transform every film every epoch (the old path)."})
+    cache_dir: str | None = field(
+        default=None, metadata={"help": "Folder of the film store (default: $CXR_CACHE_DIR or "
+                                        "~/.cache/cxr-transfer/films)."})
 
 
 DEFAULT_TRAINING = {
@@ -287,6 +295,8 @@ def validate_args(model_args: ModelArguments, data_args: DataArguments, training
                           "sensitivity_floor or default")
     if not 0.5 <= data_args.min_sensitivity < 1.0:
         raise ConfigError("min_sensitivity must be in [0.5, 1)")
+    if data_args.data_cache not in ("memmap", "none"):
+        raise ConfigError(f"unknown data_cache '{data_args.data_cache}': choose memmap or none")
     if data_args.augment_strength not in ("standard", "strong"):
         raise ConfigError(f"unknown augment_strength '{data_args.augment_strength}': choose standard or strong")
     if not 0.0 <= training_args.label_smoothing_factor < 1.0:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import sys
 import time
@@ -184,20 +185,14 @@ def run(argv: list[str] | None = None) -> dict:
     if training_args.push_to_hub:  # token, network and write access checked before any work
         check_push_access(training_args.hub_model_id, token=training_args.hub_token)
     out_dir = Path(training_args.output_dir)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise ConfigError(f"output_dir '{out_dir.name}' exists and is not a folder")
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise ConfigError(f"cannot create output_dir '{out_dir.name}': {e.strerror or type(e).__name__}") from None
+    check_output_dir(out_dir)
     if data_args.external_dataset and not Path(data_args.external_dataset).is_dir():
         raise ConfigError(f"external_dataset folder not found: {data_args.external_dataset}")
-    config = resolved_config(model_args, data_args, training_args)
-    (out_dir / "run_config.yaml").write_text(yaml.safe_dump(config, sort_keys=True))
     set_seed(training_args.seed)
     logger.info("precision: %s", "bf16 autocast" if training_args.bf16 else "fp32")
 
-    # 2. Data: splits grouped by patient, every image decoded once up front.
+    # 2. Data: splits grouped by patient, every image decoded once up front. Nothing is written
+    # before the data passed its checks: a wrong dataset, labels or film leaves no output folder.
     cv_mode = bool(data_args.cv_folds)
     data = prepare_data(data_args, seed=training_args.seed, need_test=training_args.do_predict,
                         carve_validation=not cv_mode)
@@ -207,6 +202,12 @@ def run(argv: list[str] | None = None) -> dict:
     check_patient_disjoint(data.splits)
     check_images(data.splits)
     logger.info("data: %s", {k: len(v) for k, v in data.splits.items()})
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"cannot create output_dir '{out_dir.name}': {e.strerror or type(e).__name__}") from None
+    config = resolved_config(model_args, data_args, training_args)
+    (out_dir / "run_config.yaml").write_text(yaml.safe_dump(config, sort_keys=True))
 
     # 3. Cross-validation (optional): K models, out-of-fold scores of every training image.
     push, training_args.push_to_hub = training_args.push_to_hub, False  # our push, once the folder is complete
@@ -273,6 +274,7 @@ def run(argv: list[str] | None = None) -> dict:
     save_model_folder(model, trainer.processing_class, out_dir)
     facts.figures = _figures(out_dir, val_logits, val_labels, data.positive_id, op, cv) if training_args.do_eval else {}
     render_model_card(facts).save(out_dir / "README.md")
+    ood = fit_ood_statistics(model, trainer.processing_class, data, data_args, training_args, out_dir)
     logger.info("model folder ready: %s", out_dir)
 
     # 8. Push (the local folder is complete whatever happens here).
@@ -280,7 +282,88 @@ def run(argv: list[str] | None = None) -> dict:
         url = push_folder(out_dir, training_args.hub_model_id, private=data_args.hub_private,
                           token=training_args.hub_token)
         logger.info("pushed: %s", url)
-    return {"output_dir": str(out_dir), "metrics": metrics, "operating_point": op, "cv": cv_scores}
+    return {"output_dir": str(out_dir), "metrics": metrics, "operating_point": op, "cv": cv_scores, "ood": ood,
+            "train_seconds": fitted.train_seconds + (cv.train_seconds if cv is not None else 0.0),
+            "pushed": training_args.hub_model_id if push else None}
+
+
+def check_output_dir(out_dir: Path) -> None:
+    """The output folder can be created (or is a folder) - checked without creating it."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ConfigError(f"output_dir '{out_dir.name}' exists and is not a folder")
+    parent = next((p for p in [out_dir, *out_dir.absolute().parents] if p.exists()), None)
+    if parent is None or not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise ConfigError(f"cannot create output_dir '{out_dir.name}': {parent or out_dir} is not a writable folder")
+
+
+def fit_ood_statistics(model, processor, data: PreparedData, data_args, training_args, out_dir: Path) -> dict | None:
+    """``ood.safetensors`` (+ ``ood_fit.json``) in the model folder: the out-of-distribution score
+    fitted on the model's own training films, its threshold on its validation films and the
+    reference non-X-ray images (cxr_train.ood_fit). None when --ood_fit false."""
+    if not data_args.ood_fit:
+        logger.info("OOD statistics skipped (--ood_fit false): the folder serves without the OOD check")
+        return None
+    from cxr_train.ood_fit import fit_for_run, save_fit
+
+    t0 = time.time()
+    model = model.to("cpu").eval()    # the exported model; features in fp32, as the Predictor's OOD tap
+    train = data.splits["train"].with_format(None)          # the undecoded films, without the training transform
+    val = data.splits["validation"].with_format(None)
+    logger.info("fitting the OOD statistics on %s training films (at most %d) ...", f"{len(train):,}",
+                data_args.ood_max_train)
+    scorer = fit_for_run(model, processor, train["image"], train["label"], val["image"],
+                         max_train=data_args.ood_max_train, seed=training_args.seed,
+                         progress=not training_args.disable_tqdm, data=Path(str(data_args.dataset_name)).name,
+                         validation="the run's own validation split")
+    path = save_fit(scorer, out_dir)
+    facts = {"file": path.name, "threshold": float(scorer.threshold), "seconds": round(time.time() - t0, 1),
+             **scorer.facts}
+    logger.info("OOD statistics: %s (threshold %.2f; %.1f%% of validation films flagged), %.0f s", path.name,
+                scorer.threshold, 100 * scorer.facts["val_flagged"], facts["seconds"])
+    return facts
+
+
+def render_summary(result: dict) -> str:
+    """The end-of-run summary: where the folder is, what it scored, what to run next."""
+    folder = Path(result["output_dir"]).resolve()
+    op, metrics, cv, ood = result["operating_point"], result["metrics"], result.get("cv"), result.get("ood")
+
+    def line(title, m):
+        def f(key):
+            v = m.get(key)
+            return "n/a" if v is None else f"{v:.3f}"
+        return (f"  {title} ({m.get('n_samples', '?')} films): AUROC {f('roc_auc')}, sensitivity {f('sensitivity')}, "
+                f"specificity {f('specificity')}, accuracy {f('accuracy')}")
+
+    rows = ["", "=" * 78, f"cxr-train: done. Model folder: {folder}",
+            f"  operating point: {op.describe()}"]
+    if "validation" in metrics:
+        rows.append(line("validation" + ("" if cv is not None else ", where the operating point was fitted"),
+                         metrics["validation"]))
+    if cv is not None:
+        auc = cv.summary.get("roc_auc")
+        if auc:
+            rows.append(f"  {cv.k}-fold cross-validation (operating point fitted on its out-of-fold scores): "
+                        f"AUROC {auc['mean']:.3f} ± {auc['sd']:.3f} (mean ± sd over folds)")
+    if "external" in metrics:
+        rows.append(line("hold-out / external, scored once", metrics["external"]))
+    if "test" in metrics:
+        rows.append(line("test split", metrics["test"]))
+    if not metrics:
+        rows.append("  no split was scored (--do_eval false)")
+    rows.append(f"  training time: {result.get('train_seconds', 0) / 60:.1f} min")
+    rows.append(f"  OOD statistics: {'ood.safetensors written' if ood else 'not written (--ood_fit false)'}"
+                + (f" (threshold {ood['threshold']:.2f}, {100 * ood['val_flagged']:.1f}% of validation films "
+                   f"flagged, {100 * ood['held_out_non_xray_flagged']:.0f}% of held-out non-X-rays)" if ood else
+                   ": run python -m cxr_train.ood_fit fit --model FOLDER --data DATA for the Space's OOD check"))
+    if result.get("pushed"):
+        rows.append(f"  pushed to the Hub: {result['pushed']}")
+    rows += ["Next:",
+             f"  cxr-predict --model {folder} film.jpeg          # one JSON line per film",
+             f"  cxr-app --model {folder}                        # the Gradio demo on this model",
+             f"  cxr-push --folder {folder} --repo_id USER/NAME  # publish it on the Hub",
+             "=" * 78]
+    return "\n".join(rows)
 
 
 def _scores(logits, labels, positive_id: int, op) -> dict:
@@ -311,10 +394,12 @@ def _figures(out_dir: Path, logits, labels, positive_id: int, op, cv: CVResult |
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     try:
-        run(argv)
+        result = run(argv)
     except USER_ERRORS as e:  # printed once, without a traceback
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if "train_seconds" in result:     # the process that wrote the folder
+        print(render_summary(result))
     return 0
 
 

@@ -2,12 +2,12 @@
 and the tests). Loads a Hub id or a local folder (safetensors only, no remote code), applies
 the saved image processor, temperature and decision threshold, and explains predictions.
 
+    cxr-predict film.jpeg                                        # the shipped default model
     python -m cxr.inference --model outputs/cxr-resnet-small-scratch image1.png image2.dcm
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import sys
@@ -26,7 +26,8 @@ from .explain import (explainer_kind, gap_linear_head, gradcam_from_features, la
                       no_map_reason, rollout_map)
 from .imaging import ImageLoadError, check_is_radiograph, load_image
 from .facts import HEADLINE, FactsError, numeric_metrics, read_training_facts
-from .locate import MissingFolderError, local_folder, weights_problem
+from .locate import (DEFAULT_MODEL, MODEL_ENV, MissingFolderError, NoDefaultModelError, local_folder,
+                     resolve_model, weights_problem)
 from .operating_point import OperatingPoint, positive_class_id
 from .precision import autocast_dtype, check_precision
 from .preprocessing import pixel_values
@@ -35,7 +36,17 @@ logger = logging.getLogger(__name__)
 
 DISCLAIMER = ("Research and education only: not a medical device. Not for diagnosis, treatment "
               "or triage of patients.")
-DEFAULT_MODEL_DIR = Path(__file__).resolve().parent.parent / "models" / "efficientnet-lite0-imagenet-full"
+
+
+
+def __getattr__(name: str):
+    """``DEFAULT_MODEL_DIR``: the shipped default's folder wherever it is installed
+    (:func:`cxr.locate.default_model_folder`), looked up when asked for."""
+    if name == "DEFAULT_MODEL_DIR":
+        from .locate import default_model_folder
+
+        return default_model_folder()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 class ModelLoadError(RuntimeError):
@@ -124,10 +135,10 @@ class Predictor:
                         precision: str = "auto", token: str | None = None) -> "Predictor":
         from transformers import AutoConfig, AutoImageProcessor, AutoModelForImageClassification
 
-        if model_id is None and not DEFAULT_MODEL_DIR.is_dir():
-            raise ModelLoadError("no model given and the shipped default (models/efficientnet-lite0-imagenet-full in a "
-                                 "repository checkout) is not here: pass a model folder or Hub id")
-        model_id = str(model_id or DEFAULT_MODEL_DIR)
+        try:   # None: the environment's model (CXR_MODEL, MODEL_ID), else the shipped default
+            model_id = resolve_model(model_id)
+        except (NoDefaultModelError, ValueError) as e:
+            raise ModelLoadError(str(e)) from None
         try:
             local = local_folder(model_id)
         except MissingFolderError as e:
@@ -145,7 +156,8 @@ class Predictor:
             model = AutoModelForImageClassification.from_pretrained(
                 model_id, revision=revision, token=token, use_safetensors=True, trust_remote_code=False, **kwargs)
             processor = AutoImageProcessor.from_pretrained(model_id, revision=revision, token=token,
-                                                           trust_remote_code=False)
+                                                           trust_remote_code=False,
+                                                           backend=image_processor_backend(config))
         except Exception as e:  # noqa: BLE001 - every failure ends as one clear message
             first = (str(e).splitlines() or [type(e).__name__])[0]
             if "safetensors" in type(e).__module__ or "header" in first.lower() or "deserializ" in first.lower():
@@ -331,6 +343,22 @@ def _load_ood(model_id: str, is_local: bool, revision: str | None, token: str | 
         return None
 
 
+def image_processor_backend(config) -> str | None:
+    """The image-processor backend to ask ``AutoImageProcessor`` for: None (its default,
+    torchvision) unless the model type has no torchvision-backend processor - timm models
+    (``TimmWrapperImageProcessor``, a PIL-backend class that runs timm's own transforms) -
+    where asking for the default only makes transformers warn "Requested torchvision backend
+    is not available" and fall back to that same class."""
+    try:
+        from transformers.models.auto.image_processing_auto import IMAGE_PROCESSOR_MAPPING_NAMES
+
+        backends = IMAGE_PROCESSOR_MAPPING_NAMES.get(getattr(config, "model_type", None)) or {}
+    except (ImportError, AttributeError):
+        return None
+    backends = {k: v for k, v in backends.items() if v is not None}
+    return None if not backends or "torchvision" in backends else next(iter(backends))
+
+
 def explainer_kind_name(model) -> str:
     from .explain import EXPLAINER_NAMES
 
@@ -338,18 +366,37 @@ def explainer_kind_name(model) -> str:
     return EXPLAINER_NAMES[kind] if kind is not None else no_map_reason(model)
 
 
+def decision_note(predictor: Predictor) -> str:
+    """What decides the label, and why ``transformers.pipeline()`` can answer otherwise on a
+    film near the threshold (it reports the raw softmax and its top class: no temperature, no
+    threshold)."""
+    op = predictor.operating_point
+    return (f"{predictor.name}: {predictor.id2label[predictor.positive_id]} when its probability "
+            f"(softmax at temperature {op.temperature:.3f}) is >= {op.threshold:.3f}, the operating point "
+            f"({op.source}). transformers.pipeline() reports the raw softmax and its top class (argmax, "
+            "i.e. 0.5) without this operating point, so on films near the threshold the two can disagree.")
+
+
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description="Predict NORMAL/PNEUMONIA for chest X-ray files. " + DISCLAIMER)
+    from .cli import ArgumentParser
+
+    ap = ArgumentParser(description="Predict NORMAL/PNEUMONIA for chest X-ray files: one JSON line per file "
+                                    "on stdout (a bad file gets an 'error'; the others still run), the decision "
+                                    "rule on stderr. " + DISCLAIMER)
     ap.add_argument("images", nargs="+", help="PNG, JPEG or DICOM files")
-    ap.add_argument("--model", default=None, help="Hub id or local folder (default: the shipped model)")
-    ap.add_argument("--revision", default=None)
-    ap.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"])
+    ap.add_argument("--model", default=None,
+                    help=f"Hub id or local folder (default: the environment's {' or '.join(MODEL_ENV)}, else the "
+                         f"shipped model {DEFAULT_MODEL}, installed with the package)")
+    ap.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit) of --model")
+    ap.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"],
+                    help="auto: bf16 where the CPU has it, unless the model's operating point was fitted in fp32")
     args = ap.parse_args(argv)
     try:
         predictor = Predictor.from_pretrained(args.model, revision=args.revision, precision=args.precision)
     except ModelLoadError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    print(decision_note(predictor), file=sys.stderr)
     t0 = time.perf_counter()
     results = predictor.predict_batch(args.images)
     for path, r in zip(args.images, results):

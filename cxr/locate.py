@@ -4,6 +4,10 @@ One rule for every caller (Predictor, training, the Space builder, the data load
 that exists on disk is a local folder; a name that looks like a path but is not on disk is
 reported as a missing folder, not as a Hub connection error; anything else must be a Hub id.
 Weights are loaded only from safetensors files whose header parses (never a pickle).
+
+The default model is declared once here (``DEFAULT_MODEL``) and found by
+:func:`resolve_model`, the one rule every command follows (cxr-predict, cxr-app,
+``python app/app.py``, ``Predictor.from_pretrained(None)``, the Space builder).
 """
 
 from __future__ import annotations
@@ -20,8 +24,73 @@ WEIGHT_FILES = ("model.safetensors", "adapter_model.safetensors")
 PICKLE_PATTERNS = ("*.bin", "*.pt", "*.pth", "*.ckpt")
 
 
+# The shipped default model: a folder in the repository's models/, installed with the package
+# as the data package ``cxr_models`` (pyproject.toml maps models/ there), and published on the
+# Hub as DEFAULT_MODEL_HUB_ID, which a Space downloads (cxr-space sets its MODEL_ID to it).
+DEFAULT_MODEL = "efficientnet-lite0-imagenet-full"
+DEFAULT_MODEL_HUB_ID = f"cxr-transfer/cxr-{DEFAULT_MODEL}"
+MODELS_PACKAGE = "cxr_models"
+MODEL_ENV = ("CXR_MODEL", "MODEL_ID")    # the environment's choice of model, first set wins
+
+
 class MissingFolderError(FileNotFoundError):
     """A local model or dataset folder that does not exist."""
+
+
+class NoDefaultModelError(FileNotFoundError):
+    """No model was named and the shipped default is in none of the places it is looked for."""
+
+
+def default_model_folders() -> list[Path]:
+    """Where the shipped default can be, in the order it is looked for: the repository
+    checkout this code runs from (``models/`` beside ``cxr/``), then the installed package data
+    (``pip install .`` of any kind copies it into ``cxr_models``)."""
+    places = [Path(__file__).resolve().parent.parent / "models" / DEFAULT_MODEL]
+    import importlib.util
+
+    try:
+        spec = importlib.util.find_spec(MODELS_PACKAGE)
+    except (ImportError, ValueError):
+        spec = None
+    for location in (spec.submodule_search_locations or []) if spec is not None else []:
+        place = Path(location) / DEFAULT_MODEL
+        if place not in places:
+            places.append(place)
+    return places
+
+
+def default_model_folder() -> Path:
+    """The shipped default model's folder (see :func:`default_model_folders`).
+    Raises NoDefaultModelError naming the places it looked in."""
+    places = default_model_folders()
+    for place in places:
+        if (place / "config.json").is_file():
+            return place
+    raise NoDefaultModelError(
+        f"no model given and the shipped default ({DEFAULT_MODEL}) is not installed (looked in "
+        + ", ".join(str(p) for p in places) + "): pass a model folder or Hub id (--model, or the "
+        f"environment variable {MODEL_ENV[0]}), or reinstall the package (pip install .)")
+
+
+def resolve_model(model: str | os.PathLike | None = None) -> str:
+    """The model a command serves: ``model`` when given, else the environment's
+    (``CXR_MODEL``, then ``MODEL_ID``), else the shipped default (:func:`default_model_folder`);
+    on a Hugging Face Space (``SPACE_ID`` set), which has neither models/ nor the package data,
+    the default's Hub copy. Returns a folder path or a Hub id, unchecked (the loader checks it)."""
+    if model is not None and str(model).strip():
+        return str(model)
+    for var in MODEL_ENV:
+        value = os.environ.get(var, "").strip()
+        if value:
+            if "," in value:
+                raise ValueError(f"{var}={value} names several models; this command serves one: pass --model")
+            return value
+    try:
+        return str(default_model_folder())
+    except NoDefaultModelError:
+        if os.environ.get("SPACE_ID"):
+            return DEFAULT_MODEL_HUB_ID
+        raise
 
 
 def is_hub_id(name: str, *, namespaced: bool = False) -> bool:

@@ -9,7 +9,6 @@ dataclass types convert YAML values (``3e-5`` written in YAML becomes a float).
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import json
 import os
 from dataclasses import dataclass, field
@@ -18,6 +17,7 @@ from pathlib import Path
 import yaml
 from transformers import HfArgumentParser, TrainingArguments
 
+from cxr.cli import suggest as _suggest   # the one "did you mean" rule (cxr-predict uses it too)
 from cxr.precision import PRECISIONS, resolve_bf16
 
 STRATEGIES = ("frozen", "partial", "full", "lora")
@@ -33,11 +33,6 @@ class _Parser(HfArgumentParser):
 
     def error(self, message):
         raise ConfigError(message)
-
-
-def _suggest(name: str, known) -> str:
-    close = difflib.get_close_matches(name, list(known), n=1, cutoff=0.6)
-    return f" (did you mean --{close[0]}?)" if close else ""
 
 
 @dataclass
@@ -112,6 +107,14 @@ class DataArguments:
     external_dataset: str | None = field(
         default=None, metadata={"help": "A local image folder <LABEL>/<image> of other patients, scored once with "
                                         "the final model at its saved operating point (reported, never tuned on)."})
+    ood_fit: bool = field(
+        default=True, metadata={"help": "Fit the out-of-distribution score on the model's own training films "
+                                        "(threshold on its validation films and reference non-X-ray images) and "
+                                        "save it as ood.safetensors in the model folder, which the Predictor and "
+                                        "the Space use to flag films unlike the training data (cxr/ood.py). "
+                                        "False: skip it (the folder then serves without the OOD check)."})
+    ood_max_train: int = field(
+        default=3000, metadata={"help": "The OOD fit reads at most this many training films (a random sample, seeded)."})
     early_stopping_patience: int = field(
         default=5, metadata={"help": "Evaluations without AUROC improvement before stopping (0 = off)."})
     precision: str = field(
@@ -305,6 +308,8 @@ def validate_args(model_args: ModelArguments, data_args: DataArguments, training
         raise ConfigError("partial_stages must be >= 1")
     if model_args.image_size is not None and model_args.image_size < 32:
         raise ConfigError("image_size must be at least 32")
+    if data_args.ood_max_train < 2:
+        raise ConfigError("ood_max_train must be at least 2")
     if training_args.push_to_hub and not training_args.hub_model_id:
         raise ConfigError("push_to_hub needs hub_model_id (user/name)")
 

@@ -3,6 +3,10 @@ features of its own training split, a threshold on validation films plus referen
 images, saved as ``ood.safetensors`` into the model folder; and its command line.
 Training-side code (it reads the training data and run_config.yaml), kept out of the Space.
 
+``cxr-train`` fits it at the end of every run (:func:`fit_for_run`, on the run's own train and
+validation splits; ``--ood_fit false`` skips it); the command line below fits or refits it for
+a folder trained elsewhere or before that:
+
     python -m cxr_train.ood_fit fit --model models/cxr-resnet-small-scratch --data ../shared/data/chest_xray_224
     python -m cxr_train.ood_fit score --model models/cxr-resnet-small-scratch a.png b.dcm
 """
@@ -22,6 +26,31 @@ from PIL import Image
 from cxr.ood import MAX_VAL_FLAGGED, OODScorer, extract_features
 
 logger = logging.getLogger(__name__)
+FIT_FACTS_FILE = "ood_fit.json"     # the fit's facts, readable beside ood.safetensors (which holds them too)
+
+
+def _decode(item):
+    """A PIL image or array as is; a path, bytes or a datasets image dict ({bytes, path}) decoded
+    (training data: the user's own films, decoded in-process with the usual checks)."""
+    from cxr.imaging import load_image
+
+    if isinstance(item, (Image.Image, np.ndarray)):
+        return item
+    if isinstance(item, dict):
+        item = item.get("bytes") or item.get("path")
+    return load_image(item, isolate=False)
+
+
+def compute_features(model, processor, images, batch_size: int = 32, desc: str | None = None) -> np.ndarray:
+    """Penultimate features of ``images`` (PIL, arrays, paths, bytes or datasets image dicts),
+    decoded one batch at a time (a few thousand films never sit in memory at once); a
+    progress bar named ``desc`` (none when ``desc`` is None)."""
+    from tqdm.auto import tqdm
+
+    out = []
+    for i in tqdm(range(0, len(images), batch_size), desc=desc, unit="batch", disable=desc is None):
+        out.append(extract_features(model, processor, [_decode(x) for x in images[i:i + batch_size]], batch_size))
+    return np.concatenate(out) if out else extract_features(model, processor, [], batch_size)
 
 
 # ------------------------------------------------------------------ fitting
@@ -51,15 +80,17 @@ def choose_threshold(val_scores: np.ndarray, ood_scores: np.ndarray | None,
 
 
 def fit_ood(model, processor, images_train, images_val, *, labels_train=None, images_ood=None,
-            max_val_flagged: float = MAX_VAL_FLAGGED, batch_size: int = 32) -> OODScorer:
+            max_val_flagged: float = MAX_VAL_FLAGGED, batch_size: int = 32, progress: bool = False) -> OODScorer:
     """Fit the scorer: Gaussians on ``images_train`` features (per class when ``labels_train``
     is given, with a shared Ledoit-Wolf covariance), threshold on ``images_val`` plus
-    ``images_ood`` (default: :func:`reference_ood_images`). Images: PIL, arrays or paths."""
+    ``images_ood`` (default: :func:`reference_ood_images`). Images: PIL, arrays, paths, bytes
+    or datasets image dicts, decoded a batch at a time; ``progress``: a bar per pass."""
     from sklearn.covariance import LedoitWolf
 
     if len(images_train) < 2 or len(images_val) < 1:
         raise ValueError("fit_ood needs at least 2 training and 1 validation image")
-    train = extract_features(model, processor, list(images_train), batch_size)
+    bar = (lambda name: f"OOD fit: {name}") if progress else (lambda name: None)
+    train = compute_features(model, processor, list(images_train), batch_size, bar("training films"))
     labels = np.zeros(len(train), int) if labels_train is None else np.asarray(labels_train)
     if len(labels) != len(train):
         raise ValueError("labels_train must have one label per training image")
@@ -69,10 +100,11 @@ def fit_ood(model, processor, images_train, images_val, *, labels_train=None, im
     centred = train[keep] - means[np.searchsorted(classes, labels[keep])]
     lw = LedoitWolf(assume_centered=True).fit(centred)
     scorer = OODScorer(means=means.astype(np.float32), precision=lw.precision_.astype(np.float32), threshold=0.0)
-    val = scorer.score(extract_features(model, processor, list(images_val), batch_size))
+    val = scorer.score(compute_features(model, processor, list(images_val), batch_size, bar("validation films")))
     if images_ood is None:
         images_ood = [im for _, im in reference_ood_images()]
-    ood = scorer.score(extract_features(model, processor, list(images_ood), batch_size)) if len(images_ood) else None
+    ood = (scorer.score(compute_features(model, processor, list(images_ood), batch_size, bar("non-X-ray references")))
+           if len(images_ood) else None)
     scorer.threshold = choose_threshold(val, ood, max_val_flagged)
     scorer.facts = {
         "method": "Mahalanobis distance to the nearest class mean, penultimate features, Ledoit-Wolf covariance",
@@ -83,6 +115,37 @@ def fit_ood(model, processor, images_train, images_val, *, labels_train=None, im
         "val_score_quantiles": {q: float(np.quantile(val, float(q))) for q in ("0.5", "0.99")},
     }
     return scorer
+
+
+def fit_for_run(model, processor, images_train, labels_train, images_val, *, max_train: int = 3000, seed: int = 0,
+                max_val_flagged: float = MAX_VAL_FLAGGED, progress: bool = True, data: str | None = None,
+                validation: str | None = None) -> OODScorer:
+    """The scorer for a trained model: fitted on at most ``max_train`` of its training films (a
+    seeded random sample), thresholded on its validation films and the reference non-X-ray
+    images, then checked on the held-out non-X-ray set (facts only, never tuned on)."""
+    idx = np.arange(len(images_train))
+    if len(idx) > max_train:
+        idx = np.sort(np.random.default_rng(seed).choice(idx, max_train, replace=False))
+    scorer = fit_ood(model, processor, [images_train[i] for i in idx], images_val,
+                     labels_train=[labels_train[i] for i in idx], max_val_flagged=max_val_flagged,
+                     progress=progress)
+    held = reference_ood_images(held_out=True)
+    held_scores = scorer.score_images(model, processor, [im for _, im in held])
+    scorer.facts["held_out_non_xray_flagged"] = float((held_scores > scorer.threshold).mean())
+    scorer.facts["held_out_non_xray_n"] = len(held)
+    if data is not None:
+        scorer.facts["data"] = data
+    if validation is not None:
+        scorer.facts["validation"] = validation
+    return scorer
+
+
+def save_fit(scorer: OODScorer, folder: str | Path) -> Path:
+    """``ood.safetensors`` (what the Predictor loads) and ``ood_fit.json`` (its facts, to read)."""
+    path = scorer.save(folder)
+    (Path(folder) / FIT_FACTS_FILE).write_text(
+        json.dumps({"threshold": round(float(scorer.threshold), 3), **scorer.facts}, indent=1) + "\n")
+    return path
 
 
 # ------------------------------------------------------------------ reference non-X-ray images
@@ -264,18 +327,10 @@ def main(argv: list[str] | None = None) -> int:
             val_files = [f for f, m in zip(files, mask) if m]
             train_idx = np.flatnonzero(~mask)
             how = "a patient-grouped 10% of --data"
-    rng = np.random.default_rng(0)
-    if len(train_idx) > args.max_train:
-        train_idx = np.sort(rng.choice(train_idx, args.max_train, replace=False))
-    scorer = fit_ood(predictor.model, predictor.processor, [files[i] for i in train_idx], val_files,
-                     labels_train=[labels[i] for i in train_idx], max_val_flagged=args.max_val_flagged)
-    held = reference_ood_images(held_out=True)
-    held_scores = scorer.score_images(predictor.model, predictor.processor, [im for _, im in held])
-    scorer.facts["held_out_non_xray_flagged"] = float((held_scores > scorer.threshold).mean())
-    scorer.facts["held_out_non_xray_n"] = len(held)
-    scorer.facts["data"] = data.name
-    scorer.facts["validation"] = how
-    path = scorer.save(args.model)
+    scorer = fit_for_run(predictor.model, predictor.processor, [files[i] for i in train_idx],
+                         [labels[i] for i in train_idx], val_files, max_train=args.max_train,
+                         max_val_flagged=args.max_val_flagged, data=data.name, validation=how)
+    path = save_fit(scorer, args.model)
     print(json.dumps({"saved": str(path), "threshold": round(scorer.threshold, 3), **scorer.facts}, indent=1))
     return 0
 

@@ -21,7 +21,7 @@ from pathlib import Path
 from huggingface_hub import HfApi, SpaceCard
 
 import cxr
-from cxr.locate import MissingFolderError, is_hub_id, local_folder
+from cxr.locate import DEFAULT_MODEL_HUB_ID, MissingFolderError, is_hub_id, local_folder
 
 from .hub import PushError
 
@@ -43,7 +43,9 @@ def _app_dir() -> Path:
 
 
 APP_DIR = _app_dir()
-DEFAULT_MODEL_ID = "cxr-transfer/cxr-efficientnet-lite0-imagenet-full"
+# The Hub copy of the one declared default (cxr.locate.DEFAULT_MODEL): a Space has no models/ folder
+# and no package data, so cxr-space sets the Space variable MODEL_ID to it unless told otherwise.
+DEFAULT_MODEL_ID = DEFAULT_MODEL_HUB_ID
 WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.pt", "*.pth", "*.ckpt", "*.onnx", "*.h5", "*.msgpack")
 
 

@@ -1,0 +1,28 @@
+"""Command-line manners shared by every console script: an unknown flag is named with the
+nearest known one (``unknown argument: --modle (did you mean --model?)``), printed once, no
+traceback. Serving code (cxr-predict, cxr-app) and training (cxr-train) use the same rule."""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+
+
+def suggest(name: str, known) -> str:
+    """`` (did you mean --x?)`` for the known flag nearest to ``name`` (without dashes), or ``""``."""
+    close = difflib.get_close_matches(name.lstrip("-"), [k.lstrip("-") for k in known], n=1, cutoff=0.6)
+    return f" (did you mean --{close[0]}?)" if close else ""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, with unknown ``--flags`` reported by name and the nearest known flag."""
+
+    def parse_args(self, args=None, namespace=None):
+        namespace, extra = self.parse_known_args(args, namespace)
+        if extra:
+            known = [o for action in self._actions for o in action.option_strings if o.startswith("--")]
+            flags = [a.split("=", 1)[0] for a in extra if a.startswith("-")]
+            if flags:
+                self.error(f"unknown argument: {flags[0]}{suggest(flags[0], known)}")
+            self.error(f"unrecognized arguments: {' '.join(extra)}")
+        return namespace

@@ -179,8 +179,8 @@ def load_site_sample(folder: str | os.PathLike, id2label: dict, name: str | None
                         labels=np.array(ids, dtype=int), id2label={int(k): str(v) for k, v in id2label.items()})
     present = [k for k, v in sample.counts().items() if v]
     if len(present) < 2:
-        raise CalibrationError(f"--data {folder.name}: films of {present[0] if present else 'no'} class only "
-                               f"({sample.counts()}); calibration needs films of every label")
+        raise CalibrationError(f"--data {folder.name}: " + ("films of one class only" if present else "no films")
+                               + f" ({sample.counts()}); calibration needs films of every label")
     return sample
 
 
@@ -382,6 +382,18 @@ def check_paths(model: str | os.PathLike, out: str | os.PathLike) -> tuple[Path,
     return model, out
 
 
+def read_labels(model: Path) -> dict:
+    """The model's labels from its config.json (transformers reads TimmWrapper's label_names too)."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(str(model), trust_remote_code=False)
+    except Exception as e:  # noqa: BLE001 - one clear line
+        raise CalibrationError(f"--model {model.name}: config.json cannot be read "
+                               f"({(str(e).splitlines() or [type(e).__name__])[0][:200]})") from None
+    return {int(k): str(v) for k, v in config.id2label.items()}
+
+
 def _copy_model(src: Path, dst: Path) -> None:
     """Every file of the model folder (contents only, symlinks followed), 0644 files / 0755 folders."""
     ignore = shutil.ignore_patterns(*SKIPPED)
@@ -470,14 +482,15 @@ def calibrate_site(model: str | os.PathLike, data: str | os.PathLike, out: str |
     if not 0.5 <= confidence < 1:
         raise CalibrationError(f"--confidence must be in [0.5, 1), got {confidence}")
     model, out = check_paths(model, out)
+    id2label = read_labels(model)
+    if len(id2label) != 2:
+        raise CalibrationError(f"--model {model.name}: site calibration is for binary models; this one has "
+                               f"{len(id2label)} labels")
+    sample = load_site_sample(data, id2label, name=site)     # checked before the weights are loaded
     try:
         predictor = Predictor.from_pretrained(model, precision=precision)
     except ModelLoadError as e:
         raise CalibrationError(f"--model: {e}") from None
-    if len(predictor.id2label) != 2:
-        raise CalibrationError(f"--model {model.name}: site calibration is for binary models; this one has "
-                               f"{len(predictor.id2label)} labels")
-    sample = load_site_sample(data, predictor.id2label, name=site)
     logits, ood = score_sample(predictor, sample, batch_size=batch_size)
     excluded = {k: v for k, v in sample.counts(ood).items() if v}
     keep = ~ood

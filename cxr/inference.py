@@ -16,14 +16,15 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from PIL import Image
 
 from .architecture import CNN, VIT, family
-from .explain import (explainer_kind, gap_linear_head, gradcam_from_features, last_feature_map_and_logits,
-                      no_map_reason, rollout_map)
+from .explain import (EXPLAINER_NAMES, explainer_kind, gap_linear_head, gradcam_from_features,
+                      last_feature_map_and_logits, no_map_reason, rollout_map)
 from .imaging import ImageLoadError, check_is_radiograph, load_image
 from .facts import HEADLINE, FactsError, numeric_metrics, read_training_facts
 from .locate import (DEFAULT_MODEL, MODEL_ENV, MissingFolderError, NoDefaultModelError, local_folder,
@@ -31,6 +32,9 @@ from .locate import (DEFAULT_MODEL, MODEL_ENV, MissingFolderError, NoDefaultMode
 from .operating_point import OperatingPoint, positive_class_id
 from .precision import autocast_dtype, check_precision
 from .preprocessing import pixel_values
+
+if TYPE_CHECKING:
+    from .api import ModelAnswer
 
 logger = logging.getLogger(__name__)
 
@@ -69,11 +73,22 @@ class Prediction:
     ood_score: float | None = None       # distance from the training films (cxr.ood); None: no scorer
     ood_threshold: float | None = None
     borderline: bool = False             # within the operating point's borderline_margin of the threshold
+    model: str = "model"                 # the Predictor's name
+    borderline_margin: float = 0.05      # the operating point's
+    heatmap_method: str | None = None    # how this model's maps are made (Grad-CAM, attention rollout), asked or not
 
     def to_dict(self) -> dict:
         d = asdict(self)
         d.pop("heatmap")
         return d
+
+    def to_api(self, heatmap=None) -> "ModelAnswer":
+        """The one answer schema (:mod:`cxr.api`) every caller returns: the page, the Gradio and
+        REST APIs, cxr-predict. ``heatmap``: the caller's encoding of the map (file, base64)."""
+        from .api import model_answer
+
+        size = None if self.heatmap is None else [int(n) for n in np.shape(self.heatmap)[:2]]
+        return model_answer(self, heatmap=heatmap, heatmap_size=size)
 
 
 def _check_weights(folder: Path) -> None:
@@ -118,6 +133,7 @@ class Predictor:
         self._explainer = None
         self._explainer_lock = threading.Lock()
         self.explainer_kind = explainer_kind(model)
+        self.heatmap_method = EXPLAINER_NAMES.get(self.explainer_kind) if self.explainer_kind else None
         self._cam_head = gap_linear_head(model)   # closed-form Grad-CAM (see cxr.explain)
         self.ood, self._tap = None, None
 
@@ -225,6 +241,8 @@ class Predictor:
         d = self.operating_point.apply(logits[None], self.positive_id)
         probs, p_pos, label = d.probabilities[0], float(d.probability[0]), self.id2label[int(d.label_ids[0])]
         return Prediction(
+            model=self.name, borderline_margin=float(self.operating_point.borderline_margin),
+            heatmap_method=self.heatmap_method,
             label=None if warning else label,
             probabilities={self.id2label[i]: float(p) for i, p in enumerate(probs)},
             positive_label=self.id2label[self.positive_id], positive_probability=p_pos,

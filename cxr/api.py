@@ -1,0 +1,161 @@
+"""The one answer schema: what every caller returns for a prediction - the Gradio API, the REST
+API (app.rest), the page's answer cards (app.render) and ``cxr-predict`` - and the model facts
+the app shows (``/api/v1/model-info``, the facts panel).
+
+:class:`ModelAnswer` is one model's answer, :class:`Answer` the whole reply (the first model's
+answer at the top level, every model's under ``models``). :data:`FIELDS` describes each field;
+the app turns the two into its OpenAPI schema and the Gradio API page (pydantic there: this
+package stays free of it). :func:`model_answer` is the only place where a flagged film (out of
+distribution, or not a radiograph) loses its decision, probabilities and map.
+
+Research and education only: not a medical device.
+"""
+
+from __future__ import annotations
+
+from typing import Any, TypedDict
+
+
+class ModelAnswer(TypedDict):
+    model: str
+    decision: str | None
+    positive_label: str
+    probability: float | None
+    threshold: float
+    threshold_source: str
+    borderline: bool
+    borderline_margin: float
+    probabilities: dict[str, float] | None
+    out_of_distribution: bool
+    ood_score: float | None
+    ood_threshold: float | None
+    message: str | None
+    heatmap: Any
+    heatmap_size: list[int] | None
+    heatmap_method: str | None
+    heatmap_class: str | None
+    disclaimer: str
+
+
+class Answer(ModelAnswer):
+    models: list[ModelAnswer]
+
+
+FIELDS: dict[str, str] = {
+    "model": "The model's name (its folder name or Hub id).",
+    "decision": "The model's answer at its operating point: the positive label (e.g. PNEUMONIA) when "
+                "`probability` >= `threshold`, else the other label; null when the film is flagged "
+                "(`out_of_distribution`).",
+    "positive_label": "The label the threshold is about (e.g. PNEUMONIA).",
+    "probability": "Calibrated probability of `positive_label` (temperature-scaled softmax), 0-1, "
+                   "4 decimals; null when flagged.",
+    "threshold": "The model's decision threshold on `probability` (its operating point).",
+    "threshold_source": "What chose the threshold, on which films (the operating point's provenance).",
+    "borderline": "True when `probability` is within `borderline_margin` of `threshold`: treat the "
+                  "answer as uncertain. False when flagged.",
+    "borderline_margin": "The margin around the threshold that makes an answer borderline.",
+    "probabilities": "Calibrated probability of every label (they sum to 1); null when flagged.",
+    "out_of_distribution": "True when the film does not look like the training films (distance in "
+                           "the model's feature space above `ood_threshold`, or not greyscale): no "
+                           "decision, no probabilities, no map.",
+    "ood_score": "Distance of the film from the training films in the model's feature space; null "
+                 "when the model has no fitted distance.",
+    "ood_threshold": "The distance above which a film is flagged; null when the model has none.",
+    "message": "Why the film was flagged, in plain words; null otherwise.",
+    "heatmap": "The evidence-weighted heat map (the one the page shows), a greyscale PNG at the "
+               "model's input size, or null (not asked for, flagged, or no map for this "
+               "architecture). Gradio API: a file (download it from its `url`). REST API: the PNG, "
+               "base64-encoded.",
+    "heatmap_size": "[height, width] of `heatmap` in pixels; null without a map.",
+    "heatmap_method": "How the map is made (Grad-CAM for CNNs, attention rollout for ViTs); null "
+                      "when flagged.",
+    "heatmap_class": "The label the map explains (`positive_label`); null when flagged.",
+    "disclaimer": "Research and education only: not a medical device.",
+    "models": "Every loaded model's answer, in the order the models were given (the top-level fields "
+              "repeat the first one's).",
+}
+
+
+def model_answer(prediction, *, heatmap: Any = None, heatmap_size: list[int] | None = None) -> ModelAnswer:
+    """One model's answer from a :class:`cxr.inference.Prediction` (its ``to_api``). Flagged
+    films get no decision, probability, probabilities, borderline flag or map: the rule lives
+    here and nowhere else. ``heatmap``: the caller's encoding of the map (a file reference or
+    base64 text), given only when the film is not flagged."""
+    flagged = bool(prediction.out_of_distribution)
+    if flagged:
+        heatmap, heatmap_size = None, None
+    answer = ModelAnswer(
+        model=prediction.model,
+        decision=None if flagged else prediction.label,
+        positive_label=prediction.positive_label,
+        probability=None if flagged else round(float(prediction.positive_probability), 4),
+        threshold=round(float(prediction.threshold), 4),
+        threshold_source=prediction.threshold_source,
+        borderline=(not flagged) and bool(prediction.borderline),
+        borderline_margin=float(prediction.borderline_margin),
+        probabilities=None if flagged else {k: round(float(v), 4) for k, v in prediction.probabilities.items()},
+        out_of_distribution=flagged,
+        ood_score=None if prediction.ood_score is None else round(float(prediction.ood_score), 3),
+        ood_threshold=None if prediction.ood_threshold is None else round(float(prediction.ood_threshold), 3),
+        message=prediction.warning,
+        heatmap=heatmap,
+        heatmap_size=None if heatmap is None else heatmap_size,
+        heatmap_method=None if flagged else prediction.heatmap_method,
+        heatmap_class=None if flagged else prediction.positive_label,
+        disclaimer=prediction.disclaimer,
+    )
+    return answer
+
+
+def answer(per_model: list[ModelAnswer]) -> Answer:
+    """The reply: the first model's answer at the top level, every model's under ``models``."""
+    if not per_model:
+        raise ValueError("an answer needs at least one model's")
+    return Answer(**per_model[0], models=list(per_model))
+
+
+def model_info(predictor) -> dict:
+    """What the app says about a loaded model (``/api/v1/model-info``, the facts panel): its
+    name, labels, operating point with provenance, training facts and figures with where they
+    were measured, OOD limit, input size, map method, disclaimer."""
+    from .inference import DISCLAIMER
+
+    facts = predictor.describe()
+    op = predictor.operating_point
+    ood = getattr(predictor, "ood", None)
+    size = input_size(predictor)
+    return {
+        "model": predictor.name,
+        "architecture": facts.get("architecture"),
+        "labels": list(predictor.id2label.values()),
+        "positive_label": predictor.id2label[predictor.positive_id],
+        "operating_point": {k: v for k, v in op.to_config().items() if v is not None},
+        "threshold": float(op.threshold),
+        "threshold_source": op.source,
+        "temperature": float(op.temperature),
+        "borderline_margin": float(op.borderline_margin),
+        "strategy": facts.get("strategy"),
+        "base_model": facts.get("base_model"),
+        "dataset": facts.get("dataset"),
+        "figures": {
+            "validation": {"measured_on": "held-out patients of the training data (patient-grouped split)",
+                           "metrics": facts.get("validation_metrics") or {}},
+            "cross_validated": {"measured_on": "k-fold cross-validation on the training data (mean and sd)",
+                                "metrics": facts.get("cv_metrics") or {}},
+            "external": {"measured_on": "films from outside the training data set",
+                         "metrics": facts.get("external_metrics") or {}},
+        },
+        "ood_threshold": None if ood is None else float(ood.threshold),
+        "ood_check": "distance in the model's feature space" if ood is not None else "colour check only",
+        "input_size": size,
+        "heatmap_method": facts.get("explainer"),
+        "disclaimer": DISCLAIMER,
+    }
+
+
+def input_size(predictor) -> list[int]:
+    """[height, width] the model sees: the saved image processor applied to a blank film."""
+    import numpy as np
+
+    pixels = predictor.preprocess([np.zeros((256, 256, 3), np.uint8)])
+    return [int(pixels.shape[-2]), int(pixels.shape[-1])]

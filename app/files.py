@@ -185,11 +185,118 @@ def janitor() -> Janitor:
         return _JANITOR
 
 
+REST_PREDICT_PATH = "/api/v1/predict"  # the REST route (app.rest) takes its file under the same rules
+MAX_FORM_FIELDS = 4                    # small non-file fields a request may add (REST options)
+MAX_FIELD_BYTES = 1024
+MAX_BODY_BYTES = 1024 * 1024           # any other request body (JSON calls): far above what the page sends
+SPOOL_IN_MEMORY = 256 * 1024           # an upload body beyond this waits on disk, in the cache folder
+REPLAY_CHUNK = 64 * 1024
+
+
+class _Refusal(Exception):
+    def __init__(self, status: int, text: str):
+        super().__init__(text)
+        self.status, self.text = status, text
+
+
+class _UploadCheck:
+    """Parses a multipart/form-data body as it streams (python-multipart's parser, the one
+    Starlette and Gradio use) and refuses, as soon as it can tell: more than
+    ``MAX_FILES_PER_REQUEST`` file parts, more than ``MAX_FORM_FIELDS`` other fields or a field
+    over ``MAX_FIELD_BYTES``, a part that is not ``form-data`` with a name, an RFC 2231
+    ``filename*`` parameter, a malformed or unfinished body. Whatever the spelling of a header,
+    every part counts."""
+
+    def __init__(self, content_type: bytes):
+        from python_multipart.multipart import MultipartParser, parse_options_header
+
+        self._parse_options = parse_options_header
+        kind, options = parse_options_header(content_type)
+        boundary = options.get(b"boundary")
+        if kind.lower() != b"multipart/form-data" or not boundary:
+            raise _Refusal(400, "an upload must be multipart/form-data")
+        self.files = self.fields = 0
+        self._field = self._value = b""
+        self._headers: dict[bytes, bytes] = {}
+        self._is_file = False
+        self._part_bytes = 0
+        self.done = False
+        callbacks = {"on_part_begin": self._part_begin, "on_header_field": self._header_field,
+                     "on_header_value": self._header_value, "on_header_end": self._header_end,
+                     "on_headers_finished": self._headers_finished, "on_part_data": self._part_data,
+                     "on_end": self._end}
+        self.parser = MultipartParser(boundary, callbacks, max_header_count=8, max_header_size=1024)
+
+    def feed(self, chunk: bytes) -> None:
+        from python_multipart.exceptions import MultipartParseError
+
+        if self.done and chunk.strip():
+            raise _Refusal(400, "malformed upload: data after the closing boundary")
+        try:
+            self.parser.write(chunk)
+        except _Refusal:
+            raise
+        except (MultipartParseError, ValueError):
+            raise _Refusal(400, "malformed upload") from None
+
+    def finish(self) -> None:
+        if not self.done:
+            raise _Refusal(400, "malformed upload: the body ends before its closing boundary")
+        if self.files == 0:
+            raise _Refusal(400, "no file in the upload")
+
+    def _part_begin(self):
+        self._headers, self._part_bytes = {}, 0
+
+    def _header_field(self, data, start, end):
+        self._field += data[start:end]
+
+    def _header_value(self, data, start, end):
+        self._value += data[start:end]
+
+    def _header_end(self):
+        self._headers[self._field.strip().lower()] = self._value.strip()
+        self._field = self._value = b""
+
+    def _headers_finished(self):
+        disposition = self._headers.get(b"content-disposition", b"")
+        kind, options = self._parse_options(disposition)
+        options = {k.lower(): v for k, v in options.items()}
+        if b"filename*" in disposition.lower():
+            raise _Refusal(400, "malformed upload: use a plain filename parameter")
+        if kind.lower() != b"form-data" or not options.get(b"name"):
+            raise _Refusal(400, "malformed upload: every part must be form-data with a name")
+        self._is_file = b"filename" in options
+        if self._is_file:
+            self.files += 1
+            if self.files > MAX_FILES_PER_REQUEST:
+                raise _Refusal(413, f"too many files: at most {MAX_FILES_PER_REQUEST} per upload request")
+        else:
+            self.fields += 1
+            if self.fields > MAX_FORM_FIELDS:
+                raise _Refusal(400, "too many form fields")
+
+    def _part_data(self, data, start, end):
+        self._part_bytes += end - start
+        if not self._is_file and self._part_bytes > MAX_FIELD_BYTES:
+            raise _Refusal(400, "form field too large")
+
+    def _end(self):
+        self.done = True
+
+
 class UploadGuard:
-    """ASGI middleware: at most MAX_FILES_PER_REQUEST files and MAX_REQUEST_BYTES per upload
-    request (413 otherwise, before Gradio stores anything), and every response carries
-    ``X-Content-Type-Options: nosniff``; files served from the cache are attachments (an
-    ``<img>`` still shows them, a browser never renders them as a page)."""
+    """ASGI middleware, in front of every route.
+
+    Upload requests (Gradio's ``.../upload`` and the REST ``/api/v1/predict``): the body is
+    parsed as it streams (:class:`_UploadCheck`) and held in a spooled file - in memory up to
+    ``SPOOL_IN_MEMORY`` bytes, beyond that on disk in the app's cache folder - so 40 clients
+    sending 10 MB at once cost ~10 MB of memory, not 400. At most MAX_FILES_PER_REQUEST file of
+    MAX_REQUEST_BYTES: 413 beyond, 400 for a malformed body, before the app stores anything;
+    only a body that passed is replayed to the route. Any other request body is capped at
+    MAX_BODY_BYTES (413). Every response carries ``X-Content-Type-Options: nosniff``; files
+    served from the cache are attachments (an ``<img>`` still shows them, a browser never
+    renders them as a page)."""
 
     def __init__(self, app):
         self.app = app
@@ -199,22 +306,19 @@ class UploadGuard:
             return await self.app(scope, receive, send)
         path = scope.get("path", "")
         is_file_route = "/file=" in path
-        is_upload = scope.get("method") == "POST" and path.rstrip("/").endswith("/upload")
+        is_upload = scope.get("method") == "POST" and (path.rstrip("/").endswith("/upload")
+                                                       or path.rstrip("/") == REST_PREDICT_PATH)
         response_body: list[bytes] = []
         status = [0]
-        if is_upload:
-            body, refused = await self._read_upload(scope, receive)
-            if refused:
-                return await self._refuse(send, refused)
-            sent = False
-
-            async def replay():
-                nonlocal sent
-                if not sent:
-                    sent = True
-                    return {"type": "http.request", "body": body, "more_body": False}
-                return await receive()
-            receive = replay
+        spool = None
+        try:
+            if is_upload:
+                spool = await self._read_upload(scope, receive)
+                receive = self._replay(spool, receive)
+            elif scope.get("method") in ("POST", "PUT", "PATCH", "DELETE"):
+                receive = await self._read_small_body(receive)
+        except _Refusal as e:
+            return await self._refuse(send, e.status, e.text)
 
         async def send_with_headers(message):
             if message["type"] == "http.response.start":
@@ -225,7 +329,8 @@ class UploadGuard:
                     headers.append((b"content-disposition", b"attachment"))
                 message = dict(message, headers=headers)
                 status[0] = message.get("status", 0)
-            elif is_upload and message["type"] == "http.response.body" and status[0] == 200:
+            elif (is_upload and path.rstrip("/").endswith("/upload") and message["type"] == "http.response.body"
+                  and status[0] == 200):
                 response_body.append(message.get("body", b""))
                 if not message.get("more_body", False):
                     try:
@@ -234,35 +339,93 @@ class UploadGuard:
                         pass
             await send(message)
 
-        return await self.app(scope, receive, send_with_headers)
+        try:
+            return await self.app(scope, receive, send_with_headers)
+        finally:
+            if spool is not None:
+                spool.close()
 
     @staticmethod
-    async def _read_upload(scope, receive) -> tuple[bytes, str | None]:
+    async def _read_upload(scope, receive):
         headers = dict(scope.get("headers", []))
+        too_big = _Refusal(413, "upload too large: at most one file of 10 MB per request")
         length = headers.get(b"content-length")
         if length is not None and length.isdigit() and int(length) > MAX_REQUEST_BYTES:
-            return b"", "upload too large: at most one file of 10 MB per request"
+            raise too_big
+        check = _UploadCheck(headers.get(b"content-type", b""))
+        spool = tempfile.SpooledTemporaryFile(max_size=SPOOL_IN_MEMORY, dir=janitor().root)
+        try:
+            size = 0
+            while True:
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    raise _Refusal(400, "client disconnected")
+                chunk = message.get("body", b"")
+                size += len(chunk)
+                if size > MAX_REQUEST_BYTES:
+                    raise too_big
+                check.feed(chunk)
+                spool.write(chunk)
+                if not message.get("more_body", False):
+                    break
+            check.finish()
+        except BaseException:
+            spool.close()
+            raise
+        spool.seek(0)
+        return spool
+
+    @staticmethod
+    def _replay(spool, receive):
+        """The checked body, handed on in REPLAY_CHUNK pieces, then the real channel."""
+        finished = False
+
+        async def replay():
+            nonlocal finished
+            if not finished:
+                chunk = spool.read(REPLAY_CHUNK)
+                more = bool(chunk) and spool.tell() < _spool_size(spool)
+                finished = not more
+                return {"type": "http.request", "body": chunk, "more_body": more}
+            return await receive()
+        return replay
+
+    @staticmethod
+    async def _read_small_body(receive):
+        """Any other body is read whole, at most MAX_BODY_BYTES (413 beyond), then handed on."""
         chunks, size = [], 0
         while True:
             message = await receive()
             if message["type"] == "http.disconnect":
-                return b"", "client disconnected"
+                raise _Refusal(400, "client disconnected")
             chunk = message.get("body", b"")
             size += len(chunk)
-            if size > MAX_REQUEST_BYTES:
-                return b"", "upload too large: at most one file of 10 MB per request"
+            if size > MAX_BODY_BYTES:
+                raise _Refusal(413, "request body too large")
             chunks.append(chunk)
             if not message.get("more_body", False):
                 break
-        body = b"".join(chunks)
-        if body.count(b"filename=") > MAX_FILES_PER_REQUEST:
-            return b"", f"too many files: at most {MAX_FILES_PER_REQUEST} per upload request"
-        return body, None
+        body, sent = b"".join(chunks), False
+
+        async def replay():
+            nonlocal sent
+            if not sent:
+                sent = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+        return replay
 
     @staticmethod
-    async def _refuse(send, text: str):
-        await send({"type": "http.response.start", "status": 413,
-                    "headers": [(b"content-type", b"text/plain; charset=utf-8"),
+    async def _refuse(send, status: int, text: str):
+        await send({"type": "http.response.start", "status": status,
+                    "headers": [(b"content-type", b"application/json"),
                                 (b"x-content-type-options", b"nosniff")]})
-        await send({"type": "http.response.body", "body": text.encode()})
+        await send({"type": "http.response.body", "body": json.dumps({"error": text}).encode()})
 
+
+def _spool_size(spool) -> int:
+    here = spool.tell()
+    spool.seek(0, os.SEEK_END)
+    end = spool.tell()
+    spool.seek(here)
+    return end

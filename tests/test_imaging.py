@@ -637,7 +637,8 @@ def test_decode_memory_limit_is_enforced_in_the_worker():
         assert load_image(encode(gradient()), isolate=pool).size == (64, 48)  # replaced
     finally:
         pool.close()
-    assert load_image(big).size == (4000, 4000)  # within the default budget
+    assert load_image(big, max_side=None).size == (4000, 4000)  # within the default budget
+    assert load_image(big).size == (2000, 2000)                  # reduced in the worker by default
 
 
 def test_worker_and_in_process_decodes_are_identical(tmp_path):
@@ -682,3 +683,35 @@ def test_fifo_and_other_non_regular_files_are_refused(tmp_path):
             load_image(source)
         assert_clean(info.value, str(tmp_path))
     assert time.perf_counter() - start < 1.0
+
+
+# ---------------------------------------------------------- the largest accepted films (reliability 30)
+
+def _png16(side: int) -> bytes:
+    """A 16-bit greyscale PNG of side x side (a smooth 12-bit ramp: small file, large film)."""
+    ramp = (np.add.outer(np.arange(side), np.arange(side)) % 4096).astype(np.uint16)
+    return encode(Image.fromarray(ramp, "I;16"), "PNG")
+
+
+@pytest.mark.parametrize("side", [4288, 6320])   # a common detector size, and the 40 MP limit
+def test_sixteen_bit_png_up_to_the_pixel_limit_decodes_in_the_default_budget(side):
+    out = load_image(_png16(side))
+    factor = -(-side // 2048)
+    assert out.mode == "RGB" and out.size == (-(-side // factor),) * 2
+    values = np.asarray(out)[..., 0]
+    assert values.min() == 0 and values.max() > 200        # scaled over its range, not clipped
+
+
+def test_large_films_are_reduced_by_a_whole_factor_where_they_are_decoded():
+    rng = np.random.default_rng(0)
+    big = Image.fromarray(rng.integers(0, 256, (3000, 5000), dtype=np.uint8), "L")
+    data = encode(big, "PNG")
+    full = load_image(data, max_side=None)
+    assert full.size == (5000, 3000)
+    reduced = load_image(data)                                # the default: 5000 -> ceil(5000/2048) = 3
+    assert reduced.size == (1667, 1000)
+    assert reduced.tobytes() == full.reduce(3).tobytes()
+    assert load_image(data, isolate=False).tobytes() == reduced.tobytes()   # worker == in-process
+    assert load_image(big).tobytes() == reduced.tobytes()                   # a PIL image: the same rule
+    small = encode(gradient())
+    assert load_image(small).tobytes() == load_image(small, max_side=None).tobytes()

@@ -191,26 +191,46 @@ def _children(pid: int) -> set[int]:
     return out
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP, signal.SIGINT])
-def test_signal_stops_the_app_cleanly(sig, model_folder, tmp_path):
+def _start_app(model_folder, tmp_path) -> tuple[subprocess.Popen, str, Path]:
+    """``python app/app.py`` in its own process, as a Space runs it: (process, url, log file)."""
     port = _free_port()
-    log = tmp_path / "app.log"
+    log = tmp_path / f"app-{port}.log"
     with open(log, "wb") as out:
         proc = subprocess.Popen([sys.executable, str(ROOT / "app" / "app.py"), "--model", str(model_folder),
                                  "--port", str(port), "--precision", "fp32"],
                                 stdout=out, stderr=subprocess.STDOUT, env=subprocess_env(), cwd=tmp_path)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return proc, url, log
+        except httpx.HTTPError:
+            time.sleep(0.3)
+    proc.kill()
+    pytest.fail("app did not start: " + log.read_text()[-2000:])
+
+
+def _reset_peak(pid: int) -> None:
+    """Reset the process's VmHWM (peak RSS) to its current RSS (Linux clear_refs 5)."""
+    Path(f"/proc/{pid}/clear_refs").write_text("5")
+
+
+def _memory_mb(pid: int) -> dict[str, float]:
+    """VmRSS (now) and VmHWM (peak since start or the last reset) of a process, in MB."""
+    out = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key in ("VmRSS", "VmHWM"):
+            out[key] = int(value.split()[0]) / 1024
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP, signal.SIGINT])
+def test_signal_stops_the_app_cleanly(sig, model_folder, tmp_path):
+    proc, url, log = _start_app(model_folder, tmp_path)
     try:
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.time() + 120
-        while time.time() < deadline:
-            try:
-                if httpx.get(url, timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.3)
-        else:
-            pytest.fail("app did not start: " + log.read_text()[-2000:])
         first = _upload(url, _film_bytes(8), "first.png")      # a prediction starts the decode workers
         event, _ = _call(url, [{"path": first, "meta": {"_type": "gradio.FileData"}}, False])
         assert event == "complete"
@@ -228,3 +248,109 @@ def test_signal_stops_the_app_cleanly(sig, model_folder, tmp_path):
     time.sleep(0.5)
     assert not any(Path(f"/proc/{w}").exists() and "zombie" not in Path(f"/proc/{w}/status").read_text().lower()
                    for w in workers)
+
+
+# ------------------------------------------------------------------ memory of the app process
+
+@pytest.fixture(scope="module")
+def app_process(model_folder, tmp_path_factory):
+    proc, url, _ = _start_app(model_folder, tmp_path_factory.mktemp("app"))
+    yield proc, url
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+def _predict_bytes(url: str, content: bytes, name: str, heatmap=True) -> str:
+    stored = _upload(url, content, name)
+    event, payload = _call(url, [{"path": stored, "meta": {"_type": "gradio.FileData"}}, heatmap])
+    return event
+
+
+@pytest.mark.slow
+def test_a_forty_megapixel_film_costs_the_app_process_bounded_memory(app_process):
+    """Reliability 30 / issue 24: a 6320 x 6320 PNG through the API grows the app's peak RSS by
+    <= 100 MB (the full-size pixels stay in the decode worker), and RSS returns after."""
+    from PIL import Image
+
+    proc, url = app_process
+    small = make_xray(4, True, size=256)
+    buf = io.BytesIO()
+    small.resize((6320, 6320), Image.NEAREST).save(buf, "PNG")
+    big = buf.getvalue()
+    for i in range(3):                                     # warm: model, explainer, decode workers
+        assert _predict_bytes(url, _film_bytes(20 + i, size=512), f"warm{i}.png") == "complete"
+    _reset_peak(proc.pid)
+    before = _memory_mb(proc.pid)
+    for i in range(3):
+        assert _predict_bytes(url, big + bytes(i), f"big{i}.png") == "complete"
+    after = _memory_mb(proc.pid)
+    peak_growth, rss_growth = after["VmHWM"] - before["VmHWM"], after["VmRSS"] - before["VmRSS"]
+    print(f"\n6320x6320 PNG ({len(big) / 1e3:.0f} kB) x 3 through /predict: app peak RSS +{peak_growth:.0f} MB, "
+          f"RSS after +{rss_growth:.0f} MB (baseline {before['VmRSS']:.0f} MB)")
+    assert peak_growth <= 100 and rss_growth <= 50
+
+
+@pytest.mark.slow
+def test_concurrent_large_uploads_are_not_held_in_memory(app_process):
+    """Reliability 31 / issue 24: 40 concurrent 9.8 MB uploads; the guard spools them to disk."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    proc, url = app_process
+    body = b"\x89PNG\r\n\x1a\n" + os.urandom(9_800_000)
+    _reset_peak(proc.pid)
+    before = _memory_mb(proc.pid)
+
+    def send(i):
+        r = httpx.post(f"{url}/gradio_api/upload", files={"files": (f"u{i}.png", body, "image/png")}, timeout=120)
+        return r.status_code
+
+    with ThreadPoolExecutor(40) as pool:
+        codes = list(pool.map(send, range(40)))
+    after = _memory_mb(proc.pid)
+    growth = after["VmHWM"] - before["VmHWM"]
+    print(f"\n40 concurrent 9.8 MB uploads: app peak RSS +{growth:.0f} MB, RSS after +{after['VmRSS'] - before['VmRSS']:.0f} MB")
+    assert codes == [200] * 40 and growth <= 150
+
+
+def _raw_upload(url: str, body: bytes, content_type: str) -> httpx.Response:
+    return httpx.post(f"{url}/gradio_api/upload", content=body, headers={"content-type": content_type}, timeout=60)
+
+
+def _part(disposition: str, content: bytes = b"x", boundary=b"BOUND") -> bytes:
+    return (b"--" + boundary + b"\r\nContent-Disposition: " + disposition.encode() +
+            b"\r\nContent-Type: image/png\r\n\r\n" + content + b"\r\n")
+
+
+@pytest.mark.slow
+def test_upload_limits_hold_on_the_parsed_request(app_process):
+    """One file per request whatever the header's spelling; malformed bodies get 400, never 500."""
+    _, url = app_process
+    ctype = "multipart/form-data; boundary=BOUND"
+    end = b"--BOUND--\r\n"
+    spellings = ['form-data; name="files"; filename="a.png"', 'form-data; name="files"; FileName="b.png"',
+                 'FORM-DATA; NAME="files"; FILENAME="c.png"', 'form-data; name="files"; filename = "d.png"',
+                 "form-data; name=files; filename=e.png"]
+    many = b"".join(_part(spellings[i % len(spellings)]) for i in range(900)) + end
+    r = _raw_upload(url, many, ctype)
+    assert r.status_code == 413 and "too many files" in r.text
+    for a in spellings:
+        for b in spellings:
+            r = _raw_upload(url, _part(a) + _part(b) + end, ctype)
+            assert r.status_code == 413, (a, b, r.status_code)
+    cases = {
+        "filename*": _part("form-data; name=\"files\"; filename*=UTF-8''x.png") + end,
+        "unfinished": _part('form-data; name="files"; filename="a.png"'),
+        "no disposition": b"--BOUND\r\nContent-Type: image/png\r\n\r\nxx\r\n" + end,
+        "not form-data": _part('attachment; name="files"; filename="a.png"') + end,
+        "no file": _part('form-data; name="note"') + end,
+        "garbage": b"this is not multipart at all",
+    }
+    for name, body in cases.items():
+        r = _raw_upload(url, body, ctype)
+        assert r.status_code == 400, (name, r.status_code, r.text)
+        assert "Traceback" not in r.text and r.json()["error"]
+    assert _raw_upload(url, b"{}", "application/json").status_code == 400
+    assert _raw_upload(url, _part('form-data; name="files"; filename="ok.png"', _film_bytes(3)) + end,
+                       ctype).status_code == 200
+    assert httpx.post(f"{url}/gradio_api/call/predict", content=b"{" + b" " * 2_000_000 + b"}",
+                      headers={"content-type": "application/json"}, timeout=60).status_code == 413

@@ -11,12 +11,26 @@ MAX_PIXELS = 40_000_000  # per image, checked from the header before decoding
 MIN_SIDE = 32  # smaller side below this -> error
 MAX_ASPECT = 8.0  # long/short side above this -> error
 MAX_FILE_BYTES = 128 * 2**20  # larger files are refused before they are read
+# Decoded films whose longer side is above this are reduced by a whole factor (box average) in
+# the decoder: every model reads <= 512 px and the app shows <= 512 px, so the caller (the app's
+# process) never holds a full 40-megapixel film (6320 x 6320 -> 2107 x 2107: 4 MB greyscale).
+MAX_DECODED_SIDE = 2048
 
 _CORRUPT = "truncated or corrupt image"
 
 
 class ImageLoadError(ValueError):
     """Short, user-safe message: no traceback text, no file path, no patient data."""
+
+
+def _reduce(image, max_side: int | None):
+    """``image`` reduced by the smallest whole factor that brings its longer side to at most
+    ``max_side`` (Pillow's ``Image.reduce``: the mean of each factor x factor block); unchanged
+    when it already fits or ``max_side`` is None."""
+    if not max_side:
+        return image
+    factor = -(-max(image.size) // int(max_side))
+    return image.reduce(factor) if factor > 1 else image
 
 
 def _check_size(width: int, height: int, max_pixels: int) -> None:

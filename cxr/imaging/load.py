@@ -20,7 +20,7 @@ from PIL import Image, ImageOps
 from ..locate import DICOM_SUFFIXES
 from .dicom import _load_dicom, _quiet_pydicom
 from .headers import _check_jpeg_stream
-from .limits import _CORRUPT, MAX_FILE_BYTES, MAX_PIXELS, ImageLoadError, _check_size
+from .limits import _CORRUPT, MAX_DECODED_SIDE, MAX_FILE_BYTES, MAX_PIXELS, ImageLoadError, _check_size, _reduce
 from .sandbox import DecodePool, default_pool
 
 ACCEPTED_FORMATS = ("PNG", "JPEG")  # Pillow formats; DICOM is handled by pydicom
@@ -36,7 +36,8 @@ _OTHER_FORMATS = (
 )
 
 
-def load_image(source, *, max_pixels: int = MAX_PIXELS, isolate: "bool | DecodePool" = True) -> Image.Image:
+def load_image(source, *, max_pixels: int = MAX_PIXELS, isolate: "bool | DecodePool" = True,
+               max_side: int | None = MAX_DECODED_SIDE) -> Image.Image:
     """Decode ``source`` into a fully loaded 8-bit RGB image.
 
     ``source`` is a ``str`` / ``os.PathLike`` path, ``bytes``, a binary file object or a PIL
@@ -48,20 +49,24 @@ def load_image(source, *, max_pixels: int = MAX_PIXELS, isolate: "bool | DecodeP
 
     ``isolate``: decode in the shared :class:`DecodePool` (default; time and memory limits), in
     a given pool, or - ``False`` - in this thread without those two limits (trusted files only).
+
+    ``max_side``: a film whose longer side is above it comes back reduced by a whole factor
+    (``MAX_DECODED_SIDE``, 2048, by default; the reduction runs where the decode runs, so a
+    pooled decode hands this process only the reduced pixels). ``None`` keeps the full size.
     """
     with _quiet_pydicom():
         if isinstance(source, Image.Image):
-            return _from_pil(source, max_pixels)
+            return _from_pil(source, max_pixels, max_side)
         data, suffix = _read_source(source)
         if isolate is False:
-            image = _decode_guarded(data, suffix, max_pixels)
+            image = _decode_guarded(data, suffix, max_pixels, max_side)
         else:
             pool = isolate if isinstance(isolate, DecodePool) else default_pool()
-            image = pool.decode(data, suffix, max_pixels)
+            image = pool.decode(data, suffix, max_pixels, max_side)
     return image if image.mode == "RGB" else image.convert("RGB")
 
 
-def _from_pil(image: Image.Image, max_pixels: int) -> Image.Image:
+def _from_pil(image: Image.Image, max_pixels: int, max_side: int | None = MAX_DECODED_SIDE) -> Image.Image:
     """An image the caller opened: the loader's checks and canonical conversion, on a copy."""
     try:
         _check_size(*image.size, max_pixels)
@@ -69,7 +74,7 @@ def _from_pil(image: Image.Image, max_pixels: int) -> Image.Image:
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             image.load()
             rotated = ImageOps.exif_transpose(image)  # a copy; the caller's image is untouched
-            out = _to_rgb8(rotated)
+            out = _to_rgb8(_reduce(_to_canonical(rotated), max_side))
     except ImageLoadError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
@@ -80,10 +85,10 @@ def _from_pil(image: Image.Image, max_pixels: int) -> Image.Image:
     return out
 
 
-def _decode_guarded(data: bytes, suffix: str, max_pixels: int) -> Image.Image:
+def _decode_guarded(data: bytes, suffix: str, max_pixels: int, max_side: int | None = MAX_DECODED_SIDE) -> Image.Image:
     """In-process decode: ``L`` or ``RGB`` image, or :class:`ImageLoadError` (never another error)."""
     try:
-        image = _decode(data, suffix, max_pixels)
+        image = _decode(data, suffix, max_pixels, max_side)
     except ImageLoadError:
         raise
     except MemoryError:
@@ -94,13 +99,16 @@ def _decode_guarded(data: bytes, suffix: str, max_pixels: int) -> Image.Image:
     return image
 
 
-def _decode(data: bytes, suffix: str, max_pixels: int) -> Image.Image:
+def _decode(data: bytes, suffix: str, max_pixels: int, max_side: int | None = MAX_DECODED_SIDE) -> Image.Image:
+    """Decode (DICOM or Pillow), then reduce to ``max_side`` (see :func:`load_image`)."""
     head = data[:132]
     if head[128:132] == b"DICM":
-        return _load_dicom(data, max_pixels, force=False)
-    if suffix in DICOM_SUFFIXES and not head.startswith((_PNG_MAGIC, _JPEG_MAGIC)):
-        return _load_dicom(data, max_pixels, force=True)
-    return _load_pillow(io.BytesIO(data), head, max_pixels)
+        image = _load_dicom(data, max_pixels, force=False)
+    elif suffix in DICOM_SUFFIXES and not head.startswith((_PNG_MAGIC, _JPEG_MAGIC)):
+        image = _load_dicom(data, max_pixels, force=True)
+    else:
+        image = _load_pillow(io.BytesIO(data), head, max_pixels)
+    return _reduce(image, max_side)
 
 
 def _read_source(source) -> tuple[bytes, str]:
@@ -214,10 +222,38 @@ def _scale_to_uint8(array: np.ndarray, *, invert: bool = False) -> np.ndarray:
 
     ``invert=True`` maps the maximum to 0; it scales ``(max - x)`` rather than
     inverting afterwards, so an image and its stored-inverted twin give identical bytes.
+    Integer pixels (16-bit PNGs) go through a table of their values, floats through strips of
+    rows: the numbers of the float64 formula, without a float64 copy of the whole image (a
+    40-megapixel 16-bit film needs ~130 MB here, not ~1 GB).
     """
-    data = np.nan_to_num(np.asarray(array, dtype=np.float64), nan=0.0, posinf=0.0, neginf=0.0)
-    low, high = float(data.min()), float(data.max())
+    array = np.asarray(array)
+    out = np.zeros(array.shape, dtype=np.uint8)
+    if not array.size:
+        return out
+    step = max(1, (1 << 20) // max(1, int(np.prod(array.shape[1:]))))
+    if array.dtype.kind in "iub":
+        low, high = int(array.min()), int(array.max())
+        if high <= low:
+            return out
+        if high - low < 1 << 20:
+            domain = np.arange(low, high + 1, dtype=np.float64)
+            offset = (high - domain) if invert else (domain - low)
+            table = np.rint(offset * (255.0 / (high - low))).astype(np.uint8)
+            for y in range(0, array.shape[0], step):
+                out[y:y + step] = table[array[y:y + step].astype(np.int64) - low]
+            return out
+
+    def values(y: int) -> np.ndarray:
+        return np.nan_to_num(np.asarray(array[y:y + step], dtype=np.float64), nan=0.0, posinf=0.0, neginf=0.0)
+
+    low, high = np.inf, -np.inf
+    for y in range(0, array.shape[0], step):
+        v = values(y)
+        low, high = min(low, float(v.min())), max(high, float(v.max()))
     if high <= low:
-        return np.zeros(data.shape, dtype=np.uint8)
-    offset = (high - data) if invert else (data - low)
-    return np.rint(offset * (255.0 / (high - low))).astype(np.uint8)
+        return out
+    for y in range(0, array.shape[0], step):
+        v = values(y)
+        offset = (high - v) if invert else (v - low)
+        out[y:y + step] = np.rint(offset * (255.0 / (high - low))).astype(np.uint8)
+    return out

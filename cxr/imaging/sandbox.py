@@ -9,8 +9,9 @@ the worker). A worker over either limit is killed and replaced; the caller gets 
 
 Wire protocol (stdin / stdout pipes, never a pickle): the worker writes ``b"R"`` once it is ready.
 Request: ``struct ">IQ"`` (length of the JSON header, length of the file), the JSON header
-``{"suffix", "max_pixels"}``, then the file's bytes. Reply: ``struct ">I"`` (length of the JSON,
-at most 4096 bytes), then ``{"ok": true, "mode": "L" | "RGB", "size": [width, height]}`` followed
+``{"suffix", "max_pixels", "max_side"}``, then the file's bytes (the worker reduces a film
+larger than ``max_side`` before replying, so the caller receives only the reduced pixels).
+Reply: ``struct ">I"`` (length of the JSON, at most 4096 bytes), then ``{"ok": true, "mode": "L" | "RGB", "size": [width, height]}`` followed
 by the raw pixel bytes, or ``{"ok": false, "error": message}`` (with ``"restart": true`` when the
 worker ran out of memory and exits).
 """
@@ -70,10 +71,10 @@ class DecodePool:
         for w in self._all:
             w.kill()
 
-    def decode(self, data: bytes, suffix: str, max_pixels: int) -> Image.Image:
+    def decode(self, data: bytes, suffix: str, max_pixels: int, max_side: int | None = None) -> Image.Image:
         worker = self._idle.get()
         try:
-            return worker.decode(data, suffix, max_pixels, self.timeout_s, self.start_timeout_s)
+            return worker.decode(data, suffix, max_pixels, self.timeout_s, self.start_timeout_s, max_side)
         finally:
             self._idle.put(worker)
 
@@ -144,14 +145,15 @@ class _Worker:
         return buf
 
     def decode(self, data: bytes, suffix: str, max_pixels: int, timeout_s: float,
-               start_timeout_s: float) -> Image.Image:
+               start_timeout_s: float, max_side: int | None = None) -> Image.Image:
         for attempt in (1, 2):  # a worker that died while idle is replaced once
             self.spawn()
             try:
                 if not self.ready:
                     self._read(1, time.monotonic() + start_timeout_s)
                     self.ready = True
-                request = json.dumps({"suffix": suffix[:16], "max_pixels": int(max_pixels)}).encode()
+                request = json.dumps({"suffix": suffix[:16], "max_pixels": int(max_pixels),
+                                      "max_side": int(max_side) if max_side else None}).encode()
                 self.proc.stdin.write(struct.pack(">IQ", len(request), len(data)) + request)
                 self.proc.stdin.write(data)
                 self.proc.stdin.flush()
@@ -272,7 +274,7 @@ def _worker_main(memory_mb: int) -> None:
             return
         try:
             with _quiet_pydicom():
-                image = _decode(data, request.get("suffix", ""), int(request["max_pixels"]))
+                image = _decode(data, request.get("suffix", ""), int(request["max_pixels"]), request.get("max_side"))
             del data
             if image.mode not in ("L", "RGB"):
                 image = image.convert("RGB")

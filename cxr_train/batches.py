@@ -120,23 +120,32 @@ class BatchAugment:
     def grid(p: dict, h: int, w: int, device) -> tuple[torch.Tensor, torch.Tensor]:
         """Sampling grid (N, H, W, 2) for grid_sample (align_corners=False) and the mask of output
         pixels that come from inside the crop (N, 1, H, W). Output pixel p -> (inverse shift and
-        rotation about the centre) -> q in the resized crop -> source pixel in the film."""
+        rotation about the centre) -> q in the resized crop -> source pixel s in the film; the
+        whole map is affine, so it is built from two broadcast rows per sample (normalised
+        coordinates), and "inside the crop" is "s inside the crop box"."""
         n = p["angle"].shape[0]
-        ys, xs = torch.meshgrid(torch.arange(h, device=device, dtype=torch.float32),
-                                torch.arange(w, device=device, dtype=torch.float32), indexing="ij")
-        cx, cy = (w - 1) / 2, (h - 1) / 2
-        a = torch.deg2rad(p["angle"]).view(n, 1, 1)
+        a = torch.deg2rad(p["angle"])
         cos, sin = torch.cos(a), torch.sin(a)
-        dx = xs - cx - p["tx"].view(n, 1, 1)
-        dy = ys - cy - p["ty"].view(n, 1, 1)
-        qx = cos * dx - sin * dy + cx          # inverse rotation (counter-clockwise for positive angles)
-        qy = sin * dx + cos * dy + cy
-        inside = ((qx >= -0.5) & (qx <= w - 0.5) & (qy >= -0.5) & (qy <= h - 0.5)).unsqueeze(1)
-        top, left, ch, cw = (p["box"][:, i].view(n, 1, 1) for i in range(4))
-        sx = left + (qx + 0.5) * (cw / w) - 0.5
-        sy = top + (qy + 0.5) * (ch / h) - 0.5
-        g = torch.stack([(2 * sx + 1) / w - 1, (2 * sy + 1) / h - 1], dim=-1)
-        return g, inside
+        top, left, ch, cw = p["box"].unbind(1)
+        kx, ky = cw / w, ch / h                       # crop size / output size
+        tx, ty = p["tx"], p["ty"]                     # shift in pixels
+        a00, a01 = cos * kx, -sin * (h / w) * kx
+        a10, a11 = sin * (w / h) * ky, cos * ky
+        b0 = -(cos * tx - sin * ty) * (2.0 / w) * kx + (2 * left + cw) / w - 1
+        b1 = -(sin * tx + cos * ty) * (2.0 / h) * ky + (2 * top + ch) / h - 1
+        xn = ((torch.arange(w, device=device, dtype=torch.float32) * 2 + 1) / w - 1).view(1, 1, w)
+        yn = ((torch.arange(h, device=device, dtype=torch.float32) * 2 + 1) / h - 1).view(1, h, 1)
+
+        def v(t):
+            return t.view(n, 1, 1)
+
+        g = torch.empty(n, h, w, 2, device=device)
+        g[..., 0] = v(a00) * xn + (v(a01) * yn + v(b0))
+        g[..., 1] = v(a10) * xn + (v(a11) * yn + v(b1))
+        gx, gy = g[..., 0], g[..., 1]
+        inside = ((gx >= v(2 * left / w - 1)) & (gx <= v(2 * (left + cw) / w - 1))
+                  & (gy >= v(2 * top / h - 1)) & (gy <= v(2 * (top + ch) / h - 1)))
+        return g, inside.unsqueeze(1)
 
     def warp(self, x: torch.Tensor, p: dict, h: int, w: int) -> torch.Tensor:
         g, inside = self.grid(p, h, w, x.device)

@@ -35,7 +35,15 @@ logger = logging.getLogger(__name__)
 
 # Bump when load_image's output or the store layout changes: older stores are then ignored.
 LOADER_VERSION = "1"
-DEFAULT_CACHE_DIR = Path(os.environ.get("CXR_CACHE_DIR") or Path.home() / ".cache" / "cxr-transfer" / "films")
+
+
+def default_cache_dir() -> Path:
+    """$CXR_CACHE_DIR, else ``cxr-films`` inside the datasets cache ($HF_DATASETS_CACHE, else
+    ~/.cache/huggingface/datasets): the store is a derived dataset cache, and lives beside it."""
+    if os.environ.get("CXR_CACHE_DIR"):
+        return Path(os.environ["CXR_CACHE_DIR"])
+    hf = os.environ.get("HF_DATASETS_CACHE") or Path(os.environ.get("HF_HOME") or Path.home() / ".cache" / "huggingface") / "datasets"
+    return Path(hf) / "cxr-films"
 _FLUSH_EVERY = 512          # films decoded between index checkpoints (an interrupted build resumes)
 
 
@@ -147,7 +155,7 @@ class FilmStore:
 
     def __init__(self, root: str | os.PathLike | None, spec: PixelSpec):
         self.spec = spec
-        self.folder = Path(root or DEFAULT_CACHE_DIR) / spec.folder_name()
+        self.folder = Path(root or default_cache_dir()) / spec.folder_name()
         self.pixels_path = self.folder / "pixels.u8"
         self.index_path = self.folder / "index.json"
         h, w = spec.size
@@ -222,6 +230,9 @@ class FilmStore:
                         name = names[i] if names is not None else (images[i].get("path") or f"film {i}")
                         bad.append(f"{Path(str(name)).name}: {err}")
                         continue
+                    if pixels.shape != self.shape or pixels.dtype != np.uint8:
+                        raise CacheError(f"the processor's resize made a {pixels.dtype} {pixels.shape} film, "
+                                         f"expected uint8 {self.shape}")
                     fh.write(pixels.tobytes())
                     new[keys[i]] = n0 + len(new)
                     if len(new) % _FLUSH_EVERY == 0:

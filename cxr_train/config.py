@@ -126,8 +126,8 @@ class DataArguments:
                                             "augment and normalise whole batches on the training device; none: "
                                             "decode and transform every film every epoch (the old path)."})
     cache_dir: str | None = field(
-        default=None, metadata={"help": "Folder of the film store (default: $CXR_CACHE_DIR or "
-                                        "~/.cache/cxr-transfer/films)."})
+        default=None, metadata={"help": "Folder of the film store (default: $CXR_CACHE_DIR, else cxr-films in the "
+                                        "datasets cache, $HF_DATASETS_CACHE or ~/.cache/huggingface/datasets)."})
 
 
 DEFAULT_TRAINING = {

@@ -8,11 +8,14 @@ side by side. Research and education only: not a medical device.
 
 Handlers are plain functions; ``create_demo(predictors)`` only wires them. Models are loaded
 once, at start-up; a missing, pickle-only or corrupt model stops start-up with a clear error.
-The API is one endpoint, ``/predict`` (file, show_heatmap) -> one JSON object.
+Two doors to the same answer (one JSON object, the schema in cxr.api): the Gradio API's
+``/predict`` (file, show_heatmap; its page documents every field) and the REST API on the same
+server (rest.py: ``curl -F file=@film.jpeg http://127.0.0.1:7860/api/v1/predict``, ``/api/v1/docs``).
 
 This module builds the page and launches it; beside it:
 
-    handlers.py   the handlers (page and API) and the API's result dicts
+    handlers.py   the handlers (page and Gradio API), the shared prediction slots
+    rest.py       the REST routes (/api/v1/predict, /api/v1/model-info, /health, OpenAPI docs)
     render.py     CSS, teaching notes, answer cards, map captions, the model-facts table
     files.py      uploads and result files: cache folder, Janitor (sweeping), UploadGuard (limits)
 """
@@ -31,15 +34,17 @@ import gradio as gr
 
 # cxr is the installed package (pip install .), or the cxr/ folder beside app.py in a Space
 from cxr.imaging import close_default_pool
+from cxr.api import Answer
 from cxr.inference import DISCLAIMER, ModelLoadError, Predictor
 from cxr.locate import IMAGE_SUFFIXES
 
 if __package__:     # cxr_app.app (pip install .) or app.app (the repository)
-    from . import files, handlers, render
+    from . import files, handlers, render, rest
 else:               # python app.py in a Space, or python app/app.py: its modules are top-level beside it
     import files
     import handlers
     import render
+    import rest
 
 HERE = Path(__file__).resolve().parent
 
@@ -93,7 +98,9 @@ def create_demo(predictors: Predictor | list[Predictor]) -> gr.Blocks:
             for p in predictors:
                 gr.Markdown(f"### {p.name}\n" + render.model_facts(p))
         gr.Markdown("Example films: Kermany et al. 2018, CC BY 4.0 (see examples/ATTRIBUTION.md). "
-                    "API: one endpoint, `/predict` (see the API page below).")
+                    "API: [the API page](?view=api) (Python and JavaScript clients) or plain HTTP, "
+                    "`curl -F file=@film.jpeg <this address>/api/v1/predict` "
+                    "([REST docs](api/v1/docs)).", elem_id="cxr-api-links")
 
         film_outputs = [film, notice, button, state, answers] + panel_outputs
         for event in (file.upload, file.clear):
@@ -101,7 +108,7 @@ def create_demo(predictors: Predictor | list[Predictor]) -> gr.Blocks:
                   api_visibility="private", show_progress="hidden")
         run = functools.partial(handlers.predict_ui, predictors=predictors)
         button.click(run, inputs=[file, show, opacity, state], outputs=[film, answers, state] + panel_outputs,
-                     api_visibility="private", concurrency_limit=2, concurrency_id="predict")
+                     api_visibility="private", concurrency_limit=handlers.INFERENCE_SLOTS, concurrency_id="predict")
         redraw = functools.partial(handlers.reblend, n_models=n)
         for control in (show, opacity):
             control.change(redraw, inputs=[show, opacity, state], outputs=panel_outputs, api_visibility="private",
@@ -112,15 +119,43 @@ def create_demo(predictors: Predictor | list[Predictor]) -> gr.Blocks:
 
         gallery.select(on_select, inputs=[show, opacity],
                        outputs=[file, film, notice, button, answers, state] + panel_outputs,
-                       api_visibility="private", concurrency_limit=2, concurrency_id="predict")
-        def predict(file: gr.FileData, show_heatmap: bool = True) -> dict:
+                       api_visibility="private", concurrency_limit=handlers.INFERENCE_SLOTS,
+                       concurrency_id="predict")
+        def predict(file: gr.FileData, show_heatmap: bool = True) -> Answer:
             return handlers.api_predict(file, show_heatmap, predictors=predictors)
 
         predict.__doc__ = handlers.api_predict.__doc__
-        gr.api(predict, api_name="predict", concurrency_limit=2, concurrency_id="predict")
+        gr.api(predict, api_name="predict", concurrency_limit=handlers.INFERENCE_SLOTS, concurrency_id="predict")
+        describe_api(demo, "predict", predict)
+    demo.cxr_predictors = predictors       # launch() serves them over REST too (rest.build_router)
     jan.protect_existing()          # example thumbnails cached at build time
     jan.blocks.append(demo)
     return demo
+
+
+EXAMPLE_FILE = {"url": "chest_xray.jpeg", "meta": {"_type": "gradio.FileData"}}   # the page shows handle_file(...)
+
+
+def describe_api(demo: gr.Blocks, api_name: str, fn) -> None:
+    """The API page documents itself: each parameter named and described (the docstring's Args),
+    a working file example (``handle_file``), and the return typed with every field described
+    (cxr.api's schema). ``gr.api`` labels its parameters "1st", "2nd" and types the return from
+    the annotation alone, without field descriptions."""
+    from gradio.utils import get_function_description
+
+    block_fn = next(f for f in demo.fns.values() if f.api_name == api_name)
+    _, params, _ = get_function_description(fn)
+    for component, name in zip(block_fn.inputs, params):
+        component.label = name
+        component._api_info = dict(component._api_info, additional_description=params[name])
+        if name == "file":
+            component.example_payload = component.example_value = lambda: EXAMPLE_FILE
+    _, whole = rest.schema_models(gr.FileData | None, "Here: a file; its `url` downloads it.")
+    schema = whole.model_json_schema()
+    schema["description"] = "One JSON object: the first model's answer at the top level, every model's under `models`."
+    for component in block_fn.outputs:
+        component.label = "answer"
+        component._api_info = schema
 
 
 def launch(demo: gr.Blocks, **kwargs):
@@ -129,10 +164,15 @@ def launch(demo: gr.Blocks, **kwargs):
 
     # Refusal policy: 2 requests run at once, up to CXR_QUEUE_SIZE (64) wait; beyond that a
     # request is refused at once with "queue is full" (20 clients x 10 requests: 0 refused).
-    demo.queue(max_size=int(os.environ.get("CXR_QUEUE_SIZE", QUEUE_SIZE)), default_concurrency_limit=2)
+    queue_size = int(os.environ.get("CXR_QUEUE_SIZE", QUEUE_SIZE))
+    demo.queue(max_size=queue_size, default_concurrency_limit=2)
+    # The REST routes (rest.py) are routes of the same FastAPI app, ahead of Gradio's own, behind
+    # the same UploadGuard; they share the prediction slots and the queue's size with the page.
+    router = rest.build_router(demo, getattr(demo, "cxr_predictors", []), max_waiting=queue_size)
     settings = dict(state_session_capacity=int(os.environ.get("CXR_SESSION_CAPACITY", SESSION_CAPACITY)),
                     max_file_size=files.MAX_FILE_SIZE, show_error=False, allowed_paths=[], footer_links=["api"],
-                    theme=gr.themes.Soft(), css=render.CSS, app_kwargs={"middleware": [Middleware(files.UploadGuard)]})
+                    theme=gr.themes.Soft(), css=render.CSS, ssr_mode=False,   # Python serves page and REST alike
+                    app_kwargs={"middleware": [Middleware(files.UploadGuard)], "routes": list(router.routes)})
     settings.update(kwargs)
     jan = files.janitor()
     jan.start()

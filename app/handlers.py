@@ -1,7 +1,9 @@
 """The page's and the API's handlers: plain functions of (file, controls, state), wired by
-app.create_demo. A film is decoded by the project's loader, every model answers
-(``analyse``: one API dict per model, ``result_dict``, and its evidence-weighted heat map),
-and the answer goes back as the page's cards and overlays or as the API's one JSON object.
+app.create_demo (the REST routes, app.rest, call the same ``analyse``). A film is decoded by
+the project's loader, every model answers (``analyse``: each model's answer in the one schema,
+``Prediction.to_api`` / :mod:`cxr.api`, and its evidence-weighted heat map), and the answer goes
+back as the page's cards and overlays or as the API's one JSON object. At most
+``INFERENCE_SLOTS`` predictions run at once, page, Gradio API and REST together (``SLOTS``).
 Uploads are deleted once read (files.janitor).
 """
 
@@ -9,7 +11,9 @@ from __future__ import annotations
 
 import html
 import logging
+import threading
 import uuid
+from contextlib import contextmanager
 from pathlib import Path
 
 import gradio as gr
@@ -17,9 +21,10 @@ import numpy as np
 from PIL import Image
 
 # cxr is the installed package (pip install .), or the cxr/ folder beside app.py in a Space
-from cxr.explain import EXPLAINER_NAMES, evidence_map, heatmap_image, overlay
+from cxr.api import Answer, ModelAnswer, answer
+from cxr.explain import evidence_map, heatmap_image, overlay
 from cxr.imaging import ImageLoadError, load_image
-from cxr.inference import DISCLAIMER, Predictor
+from cxr.inference import Predictor
 
 if __package__:     # cxr_app.handlers (pip install .) or app.handlers (the repository)
     from . import files, render
@@ -39,31 +44,43 @@ def example_paths() -> list[str]:
     return sorted(str(p) for p in EXAMPLES_DIR.glob("*.jpeg"))
 
 
-# ------------------------------------------------------------------ results (the one story)
+# ------------------------------------------------------------------ one limit for every caller
 
-def result_dict(predictor: Predictor, result, heatmap_file: str | None = None) -> dict:
-    """The API object for one model. ``decision`` is None for flagged inputs."""
-    flagged = bool(result.out_of_distribution)
-    method = EXPLAINER_NAMES.get(predictor.explainer_kind, predictor.explainer_kind)
-    return {
-        "model": predictor.name,
-        "decision": None if flagged else result.label,
-        "positive_label": result.positive_label,
-        "probability": None if flagged else round(result.positive_probability, 4),
-        "threshold": round(result.threshold, 4),
-        "borderline": (not flagged) and result.borderline,       # the operating point's rule (cxr.operating_point)
-        "borderline_margin": predictor.operating_point.borderline_margin,
-        "probabilities": None if flagged else {k: round(v, 4) for k, v in result.probabilities.items()},
-        "threshold_source": result.threshold_source,
-        "out_of_distribution": flagged,
-        "ood_score": None if result.ood_score is None else round(result.ood_score, 3),
-        "ood_threshold": None if result.ood_threshold is None else round(result.ood_threshold, 3),
-        "message": result.warning,
-        "heatmap": heatmap_file,
-        "heatmap_method": None if flagged else method,
-        "heatmap_class": None if flagged else result.positive_label,
-        "disclaimer": DISCLAIMER,
-    }
+INFERENCE_SLOTS = 2        # predictions that run at once: page, Gradio API and REST together
+
+
+class Slots:
+    """At most ``limit`` holders at once (a semaphore), with counts for the health route and the
+    REST queue: ``waiting`` (blocked on a slot) and ``running``. The Gradio events run under
+    Gradio's own queue (concurrency_id "predict", the same limit); taking a slot here as well
+    makes the REST route, which has no Gradio queue, share that limit with them."""
+
+    def __init__(self, limit: int = INFERENCE_SLOTS):
+        self.limit = limit
+        self._sem = threading.Semaphore(limit)
+        self._lock = threading.Lock()
+        self.waiting = self.running = 0
+
+    @contextmanager
+    def hold(self):
+        with self._lock:
+            self.waiting += 1
+        try:
+            self._sem.acquire()
+        finally:
+            with self._lock:
+                self.waiting -= 1
+        with self._lock:
+            self.running += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self.running -= 1
+            self._sem.release()
+
+
+SLOTS = Slots()
 
 
 # ------------------------------------------------------------------ handlers
@@ -93,21 +110,25 @@ def _load(path: str) -> Image.Image:
         raise gr.Error(f"Cannot use this file: {e}.", print_exception=False) from None
 
 
-def analyse(image: Image.Image, predictors: list[Predictor], *, explain: bool = True) -> list[tuple[dict, np.ndarray | None]]:
-    """Each model's API dict and its evidence-weighted map (None when flagged or not asked)."""
+def analyse(image: Image.Image, predictors: list[Predictor], *, explain: bool = True,
+            encode_map=None) -> list[tuple[ModelAnswer, np.ndarray | None]]:
+    """Each model's answer (``Prediction.to_api``) and its evidence-weighted map (None when
+    flagged - the Predictor attaches no map then - or not asked), under one of ``SLOTS``.
+    ``encode_map(map) -> value``: how the caller ships the map in the answer's ``heatmap``
+    (a file for the Gradio API, base64 for REST); None: not in the answer (the page)."""
     out = []
-    for predictor in predictors:
-        try:
-            result = predictor.predict(image, explain=explain)
-        except ImageLoadError as e:
-            raise gr.Error(f"Cannot use this file: {e}.", print_exception=False) from None
-        except Exception:  # noqa: BLE001 - the user gets a generic message, the log the details
-            logger.exception("prediction failed")
-            raise gr.Error(GENERIC_ERROR, print_exception=False) from None
-        heat = None
-        if result.heatmap is not None and not result.out_of_distribution:
-            heat = evidence_map(result.heatmap, result.positive_probability)
-        out.append((result_dict(predictor, result), heat))
+    with SLOTS.hold():
+        for predictor in predictors:
+            try:
+                result = predictor.predict(image, explain=explain)
+            except ImageLoadError as e:
+                raise gr.Error(f"Cannot use this file: {e}.", print_exception=False) from None
+            except Exception:  # noqa: BLE001 - the user gets a generic message, the log the details
+                logger.exception("prediction failed")
+                raise gr.Error(GENERIC_ERROR, print_exception=False) from None
+            heat = None if result.heatmap is None else evidence_map(result.heatmap, result.positive_probability)
+            shipped = encode_map(heat) if heat is not None and encode_map is not None else None
+            out.append((result.to_api(heatmap=shipped), heat))
     return out
 
 
@@ -121,11 +142,23 @@ def _write_heatmap(heat: np.ndarray) -> str:
     return str(path)
 
 
-def api_predict(file: gr.FileData, show_heatmap: bool = True, *, predictors: list[Predictor]) -> dict:
-    """Predict one chest X-ray (PNG, JPEG or DICOM). Returns one JSON object: the first model's
-    decision, probability, threshold, borderline flag, out-of-distribution score and flag,
-    heat-map file (a greyscale PNG at the model's input size) and the disclaimer; with several
-    models, every model's object under ``models``."""
+def _gradio_file(heat: np.ndarray) -> dict:
+    return gr.FileData(path=_write_heatmap(heat), mime_type="image/png").model_dump()
+
+
+def api_predict(file: gr.FileData, show_heatmap: bool = True, *, predictors: list[Predictor]) -> Answer:
+    """Predict NORMAL or PNEUMONIA for one chest X-ray (PNG, JPEG or DICOM, up to 10 MB) with every
+    loaded model, at each model's operating point. Research and education only: not a medical
+    device. A plain-HTTP alternative with the same answer: curl -F file=@chest_xray.jpeg
+    <this app>/api/v1/predict (see /api/v1/docs).
+
+    Args:
+        file: The chest X-ray, uploaded with this app (gradio_client: handle_file("film.jpeg")).
+        show_heatmap: Also return each model's heat map (a greyscale PNG file).
+
+    Returns:
+        One JSON object: the first model's answer at the top level, every model's under models.
+    """
     path = _upload(file)
     if not path:
         raise gr.Error("Please send a chest X-ray (PNG, JPEG or DICOM).", print_exception=False)
@@ -133,13 +166,8 @@ def api_predict(file: gr.FileData, show_heatmap: bool = True, *, predictors: lis
         image = _load(path)
     finally:
         files.janitor().discard(path)            # the upload is not kept once read
-    results = []
-    for r, heat in analyse(image, predictors, explain=bool(show_heatmap)):
-        if heat is not None:
-            r["heatmap"] = gr.FileData(path=_write_heatmap(heat), mime_type="image/png").model_dump()
-            r["heatmap_size"] = list(heat.shape)
-        results.append(r)
-    return dict(results[0], models=results)
+    results = analyse(image, predictors, explain=bool(show_heatmap), encode_map=_gradio_file)
+    return answer([r for r, _ in results])
 
 
 def _panel_updates(state: dict | None, show_map: bool, opacity: float, n: int) -> list:
@@ -186,16 +214,22 @@ def show_film(file, state, *, n_models: int):
 def predict_ui(file, show_map: bool, opacity: float, state, *, predictors: list[Predictor]):
     """Predict: every model's answer card, then its overlay (film + map) and map caption."""
     path = None if file is None else (file.get("path") if isinstance(file, dict) else getattr(file, "path", file))
-    if state and state.get("results") is not None and state.get("path") == path:
+    same_film = bool(state) and path is not None and state.get("path") == path
+    if same_film and state.get("results") is not None:
         results = state["results"]                     # same film again: same answer
     else:
-        path = _upload(file)
-        if not path:
-            raise gr.Error("Please upload a chest X-ray (PNG, JPEG or DICOM).", print_exception=False)
-        image = _load(path)
-        files.janitor().discard(path)
+        if same_film and state.get("image") is not None:
+            image = state["image"]                     # decoded once, on upload (show_film)
+            files.janitor().discard(path)
+        else:
+            path = _upload(file)
+            if not path:
+                raise gr.Error("Please upload a chest X-ray (PNG, JPEG or DICOM).", print_exception=False)
+            image = _load(path)
+            files.janitor().discard(path)
         results = analyse(image, predictors, explain=True)
-        state = {"display": _display_copy(image), "path": path, "results": results}
+        state = {"display": state["display"] if same_film and state.get("display") is not None
+                 else _display_copy(image), "path": path, "results": results}   # the full film is not kept
     answers = render.answer_html([r for r, _ in results])
     film = gr.update(visible=all(r["out_of_distribution"] for r, _ in results))  # the panels show the film now
     return [film, gr.update(value=answers, visible=True), state] + _panel_updates(state, show_map, opacity,

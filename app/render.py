@@ -1,7 +1,8 @@
 """What the page shows, as text: the CSS, the teaching notes, one answer card per model (the
 decision, P(positive) on a bar with the threshold on it), the heat map's caption, and the
-model-facts table. Pure functions of the API dicts (handlers.result_dict) and of a Predictor:
-no Gradio, no files. Research and education only: not a medical device.
+model-facts table. Pure functions of the answers in the one schema (:mod:`cxr.api`,
+``Prediction.to_api``) and of a model's facts (``cxr.api.model_info``, also served as
+``/api/v1/model-info``): no Gradio, no files. Research and education only: not a medical device.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import html
 from pathlib import Path
 
 # cxr is the installed package (pip install .), or the cxr/ folder beside app.py in a Space
+from cxr.api import model_info
 from cxr.explain import colorbar_css
 from cxr.inference import Predictor
 
@@ -135,27 +137,27 @@ def _fmt_metrics(m) -> str:
 
 
 def model_facts(predictor: Predictor) -> str:
-    f = predictor.describe()    # config.json's training facts through cxr.facts (versioned) + the operating point
-    strategy = f.get("strategy")
-    base = f.get("base_model")
+    """The facts panel: ``cxr.api.model_info`` (what /api/v1/model-info answers) as a table."""
+    f = model_info(predictor)
+    strategy, base = f.get("strategy"), f.get("base_model")
     how = None
     if base and strategy:
         how = ("from scratch (no pretrained weights)" if "scratch" in str(base)
                else f"transfer from {base}, {strategy} fine-tuning")
+    size = f.get("input_size")
+    figures = f["figures"]
     rows = [("Model", f.get("model")), ("Architecture", f.get("architecture")), ("Trained", how),
-            ("Training data", Path(str(f.get("dataset", "?"))).name if f.get("dataset") else None),
-            ("Input size", f.get("image_size")),
-            ("Decision threshold", f"{f['threshold']:.3f} ({predictor.threshold_source})"),
-            ("Heat map", f.get("explainer"))]
-    ood = getattr(predictor, "ood", None)
-    rows.append(("Out-of-distribution check", f"distance limit {ood.threshold:.1f}" if ood is not None
-                 else "colour check only (no fitted distance for this model)"))
-    metrics = f.get("validation_metrics") or {}
+            ("Training data", Path(str(f["dataset"])).name if f.get("dataset") else None),
+            ("Input size", f"{size[0]} x {size[1]} pixels" if size else None),
+            ("Decision threshold", f"{f['threshold']:.3f} ({f['threshold_source']})"),
+            ("Heat map", f.get("heatmap_method")),
+            ("Out-of-distribution check", f"distance limit {f['ood_threshold']:.1f}" if f["ood_threshold"] is not None
+             else "colour check only (no fitted distance for this model)")]
+    metrics = figures["validation"]["metrics"]
     rows.append(("Validation (held-out patients)", _fmt_metrics(metrics) if metrics else "not recorded"))
-    cv = f.get("cv_metrics")
+    cv = figures["cross_validated"]["metrics"]
     rows.append(("Cross-validated", _fmt_metrics(cv) if cv else "not measured for this model"))
-    ext = f.get("external_metrics")
+    ext = figures["external"]["metrics"]
     rows.append(("External data", _fmt_metrics(ext) if ext else "not measured for this model"))
     table = "\n".join(f"| {k} | {v} |" for k, v in rows if v not in (None, ""))
     return "| fact | value |\n|---|---|\n" + table
-

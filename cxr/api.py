@@ -76,6 +76,52 @@ FIELDS: dict[str, str] = {
 }
 
 
+class ModelInfo(TypedDict):
+    model: str
+    architecture: str | None
+    labels: list[str]
+    positive_label: str
+    threshold: float
+    threshold_source: str
+    temperature: float
+    borderline_margin: float
+    operating_point: dict[str, Any]
+    strategy: str | None
+    base_model: str | None
+    dataset: str | None
+    figures: dict[str, Any]
+    ood_threshold: float | None
+    ood_check: str
+    input_size: list[int]
+    heatmap_method: str | None
+    disclaimer: str
+
+
+MODEL_INFO_FIELDS: dict[str, str] = {
+    "model": "The model's name (the `model` option of a prediction).",
+    "architecture": "The model type in its config.json (e.g. efficientnet, resnet, vit).",
+    "labels": "Every label the model can answer, in its output order.",
+    "positive_label": "The label the threshold is about.",
+    "threshold": "Decision threshold on the calibrated probability of `positive_label`.",
+    "threshold_source": "What chose the threshold, on which films.",
+    "temperature": "Softmax temperature (calibration) applied before the threshold.",
+    "borderline_margin": "Answers within this distance of the threshold are flagged borderline.",
+    "operating_point": "The whole operating point as saved with the model (threshold, temperature, "
+                       "policy, fitted_on, n_fit, alternatives, calibration provenance).",
+    "strategy": "How the model was fine-tuned (frozen, partial, full, lora, or scratch); null if not recorded.",
+    "base_model": "The pretrained weights it started from; null if not recorded.",
+    "dataset": "The training data set; null if not recorded.",
+    "figures": "Performance figures, each with where it was measured (`measured_on`) and its "
+               "metrics (empty when not measured): validation, cross_validated, external.",
+    "ood_threshold": "Distance limit of the out-of-distribution check; null when the model has no "
+                     "fitted distance (colour check only).",
+    "ood_check": "Which out-of-distribution check the model has.",
+    "input_size": "[height, width] in pixels the model sees (its saved image processor).",
+    "heatmap_method": "How its heat maps are made (Grad-CAM, attention rollout), or why there is none.",
+    "disclaimer": "Research and education only: not a medical device.",
+}
+
+
 def model_answer(prediction, *, heatmap: Any = None, heatmap_size: list[int] | None = None) -> ModelAnswer:
     """One model's answer from a :class:`cxr.inference.Prediction` (its ``to_api``). Flagged
     films get no decision, probability, probabilities, borderline flag or map: the rule lives
@@ -114,7 +160,7 @@ def answer(per_model: list[ModelAnswer]) -> Answer:
     return Answer(**per_model[0], models=list(per_model))
 
 
-def model_info(predictor) -> dict:
+def model_info(predictor) -> ModelInfo:
     """What the app says about a loaded model (``/api/v1/model-info``, the facts panel): its
     name, labels, operating point with provenance, training facts and figures with where they
     were measured, OOD limit, input size, map method, disclaimer."""
@@ -124,7 +170,7 @@ def model_info(predictor) -> dict:
     op = predictor.operating_point
     ood = getattr(predictor, "ood", None)
     size = input_size(predictor)
-    return {
+    return ModelInfo(**{
         "model": predictor.name,
         "architecture": facts.get("architecture"),
         "labels": list(predictor.id2label.values()),
@@ -150,7 +196,7 @@ def model_info(predictor) -> dict:
         "input_size": size,
         "heatmap_method": facts.get("explainer"),
         "disclaimer": DISCLAIMER,
-    }
+    })
 
 
 def input_size(predictor) -> list[int]:

@@ -351,7 +351,8 @@ def render_summary(result: dict) -> str:
         rows.append(line("test split", metrics["test"]))
     if not metrics:
         rows.append("  no split was scored (--do_eval false)")
-    rows.append(f"  training time: {result.get('train_seconds', 0) / 60:.1f} min")
+    seconds = result.get("train_seconds", 0.0)
+    rows.append(f"  training time: {seconds / 60:.1f} min" if seconds >= 60 else f"  training time: {seconds:.0f} s")
     rows.append(f"  OOD statistics: {'ood.safetensors written' if ood else 'not written (--ood_fit false)'}"
                 + (f" (threshold {ood['threshold']:.2f}, {100 * ood['val_flagged']:.1f}% of validation films "
                    f"flagged, {100 * ood['held_out_non_xray_flagged']:.0f}% of held-out non-X-rays)" if ood else

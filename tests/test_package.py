@@ -156,7 +156,9 @@ def test_markers_registered():
 @pytest.mark.slow
 def test_pip_install_outside_the_repository(tmp_path):
     """A venv (reusing this interpreter's installed dependencies), `pip install <copy of the
-    checkout>`, then from another folder: import the Predictor and run each script's --help."""
+    checkout>` (not editable), then from another folder: import the Predictor and run each
+    script's --help; then, with no --model, cxr-predict, cxr-app and python app/app.py serve the
+    shipped default from there and from the repository root."""
     src = tmp_path / "src"
     shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(".git", ".venv", "venv", "checkpoints", "outputs", "test-output", "*.egg-info",
                                                               "__pycache__", "build", ".pytest_cache", "runs", "*.pyi"))
@@ -193,3 +195,63 @@ def test_pip_install_outside_the_repository(tmp_path):
         run = subprocess.run([str(venv / "bin" / script), "--help"], cwd=elsewhere, env=env, capture_output=True,
                              text=True, timeout=300)
         assert run.returncode == 0 and "usage:" in run.stdout, (script, run.stderr[-2000:])
+    _serves_the_default_with_no_model(venv, installed, src, elsewhere, env)
+
+
+def _serves_the_default_with_no_model(venv, installed, src, elsewhere, env):
+    """After the non-editable install, with no --model and no MODEL_ID: the default comes from
+    the installed package data (cxr_models), and cxr-predict, cxr-app and python app/app.py
+    serve it, from another folder and from the repository root (where the installed package,
+    not the checkout, is imported: a default looked up beside it used to be missing)."""
+    import socket
+    import time
+    import urllib.request
+    from pathlib import Path
+
+    from cxr.locate import DEFAULT_MODEL
+
+    env = {k: v for k, v in env.items() if k not in ("CXR_MODEL", "MODEL_ID", "SPACE_ID")}
+    py = venv / "bin" / "python"
+    shipped = installed / "cxr_models" / DEFAULT_MODEL
+    assert {"config.json", "model.safetensors", "ood.safetensors"} <= {p.name for p in shipped.iterdir()}
+    where = subprocess.run([str(py), "-c", "import cxr.locate; print(cxr.locate.default_model_folder())"],
+                           cwd=elsewhere, env=env, capture_output=True, text=True, timeout=300)
+    assert where.returncode == 0 and Path(where.stdout.strip()) == shipped, where.stderr[-2000:]
+    for cwd, film in ((elsewhere, str(src / "app" / "examples" / "film-1.jpeg")), (src, "app/examples/film-2.jpeg")):
+        run = subprocess.run([str(venv / "bin" / "cxr-predict"), film], cwd=cwd, env=env, capture_output=True,
+                             text=True, timeout=300)
+        assert run.returncode == 0, run.stderr[-3000:]
+        row = json.loads(run.stdout.strip().splitlines()[-1])
+        assert row["file"] == Path(film).name and row["label"] in ("NORMAL", "PNEUMONIA"), row
+        assert row["ood_score"] is not None and DEFAULT_MODEL in run.stderr
+        assert "backend is not available" not in run.stderr
+
+    def free_port():
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return s.getsockname()[1]
+
+    servers = {}
+    try:
+        for name, argv in (("cxr-app", [str(venv / "bin" / "cxr-app")]), ("python app/app.py", [str(py), "app/app.py"])):
+            port = free_port()
+            servers[name] = (port, subprocess.Popen(argv + ["--port", str(port)], cwd=src, env=env, text=True,
+                                                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE))
+        for name, (port, proc) in servers.items():
+            deadline, body = time.monotonic() + 300, None
+            while body is None and time.monotonic() < deadline and proc.poll() is None:
+                try:
+                    with urllib.request.urlopen(f"http://127.0.0.1:{port}/config", timeout=10) as r:
+                        body = r.read().decode()
+                except OSError:
+                    time.sleep(1)
+            assert body is not None, (name, proc.poll(), proc.stderr.read()[-3000:] if proc.poll() is not None else "")
+            assert DEFAULT_MODEL in body, name                                # the page names the model it serves
+    finally:
+        for _, proc in servers.values():
+            proc.terminate()
+        for _, proc in servers.values():
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()

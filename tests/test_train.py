@@ -220,3 +220,37 @@ def test_cv_folds_bad_values_are_rejected_before_training(kermany_folder, tmp_pa
     assert train_hf.main(base_args(kermany_folder, tmp_path / "b", "--threshold_policy", "median")) == 2
     assert train_hf.main(base_args(kermany_folder, tmp_path / "c", "--external_dataset", str(tmp_path / "nope"))) == 2
     assert not (tmp_path / "a" / "model.safetensors").exists()
+
+
+def test_training_writes_ood_statistics_the_predictor_uses(trained_folder, kermany_folder):
+    """A 2-step cxr-train writes ood.safetensors (fitted on its own training films, threshold
+    on its validation films) and the Predictor loaded from the folder scores with it."""
+    from cxr.inference import Predictor
+    from cxr.ood import OODScorer
+
+    saved = OODScorer.from_folder(trained_folder)
+    facts = json.loads((trained_folder / "ood_fit.json").read_text())
+    assert facts["n_train"] + facts["n_val"] == 48 and facts["n_val"] == 12       # the run's own split
+    assert facts["validation"] == "the run's own validation split" and facts["held_out_non_xray_n"] > 0
+    p = Predictor.from_pretrained(trained_folder, precision="fp32")
+    assert p.ood is not None and p.ood.threshold == pytest.approx(saved.threshold) == pytest.approx(facts["threshold"],
+                                                                                                   abs=1e-3)
+    r = p.predict(next((kermany_folder / "test" / "NORMAL").iterdir()))
+    assert r.ood_score is not None and r.ood_score > 0 and r.ood_threshold == pytest.approx(saved.threshold)
+
+
+def test_ood_fit_false_skips_it_and_the_summary_says_what_next(kermany_folder, tmp_path, capsys):
+    from cxr.inference import Predictor
+
+    out = tmp_path / "no-ood"
+    assert train_hf.main(base_args(kermany_folder, out, "--ood_fit", "false")) == 0
+    assert not (out / "ood.safetensors").exists() and not (out / "ood_fit.json").exists()
+    assert Predictor.from_pretrained(out, precision="fp32").ood is None
+    summary = capsys.readouterr().out
+    assert f"Model folder: {out.resolve()}" in summary
+    assert "validation, where the operating point was fitted (12 films): AUROC" in summary
+    assert "OOD statistics: not written (--ood_fit false)" in summary
+    for command in (f"cxr-predict --model {out.resolve()} film.jpeg", f"cxr-app --model {out.resolve()}",
+                    f"cxr-push --folder {out.resolve()} --repo_id"):
+        assert command in summary
+    assert yaml.safe_load((out / "run_config.yaml").read_text())["ood_fit"] is False

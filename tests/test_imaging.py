@@ -36,7 +36,7 @@ from cxr.imaging import (
     load_image,
 )
 
-from tests.helpers import PHI, make_dicom  # noqa: F401 (shared with test_app)
+from tests.helpers import PHI, ROOT, make_dicom  # noqa: F401 (shared with test_app)
 
 # ----------------------------------------------------------------------------- builders
 
@@ -690,7 +690,7 @@ def test_fifo_and_other_non_regular_files_are_refused(tmp_path):
 def _png16(side: int) -> bytes:
     """A 16-bit greyscale PNG of side x side (a smooth 12-bit ramp: small file, large film)."""
     ramp = (np.add.outer(np.arange(side), np.arange(side)) % 4096).astype(np.uint16)
-    return encode(Image.fromarray(ramp, "I;16"), "PNG")
+    return encode(Image.fromarray(ramp), "PNG")          # uint16 -> mode I;16
 
 
 @pytest.mark.parametrize("side", [4288, 6320])   # a common detector size, and the 40 MP limit
@@ -715,3 +715,20 @@ def test_large_films_are_reduced_by_a_whole_factor_where_they_are_decoded():
     assert load_image(big).tobytes() == reduced.tobytes()                   # a PIL image: the same rule
     small = encode(gradient())
     assert load_image(small).tobytes() == load_image(small, max_side=None).tobytes()
+
+
+# ---------------------------------------------------------- negative and rotated films (issue 24)
+
+def test_negative_and_rotated_films_are_flagged_upright_ones_are_not():
+    from cxr.imaging import compute_orientation
+
+    examples = sorted((ROOT / "app" / "examples").glob("*.jpeg"))
+    assert len(examples) == 6
+    for path in examples:
+        grey = np.asarray(load_image(path).convert("L"))
+        assert check_is_radiograph(np.asarray(load_image(path))) is None
+        for turned in (255 - grey, np.rot90(grey, 1), np.rot90(grey, 3)):
+            image = Image.fromarray(np.ascontiguousarray(turned)).convert("RGB")
+            assert compute_orientation(image) < -0.03
+            assert "inverted" in check_is_radiograph(image)
+            assert "inverted" in check_is_radiograph(np.asarray(image))      # the batch path's arrays

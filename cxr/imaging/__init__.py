@@ -42,7 +42,7 @@ Layout, one concern per module (import the public names from ``cxr.imaging`` its
   encapsulated DICOM frames, capped inflation of Deflated DICOM, Modality.
 * :mod:`.sandbox` - :class:`DecodePool`: the worker processes, their wire protocol, the time and
   memory budget.
-* :mod:`.radiograph` - :func:`check_is_radiograph`, the colour "is this a radiograph" heuristic.
+* :mod:`.radiograph` - :func:`check_is_radiograph`: colour and orientation (negative, 90-degree turn) checks.
 * :mod:`.limits` - :class:`ImageLoadError` and the size limits every decoder checks.
 
 The names below are re-exports: code reads each one in the module that uses it, so a test that
@@ -54,7 +54,7 @@ from __future__ import annotations
 from .headers import MAX_JPEG_SCANS, RADIOGRAPH_MODALITIES  # noqa: F401
 from .limits import MAX_ASPECT, MAX_FILE_BYTES, MAX_PIXELS, MIN_SIDE, ImageLoadError
 from .load import ACCEPTED_FORMATS, _to_rgb8, load_image  # noqa: F401 (_to_rgb8: tests)
-from .radiograph import COLOUR_GRID, check_is_radiograph, compute_colorfulness
+from .radiograph import COLOUR_GRID, check_is_radiograph, compute_colorfulness, compute_orientation
 from .sandbox import (  # noqa: F401
     DECODE_MEMORY_MB, DECODE_TIMEOUT_S, DECODE_WORKERS, DecodePool, close_default_pool, default_pool,
 )
@@ -62,5 +62,5 @@ from .sandbox import (  # noqa: F401
 __all__ = [
     "ACCEPTED_FORMATS", "COLOUR_GRID", "DECODE_MEMORY_MB", "DECODE_TIMEOUT_S", "MAX_ASPECT", "MAX_FILE_BYTES",
     "MAX_JPEG_SCANS", "MAX_PIXELS", "MIN_SIDE", "DecodePool", "ImageLoadError", "check_is_radiograph",
-    "compute_colorfulness", "load_image",
+    "compute_colorfulness", "compute_orientation", "load_image",
 ]

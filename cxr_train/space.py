@@ -11,7 +11,6 @@ model weights: the Space downloads MODEL_ID from the Hub.
 
 from __future__ import annotations
 
-import argparse
 import logging
 import shutil
 import sys
@@ -21,6 +20,7 @@ from pathlib import Path
 from huggingface_hub import HfApi, SpaceCard
 
 import cxr
+from cxr.cli import ArgumentParser
 from cxr.locate import DEFAULT_MODEL_HUB_ID, MissingFolderError, is_hub_id, local_folder
 
 from .hub import PushError
@@ -138,7 +138,7 @@ def push_space(repo_id: str, *, private: bool = False, token: str | None = None,
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    ap = argparse.ArgumentParser(description="Build the Gradio demo as a Hugging Face Space and push it.")
+    ap = ArgumentParser(description="Build the Gradio demo as a Hugging Face Space and push it.")
     ap.add_argument("--repo_id", help="Space id, user/space (required unless --dry_run)")
     ap.add_argument("--model_id", default=None, help=f"Hub model id the Space serves (default {DEFAULT_MODEL_ID})")
     ap.add_argument("--private", action="store_true", help="create the Space as private")

@@ -104,6 +104,11 @@ def test_misspelt_flag_names_the_nearest(capsys):
         predict_main([str(FILM), "--zzz"])
     err = capsys.readouterr().err
     assert "unknown argument: --zzz" in err and "did you mean" not in err
+    from cxr_train.space import main as space_main
+
+    with pytest.raises(SystemExit):
+        space_main(["--dry_rn", "/tmp/never-built"])
+    assert "unknown argument: --dry_rn (did you mean --dry_run?)" in capsys.readouterr().err
 
 
 def test_one_suggestion_rule_for_every_command():

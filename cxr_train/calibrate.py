@@ -27,6 +27,11 @@ scale) of the gap between that positive score and the next lower score of the sa
 threshold in the gap gives the same figures on the sample, and the middle leaves the same margin
 to both sides for new films (a max-margin tie-break, never changing a decision on the sample).
 
+The price: with 59-92 positive films (floor 0.95, confidence 0.95) no miss is allowed, so the
+threshold rests on the single lowest positive score, and one hard positive film in the sample
+can cost many false alarms (warned; docs/site_calibration.md has the measured trade-off by sample
+size; ``--confidence 0.5`` is the median guarantee, close to the plain policy).
+
 The plain policy (the most specific threshold whose *sample* sensitivity is >= the floor) puts
 the threshold at the k-th lowest positive score with (n - k + 1) / n >= floor; its expected
 sensitivity on new films is only (n - k + 1) / (n + 1), and about half the time it is lower: the
@@ -332,6 +337,14 @@ def _warnings(fit: SiteFit, positive: str) -> list[str]:
                    f"the lowest {positive} score of the sample, and sensitivity >= {fit.min_sensitivity:.0%} on new "
                    f"films is NOT established (at least {compute_positives_needed(fit.min_sensitivity, fit.confidence)} "
                    f"{positive} films are needed)")
+    elif fit.misses_allowed == 0 and fit.after.specificity < fit.before.specificity:
+        n = fit.after.n_positive
+        more = next(k for k in range(n + 1, 10 * n + 1000)
+                    if (compute_misses_allowed(k, fit.min_sensitivity, fit.confidence) or 0) >= 1)
+        out.append(f"with {n} {positive} films the threshold must keep every one of them, so it rests on the single "
+                   f"lowest {positive} score of the sample and costs specificity ({fit.after.specificity:.1%} on the "
+                   f"sample vs {fit.before.specificity:.1%} before); {more} or more {positive} films would allow a "
+                   f"miss (or lower --confidence, a weaker guarantee)")
     lo = fit.after.sensitivity_ci[0]
     if lo < fit.min_sensitivity - FAR_BELOW:
         out.append(f"the 95% interval of sensitivity reaches down to {lo:.3f}, far below the floor "

@@ -9,7 +9,9 @@ first half is calibrated with the real command (:func:`cxr_train.calibrate.main`
 policy, ``--min_sensitivity``), and the other half is scored through the ``Predictor`` at the new
 and at the old operating point. Then ``--repeats`` other random halves repeat the fit (the library
 function on the films' logits, scored once by the ``Predictor``) to show how much the outcome
-varies with the sample, beside the plain policy (sample sensitivity >= floor, no margin).
+varies with the sample, beside the plain policy (sample sensitivity >= floor, no margin), and
+``--sizes`` smaller samples (whole patients drawn at random, the rest scoring) show what to
+expect from 50-200 films.
 
 Same-centre films: a real new site differs more. This shows the mechanics and the small-sample
 margin, not how the model does elsewhere.
@@ -99,6 +101,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--min_sensitivity", type=float, default=0.95)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--repeats", type=int, default=20, help="other random patient-grouped halves (library fit)")
+    ap.add_argument("--sizes", default="50,100,200", help="smaller calibration samples to draw (films)")
+    ap.add_argument("--size_repeats", type=int, default=100)
     ap.add_argument("--json", default=None, help="write the figures here")
     a = ap.parse_args(argv)
     t0 = time.perf_counter()
@@ -171,6 +175,42 @@ def main(argv=None) -> dict:
             print(f"  {label:32} sensitivity mean {s['sensitivity_mean']:.3f} (min {s['sensitivity_min']:.3f}), "
                   f"specificity mean {s['specificity_mean']:.3f} (min {s['specificity_min']:.3f}); "
                   f"sens >= {a.min_sensitivity} in {s['share_sens_ge_floor']:.0%} of splits")
+    # smaller samples: N films of random patients calibrate, every other film scores
+    sizes = [int(x) for x in a.sizes.split(",") if x]
+    rng = np.random.default_rng(a.seed)
+    patients = np.unique(groups)
+    out["sizes"] = {}
+    if sizes:
+        print(f"\nsmaller samples ({a.size_repeats} random draws of whole patients each; the rest of the new patients "
+              "scores): share of draws with sensitivity >= 0.93 and specificity >= 0.90 on the rest")
+    for size in sizes:
+        rows = {"margin": [], "plain": []}
+        for _ in range(a.size_repeats):
+            chosen: list[int] = []
+            for pid in rng.permutation(patients):
+                chosen.extend(np.flatnonzero(groups == pid).tolist())
+                if len(chosen) >= size:
+                    break
+            c = np.array(chosen)
+            r = np.setdiff1d(np.arange(len(files)), c)
+            if len(set(y_all[c].tolist())) < 2:
+                continue
+            for name, conf in (("margin", 0.95), ("plain", 0.5)):
+                fit = fit_site_operating_point(logits[c], everyone.labels[c], old.positive_id, old.id2label,
+                                               previous=old.operating_point, sample_name="draw",
+                                               min_sensitivity=a.min_sensitivity, confidence=conf)
+                got = rates(fit.operating_point.apply(logits[r], old.positive_id).positive, y_all[r])
+                rows[name].append((got["sensitivity"], got["specificity"]))
+        out["sizes"][size] = {}
+        for name, label in (("margin", "default"), ("plain", "plain")):
+            v = np.array(rows[name])
+            d = {"draws": len(v), "sensitivity_mean": float(v[:, 0].mean()), "sensitivity_p5": float(np.quantile(v[:, 0], 0.05)),
+                 "specificity_mean": float(v[:, 1].mean()), "specificity_p5": float(np.quantile(v[:, 1], 0.05)),
+                 "share_target": float(((v[:, 0] >= 0.93) & (v[:, 1] >= 0.90)).mean())}
+            out["sizes"][size][name] = d
+            print(f"  {size:4d} films, {label:8}: sensitivity mean {d['sensitivity_mean']:.3f} (5th pct "
+                  f"{d['sensitivity_p5']:.3f}), specificity mean {d['specificity_mean']:.3f} (5th pct "
+                  f"{d['specificity_p5']:.3f}); target met in {d['share_target']:.0%}")
     out["seconds"] = round(time.perf_counter() - t0, 1)
     print(f"\n{out['seconds']} s on {out['cpu']}")
     if a.json:

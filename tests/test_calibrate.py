@@ -98,6 +98,14 @@ def test_floor_that_cannot_be_shown_is_warned_and_keeps_every_positive():
     assert "too few films" in f.operating_point.source
 
 
+def test_a_threshold_resting_on_one_film_is_warned():
+    logits, labels = scores(40, 70, shift=1.5)          # 70 positives: the bound allows no miss
+    f = fit(logits, labels)
+    assert f.floor_shown and f.misses_allowed == 0 and f.after.sensitivity == 1.0
+    assert any("rests on the single lowest PNEUMONIA score" in w and "93 or more" in w for w in f.warnings)
+    assert not any("single lowest" in w for w in fit(*scores(40, 300, shift=1.5)).warnings)
+
+
 def test_small_sample_is_warned():
     logits, labels = scores(12, 80)
     f = fit(logits, labels)

@@ -5,7 +5,8 @@
 What is measured, each dataset size in its own child process (so its peak RSS is its own):
 
 1. **store build**: N synthetic 224-px JPEG films (Kermany-style, ``cxr_train.synthetic``; copies
-   of 64 encoded films under N distinct names) decoded once with ``cxr.imaging.load_image`` and
+   of 64 encoded films under N distinct names; with ``--data DIR`` that folder's films, linked
+   cyclically under N distinct names) decoded once with ``cxr.imaging.load_image`` and
    resized by the model's image processor into the store (films/s).
 2. **loader** (``loader_img_per_s``, the headline): one shuffled epoch of ``CachedImages``
    through a ``torch`` DataLoader exactly as the Trainer builds it (batch size, ``--workers``,
@@ -75,19 +76,33 @@ def argparse_hidden():
 
 # ---------------------------------------------------------------- parent
 
-def write_films(folder: Path, n: int, size: int) -> Path:
-    """n JPEG films (copies of 64 encoded synthetic films) under distinct Kermany-style names."""
+def write_films(folder: Path, n: int, size: int, source: str | None = None) -> Path:
+    """n JPEG films under distinct Kermany-style names: copies of 64 encoded synthetic films, or
+    (``--data``) the folder's own films, hard-linked (copied where links fail) cyclically."""
     import io
+    import os
+    import shutil
 
     from cxr_train.synthetic import make_xray
 
+    for label in ("NORMAL", "PNEUMONIA"):
+        (folder / label).mkdir(parents=True, exist_ok=True)
+    if source:
+        real = common.image_files(source)
+        if not real:
+            raise SystemExit(f"error: no images under {source}")
+        for i in range(n):
+            target = folder / ("PNEUMONIA" if i % 2 else "NORMAL") / f"person{i}_bacteria_1.jpeg"
+            try:
+                os.link(real[i % len(real)], target)
+            except OSError:
+                shutil.copyfile(real[i % len(real)], target)
+        return folder
     encoded = []
     for i in range(64):
         buf = io.BytesIO()
         make_xray(i, i % 2 == 1, size).convert("RGB").save(buf, format="JPEG", quality=95)
         encoded.append(buf.getvalue())
-    for label in ("NORMAL", "PNEUMONIA"):
-        (folder / label).mkdir(parents=True, exist_ok=True)
     for i in range(n):
         label = "PNEUMONIA" if i % 2 else "NORMAL"
         (folder / label / f"person{i}_bacteria_1.jpeg").write_bytes(encoded[i % 64])
@@ -112,8 +127,8 @@ def main(argv=None) -> int:
     model_dir, model_desc = resolve_processor_model(args)
     root = common.temp_dir("films")
     t0 = time.perf_counter()
-    films = write_films(root / "films", max(args.sizes), args.image_size)
-    print(f"wrote {max(args.sizes)} synthetic films in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+    films = write_films(root / "films", max(args.sizes), args.image_size, args.data)
+    print(f"wrote {max(args.sizes)} {'linked' if args.data else 'synthetic'} films in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
     runs = []
     for i, n in enumerate(sorted(args.sizes)):
         cmd = [sys.executable, "-m", "benchmarks.data_throughput", "--child", str(n), "--films", str(films),
@@ -145,6 +160,7 @@ def main(argv=None) -> int:
         "meets_rss": growth <= TARGET_RSS_GROWTH_MB,
         "device": small["device"], "cpu_model": info["cpu_model"], "logical_cores": info["logical_cores"],
         "load_average_1m": info["load_average_1m"], "processor": model_desc,
+        "films": f"--data {args.data} (cycled under distinct names)" if args.data else "synthetic 224-px JPEG",
     }
     common.write_json(args.out, {**summary, "config": {**vars(args), "quick": args.quick}, "runs": runs,
                                  "machine": info})

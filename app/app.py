@@ -39,8 +39,9 @@ from cxr.inference import DISCLAIMER, ModelLoadError, Predictor
 from cxr.locate import IMAGE_SUFFIXES
 
 if __package__:     # cxr_app.app (pip install .) or app.app (the repository)
-    from . import files, handlers, render, rest
+    from . import budget, files, handlers, render, rest
 else:               # python app.py in a Space, or python app/app.py: its modules are top-level beside it
+    import budget
     import files
     import handlers
     import render
@@ -103,10 +104,16 @@ def create_demo(predictors: Predictor | list[Predictor]) -> gr.Blocks:
                     "([REST docs](api/v1/docs)).", elem_id="cxr-api-links")
 
         film_outputs = [film, notice, button, state, answers] + panel_outputs
+        # Handlers that decode take the client's address (gr.Request) for its decode budget (budget.py).
+        def on_file(file, state, request: gr.Request):
+            return handlers.show_film(file, state, n_models=n, client=budget.client_key(request))
+
+        def run(file, show_map, opac, state, request: gr.Request):
+            return handlers.predict_ui(file, show_map, opac, state, predictors=predictors,
+                                       client=budget.client_key(request))
+
         for event in (file.upload, file.clear):
-            event(functools.partial(handlers.show_film, n_models=n), inputs=[file, state], outputs=film_outputs,
-                  api_visibility="private", show_progress="hidden")
-        run = functools.partial(handlers.predict_ui, predictors=predictors)
+            event(on_file, inputs=[file, state], outputs=film_outputs, api_visibility="private", show_progress="hidden")
         button.click(run, inputs=[file, show, opacity, state], outputs=[film, answers, state] + panel_outputs,
                      api_visibility="private", concurrency_limit=handlers.INFERENCE_SLOTS, concurrency_id="predict")
         redraw = functools.partial(handlers.reblend, n_models=n)
@@ -121,8 +128,8 @@ def create_demo(predictors: Predictor | list[Predictor]) -> gr.Blocks:
                        outputs=[file, film, notice, button, answers, state] + panel_outputs,
                        api_visibility="private", concurrency_limit=handlers.INFERENCE_SLOTS,
                        concurrency_id="predict")
-        def predict(file: gr.FileData, show_heatmap: bool = True) -> Answer:
-            return handlers.api_predict(file, show_heatmap, predictors=predictors)
+        def predict(file: gr.FileData, show_heatmap: bool = True, request: gr.Request = None) -> Answer:
+            return handlers.api_predict(file, show_heatmap, predictors=predictors, client=budget.client_key(request))
 
         predict.__doc__ = handlers.api_predict.__doc__
         gr.api(predict, api_name="predict", concurrency_limit=handlers.INFERENCE_SLOTS, concurrency_id="predict")

@@ -27,8 +27,9 @@ from cxr.imaging import ImageLoadError, load_image
 from cxr.inference import Predictor
 
 if __package__:     # cxr_app.handlers (pip install .) or app.handlers (the repository)
-    from . import files, render
+    from . import budget, files, render
 else:               # a Space (python app.py): the app's modules are top-level modules beside it
+    import budget
     import files
     import render
 
@@ -103,11 +104,39 @@ def _display_copy(image: Image.Image) -> Image.Image:
     return image
 
 
-def _load(path: str) -> Image.Image:
+def _load(source, client: str = "local") -> Image.Image:
+    """Decode an upload (its path, or the bytes a REST request sent) with the project's loader,
+    within ``client``'s share of the decode workers (budget.py)."""
     try:
-        return load_image(path)
+        with budget.budget().spend(client):
+            return load_image(source)
+    except budget.OverBudget as e:
+        raise gr.Error(str(e), print_exception=False) from None
     except ImageLoadError as e:
         raise gr.Error(f"Cannot use this file: {e}.", print_exception=False) from None
+
+
+class _Decoded:
+    """The last few films decoded on upload (show_film), so that Predict does not decode them
+    again: at most ``size`` films (<= 2048 px each, ~12 MB), the oldest dropped first; a miss
+    (dropped, or another worker process) decodes the upload again."""
+
+    def __init__(self, size: int = 8):
+        self.size, self._items, self._lock = size, {}, threading.Lock()
+
+    def put(self, path: str, image: Image.Image) -> None:
+        with self._lock:
+            self._items.pop(path, None)
+            self._items[path] = image
+            while len(self._items) > self.size:
+                self._items.pop(next(iter(self._items)))
+
+    def pop(self, path: str) -> Image.Image | None:
+        with self._lock:
+            return self._items.pop(path, None)
+
+
+DECODED = _Decoded()
 
 
 def analyse(image: Image.Image, predictors: list[Predictor], *, explain: bool = True,
@@ -146,7 +175,8 @@ def _gradio_file(heat: np.ndarray) -> dict:
     return gr.FileData(path=_write_heatmap(heat), mime_type="image/png").model_dump()
 
 
-def api_predict(file: gr.FileData, show_heatmap: bool = True, *, predictors: list[Predictor]) -> Answer:
+def api_predict(file: gr.FileData, show_heatmap: bool = True, *, predictors: list[Predictor],
+                client: str = "local") -> Answer:
     """Predict NORMAL or PNEUMONIA for one chest X-ray (PNG, JPEG or DICOM, up to 10 MB) with every
     loaded model, at each model's operating point. Research and education only: not a medical
     device. A plain-HTTP alternative with the same answer: curl -F file=@chest_xray.jpeg
@@ -163,7 +193,7 @@ def api_predict(file: gr.FileData, show_heatmap: bool = True, *, predictors: lis
     if not path:
         raise gr.Error("Please send a chest X-ray (PNG, JPEG or DICOM).", print_exception=False)
     try:
-        image = _load(path)
+        image = _load(path, client)
     finally:
         files.janitor().discard(path)            # the upload is not kept once read
     results = analyse(image, predictors, explain=bool(show_heatmap), encode_map=_gradio_file)
@@ -191,41 +221,44 @@ def _panel_updates(state: dict | None, show_map: bool, opacity: float, n: int) -
     return updates
 
 
-def show_film(file, state, *, n_models: int):
-    """On upload: the film decoded by the project's loader, or why it cannot be used."""
+def show_film(file, state, *, n_models: int, client: str = "local"):
+    """On upload: the film decoded by the project's loader (kept for Predict in ``DECODED``), or
+    why it cannot be used."""
     hidden = _panel_updates(None, False, 0, n_models)
     if file is None:
         return [gr.update(value=None, visible=False), gr.update(value="", visible=False),
                 gr.update(interactive=False), None, gr.update(value="", visible=False)] + hidden
+    path = None
     try:
         path = files.uploaded_path(file)
-        image = load_image(path)
-    except (ImageLoadError, files.NotUploaded) as e:
+        image = _load(path, client)
+    except (gr.Error, files.NotUploaded) as e:
         files.janitor().discard(path)
-        msg = f'<div class="cxr-notice">Cannot use this file: {html.escape(str(e))}.</div>'
+        text = e.message if isinstance(e, gr.Error) else str(e)
+        msg = f'<div class="cxr-notice">{html.escape(text)}</div>'
         return [gr.update(value=None, visible=False), gr.update(value=msg, visible=True),
                 gr.update(interactive=False), None, gr.update(value="", visible=False)] + hidden
+    DECODED.put(path, image)
     display = _display_copy(image)
     return [gr.update(value=display, visible=True), gr.update(value="", visible=False),
             gr.update(interactive=True), {"display": display, "path": path},
             gr.update(value="", visible=False)] + hidden
 
 
-def predict_ui(file, show_map: bool, opacity: float, state, *, predictors: list[Predictor]):
+def predict_ui(file, show_map: bool, opacity: float, state, *, predictors: list[Predictor], client: str = "local"):
     """Predict: every model's answer card, then its overlay (film + map) and map caption."""
     path = None if file is None else (file.get("path") if isinstance(file, dict) else getattr(file, "path", file))
     same_film = bool(state) and path is not None and state.get("path") == path
     if same_film and state.get("results") is not None:
         results = state["results"]                     # same film again: same answer
     else:
-        if same_film and state.get("image") is not None:
-            image = state["image"]                     # decoded once, on upload (show_film)
-            files.janitor().discard(path)
-        else:
-            path = _upload(file)
-            if not path:
-                raise gr.Error("Please upload a chest X-ray (PNG, JPEG or DICOM).", print_exception=False)
-            image = _load(path)
+        path = _upload(file)
+        if not path:
+            raise gr.Error("Please upload a chest X-ray (PNG, JPEG or DICOM).", print_exception=False)
+        image = DECODED.pop(path) if same_film else None   # decoded once, on upload (show_film)
+        try:
+            image = image if image is not None else _load(path, client)
+        finally:
             files.janitor().discard(path)
         results = analyse(image, predictors, explain=True)
         state = {"display": state["display"] if same_film and state.get("display") is not None

@@ -46,8 +46,9 @@ from cxr.imaging import default_pool
 from cxr.inference import DISCLAIMER, Predictor
 
 if __package__:     # cxr_app.rest (pip install .) or app.rest (the repository)
-    from . import handlers
+    from . import budget, handlers
 else:               # a Space (python app.py): the app's modules are top-level modules beside it
+    import budget
     import handlers
 
 logger = logging.getLogger("cxr.app")
@@ -198,12 +199,12 @@ class RestState:
             self.decoding -= 1
 
 
-def decode_upload(data: bytes) -> tuple[int, str] | Any:
+def decode_upload(data: bytes, client: str = "local") -> tuple[int, str] | Any:
     """The upload's film through the page's decoder (``handlers._load``: the one loader, and the
     decode budget around it), or (status, message): 415 for a file of the wrong type, 400 for
     one that cannot be used."""
     try:
-        return handlers._load(data)
+        return handlers._load(data, client)
     except gr.Error as e:
         message = str(e.message if hasattr(e, "message") else e)
         return (415 if NOT_AN_IMAGE in message else 400), message
@@ -231,6 +232,7 @@ def build_router(demo: gr.Blocks, predictors: list[Predictor], *, max_waiting: i
     @router.post(PREDICT_PATH, response_model=RestAnswer, responses=ERRORS, tags=["predict"],
                  summary="Predict NORMAL or PNEUMONIA for one chest X-ray")
     async def predict(
+        request: Request,
         file: Annotated[UploadFile, File(description="The chest X-ray: PNG, JPEG or DICOM, up to 10 MB.")],
         heatmap: Annotated[bool | None, Query(description="Also return each model's heat map, a greyscale "
                                                            "PNG, base64-encoded (default false).")] = None,
@@ -260,7 +262,7 @@ def build_router(demo: gr.Blocks, predictors: list[Predictor], *, max_waiting: i
 
         def work():
             try:
-                image = decode_upload(data)
+                image = decode_upload(data, budget.client_key(request))
             finally:
                 state.decoded()
             if isinstance(image, tuple):

@@ -73,10 +73,24 @@ class DecodePool:
 
     def decode(self, data: bytes, suffix: str, max_pixels: int, max_side: int | None = None) -> Image.Image:
         worker = self._idle.get()
+        worker.sent_at = None
         try:
             return worker.decode(data, suffix, max_pixels, self.timeout_s, self.start_timeout_s, max_side)
-        finally:
+        finally:   # the worker's time on this file: not the wait for a free or a starting worker
+            _LAST.seconds = 0.0 if worker.sent_at is None else time.monotonic() - worker.sent_at
             self._idle.put(worker)
+
+
+_LAST = threading.local()
+
+
+def last_decode_seconds(*, reset: bool = False) -> float:
+    """Seconds a worker spent on this thread's latest :meth:`DecodePool.decode` (0 before any,
+    and after ``reset``): what a decode cost the pool, without the wait for a free worker."""
+    seconds = getattr(_LAST, "seconds", 0.0)
+    if reset:
+        _LAST.seconds = 0.0
+    return seconds
 
 
 class _WorkerGone(Exception):
@@ -88,6 +102,7 @@ class _Worker:
         self.memory_mb = memory_mb
         self.proc: subprocess.Popen | None = None
         self.ready = False
+        self.sent_at: float | None = None   # when the current request was handed to the process
 
     def spawn(self) -> None:
         if self.proc is not None:
@@ -155,6 +170,7 @@ class _Worker:
                 request = json.dumps({"suffix": suffix[:16], "max_pixels": int(max_pixels),
                                       "max_side": int(max_side) if max_side else None}).encode()
                 self.proc.stdin.write(struct.pack(">IQ", len(request), len(data)) + request)
+                self.sent_at = time.monotonic()
                 self.proc.stdin.write(data)
                 self.proc.stdin.flush()
             except (_WorkerGone, OSError, ValueError, TimeoutError):

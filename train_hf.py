@@ -311,10 +311,14 @@ def fit_ood_statistics(model, processor, data: PreparedData, data_args, training
     val = data.splits["validation"].with_format(None)
     logger.info("fitting the OOD statistics on %s training films (at most %d) ...", f"{len(train):,}",
                 data_args.ood_max_train)
-    scorer = fit_for_run(model, processor, train["image"], train["label"], val["image"],
-                         max_train=data_args.ood_max_train, seed=training_args.seed,
-                         progress=not training_args.disable_tqdm, data=Path(str(data_args.dataset_name)).name,
-                         validation="the run's own validation split")
+    try:
+        scorer = fit_for_run(model, processor, train["image"], train["label"], val["image"],
+                             max_train=data_args.ood_max_train, seed=training_args.seed,
+                             progress=not training_args.disable_tqdm, data=Path(str(data_args.dataset_name)).name,
+                             validation="the run's own validation split")
+    except ValueError as e:   # e.g. too few films: the folder is complete and serves without the check
+        logger.warning("OOD statistics not written: %s", e)
+        return {"error": str(e)}
     path = save_fit(scorer, out_dir)
     facts = {"file": path.name, "threshold": float(scorer.threshold), "seconds": round(time.time() - t0, 1),
              **scorer.facts}
@@ -353,10 +357,13 @@ def render_summary(result: dict) -> str:
         rows.append("  no split was scored (--do_eval false)")
     seconds = result.get("train_seconds", 0.0)
     rows.append(f"  training time: {seconds / 60:.1f} min" if seconds >= 60 else f"  training time: {seconds:.0f} s")
-    rows.append(f"  OOD statistics: {'ood.safetensors written' if ood else 'not written (--ood_fit false)'}"
-                + (f" (threshold {ood['threshold']:.2f}, {100 * ood['val_flagged']:.1f}% of validation films "
-                   f"flagged, {100 * ood['held_out_non_xray_flagged']:.0f}% of held-out non-X-rays)" if ood else
-                   ": run python -m cxr_train.ood_fit fit --model FOLDER --data DATA for the Space's OOD check"))
+    if ood and "error" not in ood:
+        rows.append(f"  OOD statistics: ood.safetensors written (threshold {ood['threshold']:.2f}, "
+                    f"{100 * ood['val_flagged']:.1f}% of validation films flagged, "
+                    f"{100 * ood['held_out_non_xray_flagged']:.0f}% of held-out non-X-rays)")
+    else:
+        rows.append(f"  OOD statistics: not written ({ood['error'] if ood else '--ood_fit false'}); the Predictor "
+                    "and the Space serve it without the OOD check (python -m cxr_train.ood_fit fit adds it)")
     if result.get("pushed"):
         rows.append(f"  pushed to the Hub: {result['pushed']}")
     rows += ["Next:",

@@ -179,3 +179,28 @@ def test_unwritable_output_folder_is_refused_before_the_data(tmp_path, capsys):
         ro.mkdir(mode=0o555)
         assert train_hf.main(_train_args(tmp_path / "no-such-data", ro / "out")) == 2
         assert not (ro / "out").exists()
+
+
+def test_end_of_run_summary_names_the_folder_the_figures_and_what_next(tmp_path):
+    from types import SimpleNamespace
+
+    from cxr.operating_point import OperatingPoint
+    from train_hf import render_summary
+
+    m = {"n_samples": 447, "roc_auc": 0.9981, "sensitivity": 0.9789, "specificity": 0.9739, "accuracy": 0.9776}
+    ext = {"n_samples": 746, "roc_auc": 0.9984, "sensitivity": 0.9838, "specificity": 0.9792, "accuracy": 0.9826}
+    ood = {"threshold": 69.03, "val_flagged": 0.009, "held_out_non_xray_flagged": 0.97}
+    result = {"output_dir": str(tmp_path / "run"), "operating_point": OperatingPoint(threshold=0.34),
+              "metrics": {"validation": m, "external": ext}, "cv": None, "ood": ood, "train_seconds": 396.0}
+    text = render_summary(result)
+    assert f"Model folder: {tmp_path / 'run'}" in text and "threshold 0.340" in text
+    assert "validation, where the operating point was fitted (447 films): AUROC 0.998, sensitivity 0.979" in text
+    assert "hold-out / external, scored once (746 films): AUROC 0.998, sensitivity 0.984, specificity 0.979" in text
+    assert "OOD statistics: ood.safetensors written (threshold 69.03, 0.9% of validation films flagged" in text
+    assert "training time: 6.6 min" in text
+    assert f"cxr-predict --model {tmp_path / 'run'} film.jpeg" in text and "cxr-push --folder" in text
+    cv = SimpleNamespace(k=5, summary={"roc_auc": {"mean": 0.91, "sd": 0.02}})
+    text = render_summary({**result, "cv": cv, "ood": {"error": "fit_ood needs at least 2 training images"}})
+    assert "5-fold cross-validation (operating point fitted on its out-of-fold scores): AUROC 0.910 ± 0.020" in text
+    assert "validation (447 films)" in text
+    assert "OOD statistics: not written (fit_ood needs at least 2 training images)" in text

@@ -11,7 +11,8 @@ model's own image processor into an on-disk uint8 store, so an epoch reads bytes
   ``pixels.u8`` (fixed-size H x W x 3 uint8 records, appended) and ``index.json`` (film key ->
   record). A film's key is its path, size and modification time (or a hash of its bytes for
   datasets that embed them), so the store is reused by CV folds, epochs and later runs, a
-  changed file is decoded again, and a changed size/resample/loader is another folder.
+  changed file is decoded again, and a changed size/resample/loader is another folder. Records of
+  films that changed stay behind unused: delete the folder to reclaim the space.
 - :class:`CachedImages` is a torch ``Dataset`` over a split's records: batches are read with
   ``os.preadv`` into one buffer (pages stay in the OS page cache, not in this process: RSS
   stays flat whatever the dataset size) and handed on as uint8 (N, 3, H, W) channels_last.
@@ -24,6 +25,7 @@ import hashlib
 import json
 import logging
 import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -44,7 +46,7 @@ def default_cache_dir() -> Path:
         return Path(os.environ["CXR_CACHE_DIR"])
     hf = os.environ.get("HF_DATASETS_CACHE") or Path(os.environ.get("HF_HOME") or Path.home() / ".cache" / "huggingface") / "datasets"
     return Path(hf) / "cxr-films"
-_FLUSH_EVERY = 512          # films decoded between index checkpoints (an interrupted build resumes)
+_FLUSH_SECONDS = 30.0       # index checkpoint interval while building (an interrupted build resumes)
 
 
 class CacheError(ValueError):
@@ -221,7 +223,7 @@ class FilmStore:
         n0 = len(index)
         loader = torch.utils.data.DataLoader(_DecodeFilms(images, self.spec), batch_size=None,
                                              num_workers=num_workers, collate_fn=_identity)
-        bad, new = [], {}
+        bad, new, flushed = [], {}, time.monotonic()
         try:
             with open(self.pixels_path, "ab") as fh:
                 fh.truncate(n0 * self.record)        # drop a record half-written by an interrupted build
@@ -235,9 +237,10 @@ class FilmStore:
                                          f"expected uint8 {self.shape}")
                     fh.write(pixels.tobytes())
                     new[keys[i]] = n0 + len(new)
-                    if len(new) % _FLUSH_EVERY == 0:
+                    if time.monotonic() - flushed > _FLUSH_SECONDS:
                         fh.flush()
                         self._write_index({**index, **new})
+                        flushed = time.monotonic()
                 fh.flush()
                 os.fsync(fh.fileno())
         except OSError as e:

@@ -229,3 +229,26 @@ def test_no_films_written_for_a_mismatched_timm_resize(tmp_path, films):
     with pytest.raises(CacheError, match="expected uint8"):
         store.rows(_items(films[:1]))
     assert len(store) == 0
+
+
+def test_an_interrupted_build_resumes(films, tmp_path, monkeypatch):
+    spec = build_pixel_spec(PROCESSORS["torchvision (presets)"]())
+    store = FilmStore(tmp_path / "store", spec)
+    real = cache_mod._DecodeFilms.__getitem__
+
+    def dies_at_third(self, i):
+        if i == 2:
+            raise RuntimeError("killed")
+        return real(self, i)
+
+    monkeypatch.setattr(cache_mod, "_FLUSH_SECONDS", -1.0)      # checkpoint the index after every film
+    monkeypatch.setattr(cache_mod._DecodeFilms, "__getitem__", dies_at_third)
+    with pytest.raises(RuntimeError, match="killed"):
+        store.rows(_items(films))
+    assert len(store) == 2
+    monkeypatch.setattr(cache_mod._DecodeFilms, "__getitem__", real)
+    rows = store.rows(_items(films))
+    assert rows.tolist() == [0, 1, 2, 3]
+    assert store.pixels_path.stat().st_size == 4 * store.record
+    expected = pixel_values(PROCESSORS["torchvision (presets)"](), [load_image(str(films[3]), isolate=False)])
+    assert torch.equal(spec.normalise(CachedImages(store, rows, [0] * 4).__getitems__([3])["pixel_values"]), expected)

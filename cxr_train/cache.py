@@ -33,6 +33,8 @@ from typing import Callable
 import numpy as np
 import torch
 
+from .data import DataError
+
 logger = logging.getLogger(__name__)
 
 # Bump when load_image's output or the store layout changes: older stores are then ignored.
@@ -49,8 +51,9 @@ def default_cache_dir() -> Path:
 _FLUSH_SECONDS = 30.0       # index checkpoint interval while building (an interrupted build resumes)
 
 
-class CacheError(ValueError):
-    """The film store cannot be built (unreadable films, a corrupt store, a full disk)."""
+class CacheError(DataError):
+    """The film store cannot be built (unreadable films, a corrupt store, a full disk): a
+    ``DataError``, so the command line reports it as one clear line."""
 
 
 # ---------------------------------------------------------------- the processor, split at uint8

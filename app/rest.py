@@ -17,7 +17,7 @@ so a REST prediction takes one of the same ``handlers.SLOTS`` as the page and th
 A request that would wait behind more than the queue's size (Gradio's queue and the REST
 requests waiting, together; ``CXR_QUEUE_SIZE``, 64) is refused at once with 503. Refusals are
 JSON ``{"error": message}`` with their status: 400 bad file or request, 413 too large, 415 not
-an image, 503 busy; the message never carries a path, a traceback or patient data.
+an image, 429 over the client's decode budget (budget.py), 503 busy; the message never carries a path, a traceback or patient data.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from typing import Annotated, Any, get_type_hints
 import anyio
 import gradio as gr
 import numpy as np
+from PIL import Image
 from fastapi import APIRouter, File, Form, Query, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.docs import get_swagger_ui_html
@@ -42,7 +43,7 @@ from pydantic import BaseModel, Field, create_model
 # cxr is the installed package (pip install .), or the cxr/ folder beside app.py in a Space
 from cxr.api import FIELDS, MODEL_INFO_FIELDS, Answer, ModelAnswer, ModelInfo, answer, model_info
 from cxr.explain import heatmap_image
-from cxr.imaging import default_pool
+from cxr.imaging import ImageLoadError, default_pool
 from cxr.inference import DISCLAIMER, Predictor
 
 if __package__:     # cxr_app.rest (pip install .) or app.rest (the repository)
@@ -150,6 +151,8 @@ ERRORS = {400: {"model": ErrorBody, "description": "Bad file (corrupt, truncated
                                                      "or bad request (no file field, unknown model, bad option)."},
           413: {"model": ErrorBody, "description": "The file is over 10 MB, or more than one file was sent."},
           415: {"model": ErrorBody, "description": "The file is not a PNG, JPEG or DICOM image."},
+          429: {"model": ErrorBody, "description": "This client has used its share of image decoding for now "
+                                                     "(files slow to decode): retry after Retry-After seconds."},
           503: {"model": ErrorBody, "description": "The prediction queue is full: retry after a few seconds."}}
 
 
@@ -199,15 +202,28 @@ class RestState:
             self.decoding -= 1
 
 
-def decode_upload(data: bytes, client: str = "local") -> tuple[int, str] | Any:
-    """The upload's film through the page's decoder (``handlers._load``: the one loader, and the
-    decode budget around it), or (status, message): 415 for a file of the wrong type, 400 for
-    one that cannot be used."""
+class Refusal(Exception):
+    """A request the REST route answers with ``status`` and ``{"error": message}``."""
+
+    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status, self.message, self.headers = status, message, headers or {}
+
+
+def decode_upload(data: bytes, client: str = "local") -> Image.Image:
+    """The upload's film through the page's decoder (``handlers._load``: the one loader, within
+    the client's decode budget), or :class:`Refusal`: 415 for a file of the wrong type, 429 for a
+    client over its decode budget, 400 for a file that cannot be used. The page's message is
+    kept; the status comes from the loader's own exception (the context ``_load`` raised from)."""
     try:
         return handlers._load(data, client)
     except gr.Error as e:
-        message = str(e.message if hasattr(e, "message") else e)
-        return (415 if NOT_AN_IMAGE in message else 400), message
+        message, cause = str(getattr(e, "message", e)), e.__context__
+        if isinstance(cause, budget.OverBudget):
+            raise Refusal(429, message, {"Retry-After": str(max(1, round(cause.retry_after)))}) from None
+        if isinstance(cause, ImageLoadError) and NOT_AN_IMAGE in str(cause):
+            raise Refusal(415, message) from None
+        raise Refusal(400, message) from None
 
 
 def _base64_png(heat: np.ndarray) -> str:
@@ -265,19 +281,17 @@ def build_router(demo: gr.Blocks, predictors: list[Predictor], *, max_waiting: i
                 image = decode_upload(data, budget.client_key(request))
             finally:
                 state.decoded()
-            if isinstance(image, tuple):
-                return image
             try:
                 results = handlers.analyse(image, use, explain=want_map, encode_map=_base64_png)
             except gr.Error as e:
-                message = str(e.message if hasattr(e, "message") else e)
-                return (400, message) if message != handlers.GENERIC_ERROR else (500, message)
+                message = str(getattr(e, "message", e))
+                raise Refusal(500 if message == handlers.GENERIC_ERROR else 400, message) from None
             return answer([r for r, _ in results])
 
-        out = await anyio.to_thread.run_sync(work, limiter=state.limiter())
-        if isinstance(out, tuple):
-            return error(*out)
-        return out
+        try:
+            return await anyio.to_thread.run_sync(work, limiter=state.limiter())
+        except Refusal as e:
+            return error(e.status, e.message, **e.headers)
 
     @router.get(f"{PREFIX}/model-info", response_model=ModelInfoList, tags=["models"],
                 summary="The loaded models' facts")

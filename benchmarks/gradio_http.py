@@ -1,6 +1,8 @@
-"""The one raw HTTP client of the app's ``/predict`` API (Gradio's documented HTTP API: upload,
-call, the event's SSE stream, then the heat-map download), used by the latency benchmark and the
-app tests alike. Inputs of ``/predict``: (file, show_heatmap)."""
+"""The raw HTTP clients of the app, used by the latency benchmark and the app tests alike:
+:class:`HttpUser` speaks Gradio's documented HTTP API for ``/predict`` (upload, call, the event's
+SSE stream, then the heat-map download; inputs (file, show_heatmap)); :class:`RestUser` the REST
+API on the same server (one multipart POST to ``/api/v1/predict``, the map inline as base64).
+Both return ``[answer]``: the same JSON object (cxr.api), as Gradio's ``data`` list holds it."""
 
 from __future__ import annotations
 
@@ -46,6 +48,29 @@ class HttpUser:
         if steps is not None:
             for k, v in (("upload", t1 - t0), ("call", t2 - t1), ("queue_and_run", t3 - t2), ("download", t4 - t3)):
                 steps.setdefault(k, []).append(v)
+        return data
+
+    def close(self):
+        self.http.close()
+
+
+class RestUser:
+    """One REST client: a kept-alive connection, one POST per prediction (app/rest.py)."""
+
+    def __init__(self, url: str):
+        import httpx
+
+        self.http = httpx.Client(base_url=url, timeout=120)
+
+    def predict(self, path: Path, heatmap: bool, steps: dict | None = None) -> list:
+        t0 = time.perf_counter()
+        r = self.http.post("/api/v1/predict", params={"heatmap": str(bool(heatmap)).lower()},
+                           files={"file": (path.name, path.read_bytes())})
+        if r.status_code != 200:
+            raise RuntimeError(f"request failed: {r.status_code}: {r.text[:200]}")
+        data = [r.json()]
+        if steps is not None:
+            steps.setdefault("request", []).append(time.perf_counter() - t0)
         return data
 
     def close(self):

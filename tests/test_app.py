@@ -12,6 +12,7 @@ import sys
 import tempfile
 import threading
 import time
+import typing
 from pathlib import Path
 
 import httpx
@@ -111,7 +112,7 @@ def test_greyscale_photo_is_flagged_with_no_label_and_no_map(client, tmp_path):
     for m in r["models"]:
         assert m["out_of_distribution"] and m["ood_score"] > m["ood_threshold"]
         assert m["decision"] is None and m["probability"] is None and m["heatmap"] is None
-        assert "does not look like a chest X-ray" in m["message"]
+        assert "does not look like a chest X-ray" in m["message"] or "not meaningful" in m["message"]
 
 
 def test_ct_dicom_is_refused_by_modality(client, tmp_path):
@@ -442,16 +443,49 @@ def test_overlay_is_transparent_where_the_map_is_zero():
     assert np.abs(weak - base).max() <= 4
 
 
+def _stored_upload(tmp_path, name: str) -> str:
+    """A file as the upload route stores it: in the app's cache folder, registered (files.uploaded_path)."""
+    from app import files
+
+    jan = files.janitor()
+    folder = jan.root / f"test-{name}"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / name).write_bytes((tmp_path / name).read_bytes())
+    jan.register_upload([str(folder / name)])
+    return str(folder / name)
+
+
 def test_show_film_and_predict_button(model_folders, tmp_path):
     from app import handlers
 
-    path = film(tmp_path, "f.png")
-    out = handlers.show_film(str(path), None, n_models=1)
+    film(tmp_path, "f.png")
+    out = handlers.show_film(_stored_upload(tmp_path, "f.png"), None, n_models=1)
     assert out[0]["visible"] and out[0]["value"].size == (96, 96) and out[2]["interactive"] is True
     (tmp_path / "bad.png").write_bytes(b"not an image")
-    bad = handlers.show_film(str(tmp_path / "bad.png"), None, n_models=1)
+    bad = handlers.show_film(_stored_upload(tmp_path, "bad.png"), None, n_models=1)
     assert bad[1]["visible"] and "Cannot use this file" in bad[1]["value"] and bad[2]["interactive"] is False
     assert handlers.show_film(None, None, n_models=1)[2]["interactive"] is False
+
+
+def test_predict_button_uses_the_film_decoded_on_upload(model_folders, tmp_path, monkeypatch):
+    """One decode per upload: Predict uses the film show_film decoded (no second decode), answers
+    in the one schema, removes the upload, and the session keeps no full-size film."""
+    from app import handlers
+    from cxr.api import ModelAnswer
+
+    predictor = Predictor.from_pretrained(model_folders[0], precision="fp32")
+    film(tmp_path, "g.png")
+    path = _stored_upload(tmp_path, "g.png")
+    state = handlers.show_film(path, None, n_models=1)[3]
+    calls = []
+    monkeypatch.setattr(handlers, "_load", lambda *a, **k: calls.append(a))
+    out = handlers.predict_ui(path, True, 0.5, state, predictors=[predictor])
+    new_state = out[2]
+    assert not calls and not Path(path).exists()                    # decoded once, then removed
+    assert set(new_state) == {"display", "path", "results"} and max(new_state["display"].size) <= 512
+    (r, heat), = new_state["results"]
+    assert set(r) == set(typing.get_type_hints(ModelAnswer)) and r["decision"] == "PNEUMONIA" and heat.shape == (64, 64)
+    assert 'data-decision="PNEUMONIA"' in out[1]["value"]
 
 
 def test_model_facts_show_cv_and_external_or_say_not_measured(model_folders, trained_folder):
@@ -462,7 +496,9 @@ def test_model_facts_show_cv_and_external_or_say_not_measured(model_folders, tra
     assert "External data | 16 films; AUROC 0.870" in facts
     assert "distance limit" in facts
     plain = render.model_facts(Predictor.from_pretrained(trained_folder, precision="fp32"))
-    assert "Cross-validated | not measured" in plain and "colour check only" in plain
+    predictor = Predictor.from_pretrained(trained_folder, precision="fp32")
+    assert "Cross-validated | not measured" in plain
+    assert ("colour check only" in plain) == (predictor.ood is None) != ("distance limit" in plain)
     assert "transfer learning" in render.TEACHING.lower()
 
 

@@ -227,6 +227,17 @@ def test_refusals_have_status_and_a_json_error_without_internals(server, tmp_pat
 
 
 @pytest.mark.slow
+def test_a_client_over_its_decode_budget_gets_429(server, monkeypatch):
+    from app import budget
+
+    monkeypatch.setattr(budget, "_BUDGET", budget.DecodeBudget(seconds=1e-6, window=1000.0))
+    assert post(server, png_bytes()).status_code == 200          # the first decode spends the whole share
+    r = post(server, png_bytes())
+    assert r.status_code == 429 and "share of image decoding" in r.json()["error"]
+    assert int(r.headers["retry-after"]) >= 1
+
+
+@pytest.mark.slow
 def test_never_opens_a_path_given_by_a_client(server):
     for value in ("/etc/passwd", str(ROOT / "app" / "app.py")):
         r = httpx.post(f"{server}/api/v1/predict", data={"file": value}, timeout=60)
@@ -252,7 +263,7 @@ def test_model_info_health_and_docs(server):
     schema = httpx.get(f"{server}/api/v1/openapi.json", timeout=60).json()
     assert {"/api/v1/predict", "/api/v1/model-info", "/health"} <= set(schema["paths"])
     predict = schema["paths"]["/api/v1/predict"]["post"]
-    assert {"200", "400", "413", "415", "503"} <= set(predict["responses"])
+    assert {"200", "400", "413", "415", "429", "503"} <= set(predict["responses"])
     props = schema["components"]["schemas"]["Answer"]["properties"]
     assert set(props) == ANSWER_KEYS and all(p.get("description") for p in props.values())
     params = {p["name"]: p for p in predict["parameters"]}
@@ -391,3 +402,20 @@ def test_readme_rest_snippets_run(name, server, tmp_path):
         assert set(body) == ANSWER_KEYS and body["decision"] == "PNEUMONIA"
     else:
         assert out.splitlines()[-1].split()[0] == "PNEUMONIA"
+
+
+@pytest.mark.slow
+def test_benchmark_clients_get_the_same_answer(server, tmp_path):
+    from benchmarks.gradio_http import HttpUser, RestUser
+
+    path = tmp_path / "film.png"
+    path.write_bytes(png_bytes())
+    rest, gradio = RestUser(server), HttpUser(server)
+    try:
+        a, b = rest.predict(path, heatmap=True)[0], gradio.predict(path, heatmap=True)[0]
+    finally:
+        rest.close()
+        gradio.close()
+    for x, y in zip(a["models"], b["models"], strict=True):
+        assert isinstance(x["heatmap"], str) and y["heatmap"]["url"] and x["heatmap_size"] == y["heatmap_size"]
+        assert {k: v for k, v in x.items() if k != "heatmap"} == {k: v for k, v in y.items() if k != "heatmap"}

@@ -17,7 +17,8 @@ so a REST prediction takes one of the same ``handlers.SLOTS`` as the page and th
 A request that would wait behind more than the queue's size (Gradio's queue and the REST
 requests waiting, together; ``CXR_QUEUE_SIZE``, 64) is refused at once with 503. Refusals are
 JSON ``{"error": message}`` with their status: 400 bad file or request, 413 too large, 415 not
-an image, 429 over the client's decode budget (budget.py), 503 busy; the message never carries a path, a traceback or patient data.
+an image, 429 over the client's decode budget (budget.py), 503 busy; the message never carries
+a path, a traceback or patient data.
 """
 
 from __future__ import annotations

@@ -565,7 +565,9 @@ def render_summary(result: SiteCalibration) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(
+    from cxr.cli import ArgumentParser
+
+    ap = ArgumentParser(
         prog="cxr-calibrate",
         description="Refit a model's temperature and decision threshold on a labelled sample of a new site and write "
                     "a calibrated copy of the model folder (weights unchanged). Research and education only: "

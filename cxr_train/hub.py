@@ -381,11 +381,11 @@ def check_model_folder(folder: str | Path) -> Path:
 
 def push_main(argv: list[str] | None = None) -> int:
     """``cxr-push``: upload an existing model folder (e.g. a run trained without --push_to_hub)."""
-    import argparse
+    from cxr.cli import ArgumentParser
     import sys
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    ap = argparse.ArgumentParser(prog="cxr-push", description="Push a finished model folder to the Hugging Face "
+    ap = ArgumentParser(prog="cxr-push", description="Push a finished model folder to the Hugging Face "
                                  "Hub (checks the folder, the token and write access first).")
     ap.add_argument("--folder", required=True, help="the model folder train_hf.py wrote (its --output_dir)")
     ap.add_argument("--repo_id", required=True, help="Hub repo id: user/name or organisation/name")

@@ -20,6 +20,7 @@ from transformers import (
 )
 
 from cxr.architecture import CNN, VIT, ModelError, classification_head, family, find_blocks  # noqa: F401 (re-exported)
+from cxr.inference import image_processor_backend
 from cxr.locate import MissingFolderError, local_folder, weights_problem
 
 logger = logging.getLogger(__name__)
@@ -127,7 +128,8 @@ def load_checkpoint(name: str, id2label: dict[int, str], image_size: int | None 
         kwargs["attn_implementation"] = "sdpa"
     try:
         model = AutoModelForImageClassification.from_pretrained(name, **kwargs)
-        processor = AutoImageProcessor.from_pretrained(name, revision=revision, trust_remote_code=False)
+        processor = AutoImageProcessor.from_pretrained(name, revision=revision, trust_remote_code=False,
+                                                       backend=image_processor_backend(config))
     except (OSError, ValueError) as e:
         raise ModelError(f"cannot load checkpoint '{name}': {str(e).splitlines()[0]}") from None
     if type(processor).__name__ == "TimmWrapperImageProcessor":

@@ -419,7 +419,7 @@ def main(argv: list[str] | None = None) -> int:
     results = predictor.predict_batch(args.images)
     for path, r in zip(args.images, results):
         row = {"file": Path(path).name}
-        row.update({"error": str(r)} if isinstance(r, ImageLoadError) else r.to_dict())
+        row.update({"error": str(r)} if isinstance(r, ImageLoadError) else r.to_api())   # the one schema
         print(json.dumps(row))
     logger.info("%d images in %.2f s", len(args.images), time.perf_counter() - t0)
     return 1 if any(isinstance(r, ImageLoadError) for r in results) else 0

@@ -135,7 +135,7 @@ def test_cxr_predict_with_no_model_serves_the_default_and_states_its_rule(no_env
     assert predict_main(["--precision", "fp32", str(FILM)]) == 0
     out, err = capfd.readouterr()
     row = json.loads(out.strip().splitlines()[-1])
-    assert row["file"] == FILM.name and row["label"] in ("NORMAL", "PNEUMONIA") and row["ood_score"] is not None
+    assert row["file"] == FILM.name and row["decision"] in ("NORMAL", "PNEUMONIA") and row["ood_score"] is not None
     # the operating point the label was decided at, and why pipeline() can differ
     assert f"{row['threshold']:.3f}" in err and "transformers.pipeline()" in err and "argmax" in err
     assert DEFAULT_MODEL in err

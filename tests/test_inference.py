@@ -143,7 +143,7 @@ def test_cli(trained_folder, kermany_folder, capsys, tmp_path):
     rc = cli_main(["--model", str(trained_folder), "--precision", "fp32", str(good), str(bad)])
     lines = [json.loads(x) for x in capsys.readouterr().out.strip().splitlines()]
     assert rc == 1
-    assert lines[0]["label"] in ("NORMAL", "PNEUMONIA") and lines[0]["disclaimer"] == DISCLAIMER
+    assert lines[0]["decision"] in ("NORMAL", "PNEUMONIA") and lines[0]["disclaimer"] == DISCLAIMER
     assert "not a PNG, JPEG or DICOM" in lines[1]["error"]
 
 

@@ -222,7 +222,7 @@ def _serves_the_default_with_no_model(venv, installed, src, elsewhere, env):
                              text=True, timeout=300)
         assert run.returncode == 0, run.stderr[-3000:]
         row = json.loads(run.stdout.strip().splitlines()[-1])
-        assert row["file"] == Path(film).name and row["label"] in ("NORMAL", "PNEUMONIA"), row
+        assert row["file"] == Path(film).name and row["decision"] in ("NORMAL", "PNEUMONIA"), row
         assert row["ood_score"] is not None and DEFAULT_MODEL in run.stderr
         assert "backend is not available" not in run.stderr
 

@@ -234,10 +234,8 @@ def _base64_png(heat: np.ndarray) -> str:
 
 
 def decode_workers() -> DecodeWorkers:
-    pool = default_pool()
-    workers = list(getattr(pool, "_all", []))     # cxr.imaging.DecodePool's workers
-    alive = sum(1 for w in workers if getattr(w, "proc", None) is not None and w.proc.poll() is None)
-    return DecodeWorkers(alive=alive, total=len(workers))
+    alive, total = default_pool().alive()
+    return DecodeWorkers(alive=alive, total=total)
 
 
 def build_router(demo: gr.Blocks, predictors: list[Predictor], *, max_waiting: int) -> APIRouter:

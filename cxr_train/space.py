@@ -3,8 +3,8 @@
     python -m cxr_train.space --repo_id user/cxr-demo --model_id user/cxr-model [--private]
     python -m cxr_train.space --model_id user/cxr-model --dry_run /tmp/space      # build the folder only
 
-The Space folder holds app.py and its sibling modules (handlers.py, render.py, files.py, as
-top-level files), README.md (Space card), requirements.txt, examples/ and the serving package
+The Space folder holds app.py and its sibling modules (handlers.py, render.py, files.py,
+rest.py, budget.py, as top-level files), README.md (Space card), requirements.txt, examples/ and the serving package
 ``cxr`` whole (training, data loading, metrics and test helpers live in ``cxr_train``); never
 model weights: the Space downloads MODEL_ID from the Hub.
 """

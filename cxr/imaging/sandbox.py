@@ -71,6 +71,10 @@ class DecodePool:
         for w in self._all:
             w.kill()
 
+    def alive(self) -> tuple[int, int]:
+        """(workers whose process is running, workers): what a health check reports."""
+        return sum(1 for w in self._all if w.proc is not None and w.proc.poll() is None), len(self._all)
+
     def decode(self, data: bytes, suffix: str, max_pixels: int, max_side: int | None = None) -> Image.Image:
         worker = self._idle.get()
         worker.sent_at = None

@@ -39,7 +39,7 @@ def _requirements(path) -> dict[str, str]:
 NOT_IN_BASE = ("datasets", "peft", "evaluate", "accelerate", "sklearn", "matplotlib", "scipy", "gradio",
                "pytorch_grad_cam", "cv2", "skimage", "pandas", "pyarrow", "cxr_train")
 EXTRAS_ONLY = {"datasets", "peft", "evaluate", "accelerate", "scikit-learn", "matplotlib", "grad-cam", "gradio",
-               "scipy", "opencv-python-headless", "scikit-image"}
+               "scipy", "opencv-python-headless", "scikit-image", "tensorboard"}
 
 SERVE = """
 import json, sys, cxr.inference
@@ -121,7 +121,7 @@ def test_base_dependencies_are_serving_only():
 def test_requirements_agree_with_pyproject():
     project = pyproject()["project"]
     core = {_name(r): r.replace(" ", "") for r in project["dependencies"]}
-    extras = {_name(r): r.replace(" ", "") for key in ("train", "gradcam", "space", "checkpoints")
+    extras = {_name(r): r.replace(" ", "") for key in ("train", "gradcam", "space", "checkpoints", "track")
               for r in project["optional-dependencies"][key] if not r.startswith("cxr-transfer")}
     reqs = _requirements(ROOT / "requirements.txt")
     assert reqs == {**core, **extras}                                # same packages, same pins

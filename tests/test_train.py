@@ -254,3 +254,18 @@ def test_ood_fit_false_skips_it_and_the_summary_says_what_next(kermany_folder, t
                     f"cxr-push --folder {out.resolve()} --repo_id"):
         assert command in summary
     assert yaml.safe_load((out / "run_config.yaml").read_text())["ood_fit"] is False
+
+
+@pytest.mark.slow
+def test_a_run_can_be_watched_in_tensorboard(kermany_folder, tmp_path):
+    """--report_to tensorboard (the track extra): the loss and every clinical metric per evaluation."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "watched"
+    assert train_hf.main(base_args(kermany_folder, out, "--report_to", "tensorboard", "--ood_fit", "false")) == 0
+    events = sorted((out / "runs").rglob("events.out.tfevents*"))
+    assert events
+    acc = EventAccumulator(str(events[0]))
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    assert {"train/loss", "eval/roc_auc", "eval/sensitivity", "eval/specificity", "eval/brier", "eval/ece"} <= tags

@@ -212,7 +212,8 @@ def _split_config_flag(argv: list[str]) -> tuple[str | None, list[str]]:
 
 
 def parse_args(argv: list[str] | None = None):
-    """argv -> (ModelArguments, DataArguments, TrainingArguments, resolved dict)."""
+    """argv -> (ModelArguments, DataArguments, TrainingArguments); :func:`resolved_config`
+    gives the resolved dict that is saved with the run."""
     import sys
 
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -315,7 +316,8 @@ def validate_args(model_args: ModelArguments, data_args: DataArguments, training
 
 
 def resolved_config(model_args, data_args, training_args) -> dict:
-    """Everything needed to re-run, JSON-serialisable (saved as run_config.json / .yaml)."""
+    """Everything needed to re-run, JSON-serialisable (saved as ``run_config.yaml`` in the output
+    folder; it can be passed back as ``--config``)."""
     out = {}
     out.update(dataclasses.asdict(model_args))
     out.update(dataclasses.asdict(data_args))

@@ -45,8 +45,9 @@ def build_metric_table(title: str, metrics: dict) -> dict:
             "rows": rows, "ci": bool(ci), "confusion": metrics.get("confusion_matrix")}
 
 
-def build_cv_table(cv: dict) -> dict:
-    """Per-fold rows and the mean ± sd row, for the card (cv: train_hf.score_cv's output)."""
+def build_cv_table(cv: "CVScores") -> dict:
+    """Per-fold rows and the mean ± sd row, for the card (``cv``: ``CVResult.score()``'s
+    :class:`cxr_train.report.CVScores`)."""
     keys = [(k, n) for k, n in METRIC_ROWS if k in cv.summary]
     folds = [{"name": f"fold {i + 1}", "n": f["n_samples"], "cells": [_fmt(f[k]) for k, _ in keys]}
              for i, f in enumerate(cv.per_fold)]

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
+from sklearn.metrics import average_precision_score, brier_score_loss, roc_auc_score, roc_curve
 
 
 def _safe_div(num: float, den: float) -> float:
@@ -64,17 +64,26 @@ def compute_threshold_metrics(y_true, y_score, threshold: float = 0.5) -> dict:
     }
 
 
-def compute_calibration(y_true, y_score, n_bins: int = 10) -> dict:
-    """Brier score and expected calibration error (equal-width bins on the positive score)."""
+def compute_reliability(y_true, y_score, n_bins: int = 10) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The reliability diagram's points: for each non-empty equal-width bin of the positive
+    score, (mean predicted score, observed fraction positive, films in the bin). The one binning
+    the ECE (:func:`compute_calibration`) and the plot (``plots.render_calibration``) share."""
     y_true, y_score = _check(y_true, y_score)
-    brier = float(np.mean((y_score - y_true) ** 2))
     bins = np.minimum((y_score * n_bins).astype(int), n_bins - 1)
-    ece = 0.0
-    for b in range(n_bins):
-        m = bins == b
-        if m.any():
-            ece += m.mean() * abs(y_score[m].mean() - y_true[m].mean())
-    return {"brier": brier, "ece": float(ece)}
+    count = np.bincount(bins, minlength=n_bins)
+    keep = count > 0
+    predicted = np.bincount(bins, weights=y_score, minlength=n_bins)[keep] / count[keep]
+    observed = np.bincount(bins, weights=y_true, minlength=n_bins)[keep] / count[keep]
+    return predicted, observed, count[keep]
+
+
+def compute_calibration(y_true, y_score, n_bins: int = 10) -> dict:
+    """Brier score (scikit-learn's ``brier_score_loss``) and expected calibration error over
+    :func:`compute_reliability`'s bins."""
+    y_true, y_score = _check(y_true, y_score)
+    predicted, observed, count = compute_reliability(y_true, y_score, n_bins)
+    ece = float(np.sum(count / y_true.size * np.abs(predicted - observed)))
+    return {"brier": float(brier_score_loss(y_true, y_score)), "ece": ece}
 
 
 def compute_clinical_metrics(y_true, y_score, threshold: float = 0.5) -> dict:

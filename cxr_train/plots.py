@@ -10,6 +10,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from sklearn.metrics import roc_auc_score, roc_curve  # noqa: E402
+from .metrics import compute_reliability  # noqa: E402
 
 
 def render_roc(curves: dict[str, tuple], path: str | Path, title: str = "ROC (validation)") -> Path:
@@ -32,14 +33,7 @@ def render_calibration(y, s_raw, s_cal, path: str | Path, n_bins: int = 10) -> P
     fig, ax = plt.subplots(figsize=(4.5, 4.5), dpi=110)
     edges = np.linspace(0, 1, n_bins + 1)
     for name, s in (("uncalibrated", s_raw), ("temperature-scaled", s_cal)):
-        s = np.asarray(s)
-        idx = np.minimum((s * n_bins).astype(int), n_bins - 1)
-        xs, ys = [], []
-        for b in range(n_bins):
-            m = idx == b
-            if m.any():
-                xs.append(s[m].mean())
-                ys.append(np.asarray(y)[m].mean())
+        xs, ys, _ = compute_reliability(y, s, n_bins)     # the ECE's own bins
         ax.plot(xs, ys, "o-", ms=3, label=name)
     ax.plot(edges, edges, "k:", lw=0.8)
     ax.set(xlabel="predicted P(positive)", ylabel="observed fraction positive", title="Calibration (validation)",

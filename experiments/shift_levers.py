@@ -1,0 +1,413 @@
+"""Levers for robustness at a new site (issue #25, items 3-4): each trained on the hold-out-excluded
+pool exactly as :mod:`experiments.levers` trains (the default recipe, one change each), then scored
+on the patient-grouped hold-out, under the acquisition-shift stress test (:mod:`benchmarks.shift`),
+on the 16 later films, and timed.
+
+    python -m experiments.holdout --data ../shared/data/chest_xray_224 --out outputs/holdout_data \\
+        --manifest docs/levers/holdout_patients.json
+    python -m cxr_train.checkpoints import efficientnet-lite1        # pip install ".[checkpoints]"
+    python -m experiments.shift_levers run                            # trainings -> outputs/shift_levers/<lever>
+    python -m experiments.shift_levers soup                           # weight average of base, seed1, seed2
+    python -m experiments.shift_levers report --out docs/levers       # shift_levers.json / .md
+
+The soup (Wortsman et al. 2022, "uniform soup") averages the ``model.safetensors`` of runs that
+share the ImageNet start, the head's initialisation and the validation split (same ``--seed``)
+and differ only in the order the films are drawn (``--data_seed``); batch-norm running
+statistics are averaged too. Its operating point is re-fitted on the shared validation split
+with the recipe's own policy (equal error).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from experiments import levers
+
+RUNS = Path("outputs/shift_levers")
+NO_OOD = ["--ood_fit", "false"]          # lever runs are scored without the OOD check (as lever_report does)
+LEVERS = {
+    "base": NO_OOD,            # the shipped recipe (224 px, 2 epochs); the shipped folder itself is scored as base
+    "lite1_240": NO_OOD + ["--model_name_or_path", "checkpoints/tf_efficientnet_lite1.in1k",
+                           "--image_size", "240"],
+    "base_dseed1": NO_OOD + ["--data_seed", "1"],                          # soup members: same start, other order
+    "base_dseed2": NO_OOD + ["--data_seed", "2"],
+    "strong_aug": NO_OOD + ["--augment_strength", "strong"],
+    "epochs4": NO_OOD + ["--num_train_epochs", "4"],
+}
+SOUP_MEMBERS = ("base", "base_dseed1", "base_dseed2")
+
+
+# ---------------------------------------------------------------- soup (no cxr_train: safetensors + torch only)
+
+def average_state_dicts(files: list[Path]) -> dict:
+    """Uniform average of ``model.safetensors`` files with the same keys and shapes. Floating
+    tensors (weights, biases, batch-norm running mean / var) are averaged in float64 and cast back;
+    integer tensors (``num_batches_tracked``) are taken from the first file (they only count)."""
+    import torch
+    from safetensors.torch import load_file
+
+    if len(files) < 2:
+        raise ValueError(f"a soup needs at least two models, got {len(files)}")
+    sds = [load_file(str(f)) for f in files]
+    keys = list(sds[0])
+    for f, sd in zip(files[1:], sds[1:]):
+        if list(sd) != keys or any(sd[k].shape != sds[0][k].shape for k in keys):
+            raise ValueError(f"{f}: not the same architecture as {files[0]} (keys or shapes differ)")
+    out = {}
+    for k in keys:
+        t = sds[0][k]
+        if t.is_floating_point():
+            out[k] = (sum(sd[k].to(torch.float64) for sd in sds) / len(sds)).to(t.dtype).contiguous()
+        else:
+            out[k] = t.clone()
+    return out
+
+
+def validation_films(config: str = levers.CONFIG, pool: str = levers.POOL, seed: int = 42) -> tuple[list[str], list[str]]:
+    """(paths, labels) of the validation split ``train_hf.py`` carves out of the pool (by patient,
+    the run's ``--seed``): the same ``prepare_data`` call, images left undecoded."""
+    from cxr_train.config import parse_args
+    from cxr_train.data import prepare_data
+
+    _, data_args, _ = parse_args(["--config", config, "--dataset_name", pool, "--output_dir", "/tmp/unused",
+                                  "--seed", str(seed)])
+    data = prepare_data(data_args, seed=seed)
+    val = data.splits["validation"]
+    return ([im["path"] for im in val["image"]], [data.id2label[int(i)] for i in val["label"]])
+
+
+def make_soup(members: list[Path], out: Path, precision: str = "auto") -> Path:
+    """The soup's folder: the first member's files (config, processor, card...), the averaged
+    weights, and an operating point re-fitted (temperature, equal-error threshold) on the shared
+    validation split; ``eval_scores.json`` written as ``train_hf.py`` writes it."""
+    import shutil
+
+    import numpy as np
+    from safetensors.torch import save_file
+
+    from cxr.inference import Predictor
+    from cxr.operating_point import CONFIG_KEY
+    from cxr_train.training import fit_operating_point
+
+    out.mkdir(parents=True, exist_ok=True)
+    for f in members[0].iterdir():
+        if f.is_file() and f.suffix in (".json", ".yaml", ".md") and f.name not in ("external_results.json",):
+            shutil.copy(f, out / f.name)
+    save_file(average_state_dicts([m / "model.safetensors" for m in members]), str(out / "model.safetensors"),
+              metadata={"format": "pt"})
+    cfg_path = out / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg[CONFIG_KEY] = {"threshold": 0.5, "temperature": 1.0, "positive_label": "PNEUMONIA", "policy": "default"}
+    cfg_path.write_text(json.dumps(cfg, indent=2) + "\n")
+    files, labels = validation_films()
+    pred = Predictor.from_pretrained(str(out), precision=precision)
+    pred.ood = None
+    p = np.clip([r.positive_probability for r in pred.predict_batch(files)], 1e-7, 1 - 1e-7)
+    logits = np.stack([np.zeros_like(p), np.log(p / (1 - p))], axis=1)        # softmax-equivalent 2-class logits
+    pos = pred.positive_id
+    if pos == 0:
+        logits = logits[:, ::-1]
+    y = np.array([int(lab == pred.id2label[pos]) for lab in labels])
+    ids = np.where(y == 1, pos, 1 - pos)
+    op = fit_operating_point(logits, ids, pos, pred.id2label, policy="equal_error",
+                             fitted_on=f"the validation split ({len(y)} films) of the soup's members")
+    op.scored_in = "bf16" if pred.autocast_dtype is not None else "fp32"
+    cfg[CONFIG_KEY] = op.to_config()
+    cfg["cxr_soup"] = {"members": [str(m) for m in members], "rule": "uniform average of model.safetensors "
+                       "(batch-norm running statistics averaged)"}
+    cfg_path.write_text(json.dumps(cfg, indent=2) + "\n")
+    probs = op.probabilities(logits)[:, pos]
+    (out / "eval_scores.json").write_text(json.dumps({"labels": y.tolist(), "scores": [round(float(x), 6) for x in probs],
+                                                      "threshold": op.threshold}) + "\n")
+    return out
+
+
+# ---------------------------------------------------------------- scoring (per model, cached)
+
+EXTERNAL = Path("../shared/data/chest_xray_val_fullres")
+DATA = Path("../shared/data/chest_xray_224")
+SEVERITIES = (1, 2)
+SHIFT_PER_CLASS = {"NORMAL": 96, "PNEUMONIA": 64}   # hold-out films under shift (spread over the sorted list)
+
+
+def shift_subset(films: list[tuple[Path, str]], per_class: dict[str, int]) -> list[tuple[Path, str]]:
+    from benchmarks.shift import spread
+
+    by: dict[str, list] = {}
+    for f in films:
+        by.setdefault(f[1], []).append(f)
+    return [f for label in sorted(by) for f in spread(sorted(by[label]), per_class[label])]
+
+
+def score_model(name: str, folder: Path, out: Path, precision: str = "auto", seed: int | None = None) -> dict:
+    """Per-film positive probabilities of one model folder, served as the app serves it (saved
+    processor, temperature; the OOD check off): the whole hold-out clean, a subset under every
+    corruption at severities 1-2 (``benchmarks.shift``'s corruptions and per-film generators, so
+    a film gets the pixels the stress test gives it), and the 16 later films. Cached in ``out``."""
+    import time
+
+    from benchmarks.shift import CORRUPTIONS, DEFAULT_HOLDOUT, SEED, corrupt, film_rng, holdout_films, \
+        load_holdout_patients
+    from cxr.imaging import load_image
+    from cxr.inference import Predictor
+
+    if out.is_file():
+        return json.loads(out.read_text())
+    seed = SEED if seed is None else seed
+    pred = Predictor.from_pretrained(str(folder), precision=precision)
+    pred.ood = None
+    positive = pred.id2label[pred.positive_id]
+    films = sorted(holdout_films(DATA, load_holdout_patients(DEFAULT_HOLDOUT)))
+    t0 = time.perf_counter()
+
+    def probs(images):
+        return [round(r.positive_probability, 5) for r in pred.predict_batch(images, batch_size=32)]
+
+    images = {f.name: load_image(f) for f, _ in films}
+    res = {"model": name, "folder": str(folder), "threshold": pred.threshold, "positive": positive,
+           "precision": "bf16" if pred.autocast_dtype is not None else "fp32", "seed": seed,
+           "holdout": {"files": [f.name for f, _ in films], "y": [int(lab == positive) for _, lab in films],
+                       "p": probs([images[f.name] for f, _ in films])}}
+    ext = sorted(p for p in EXTERNAL.glob("*/*") if p.suffix.lower() in (".png", ".jpg", ".jpeg"))
+    res["external16"] = {"files": [f.name for f in ext], "y": [int(f.parent.name == positive) for f in ext],
+                         "p": probs([str(f) for f in ext])}
+    sub = shift_subset(films, SHIFT_PER_CLASS)
+    res["shift"] = {"files": [f.name for f, _ in sub], "y": [int(lab == positive) for _, lab in sub],
+                    "patients": [], "conditions": {}}
+    from cxr_train.data import patient_id_from_filename
+
+    res["shift"]["patients"] = [patient_id_from_filename(f.name) or f.stem for f, _ in sub]
+    for cname in CORRUPTIONS:
+        for s in SEVERITIES:
+            batch = [corrupt(images[f.name], cname, s, film_rng(seed, cname, s, f.name)) for f, _ in sub]
+            res["shift"]["conditions"][f"{cname}@{s}"] = probs(batch)
+        print(f"{name}: {cname} done ({time.perf_counter() - t0:.0f} s)", flush=True)
+    res["scoring_seconds"] = round(time.perf_counter() - t0, 1)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(res) + "\n")
+    return res
+
+
+SCORES = RUNS / "scores"
+BASE = Path("models/efficientnet-lite0-imagenet-full")   # the shipped default = the recipe trained on the pool
+
+
+def model_folders() -> dict[str, Path]:
+    """Every lever with a finished folder: the shipped default as ``base``, the runs, the soups."""
+    found = {"base": BASE}
+    for name in LEVERS:
+        if name != "base" and levers.done(RUNS / name):
+            found[name] = RUNS / name
+    for soup in sorted(RUNS.glob("soup*")):
+        if (soup / "eval_scores.json").is_file():
+            found[soup.name] = soup
+    return found
+
+
+# ---------------------------------------------------------------- analysis (from the cached scores only)
+
+FLOORS = (0.95, 0.97)
+
+
+def _rates(y, p, thr) -> dict:
+    import numpy as np
+
+    y, p = np.asarray(y), np.asarray(p)
+    call = p >= thr
+    return {"sensitivity": float(call[y == 1].mean()), "specificity": float((~call)[y == 0].mean())}
+
+
+def _auroc(y, p) -> float:
+    from sklearn.metrics import roc_auc_score
+
+    return float(roc_auc_score(y, p))
+
+
+def floor_threshold(y, p, floor: float) -> float:
+    """The highest threshold whose sensitivity on (y, p) is still >= ``floor`` (the recipe's
+    ``sensitivity_floor`` rule, ``cxr_train.metrics.compute_operating_points``)."""
+    from cxr_train.metrics import compute_operating_points
+
+    return float(compute_operating_points(y, p, floor)["high_sensitivity"])
+
+
+def under_shift(sc: dict, thr) -> dict:
+    """Sensitivity / specificity / AUROC at ``thr`` over every corruption x severity (1-2) of the
+    shift subset: mean, worst (and which condition). ``thr``: one threshold, or a per-film array."""
+    import numpy as np
+
+    y = np.asarray(sc["shift"]["y"])
+    rows = {c: {**_rates(y, np.asarray(p), thr), "auroc": _auroc(y, p)} for c, p in sc["shift"]["conditions"].items()}
+    out = {}
+    for k in ("sensitivity", "specificity", "auroc"):
+        v = {c: r[k] for c, r in rows.items()}
+        worst = min(v, key=v.get)
+        out[k] = {"mean": float(np.mean(list(v.values()))), "worst": v[worst], "worst_condition": worst,
+                  "p10": float(np.percentile(list(v.values()), 10))}
+    out["per_condition"] = rows
+    return out
+
+
+def lever_row(sc: dict, folder: Path) -> dict:
+    import numpy as np
+
+    ho, ex = sc["holdout"], sc["external16"]
+    thr = sc["threshold"]
+    y_e, p_e = np.asarray(ex["y"]), np.asarray(ex["p"])
+    row = {"lever": sc["model"], "folder": str(folder), "threshold": thr, "precision": sc["precision"],
+           "holdout": {"n": len(ho["y"]), "auroc": _auroc(ho["y"], ho["p"]), **_rates(ho["y"], ho["p"], thr)},
+           "shift": {k: v for k, v in under_shift(sc, thr).items()},
+           "external16": {"normal_correct": int(((p_e < thr) & (y_e == 0)).sum()), "normals": int((y_e == 0).sum()),
+                          "pneumonia_correct": int(((p_e >= thr) & (y_e == 1)).sum()), "pneumonias": int(y_e.sum()),
+                          "max_p_normal": round(float(p_e[y_e == 0].max()), 3)}}
+    tr = folder / "train_results.json"
+    if tr.is_file():
+        row["train_minutes"] = round(json.loads(tr.read_text())["train_runtime"] / 60, 1)
+    wall = folder / "wall_seconds.json"
+    if wall.is_file():
+        row["wall_minutes"] = round(json.loads(wall.read_text())["wall_seconds"] / 60, 1)
+    cfg = json.loads((folder / "config.json").read_text())
+    if "cxr_soup" in cfg:
+        row["soup_of"] = cfg["cxr_soup"]["members"]
+    return row
+
+
+def _halves(patients: list[str]) -> "np.ndarray":
+    """Two patient-grouped halves of the shift subset (0 / 1 per film), by a fixed hash of the id."""
+    import zlib
+
+    import numpy as np
+
+    return np.array([zlib.crc32(p.encode()) % 2 for p in patients])
+
+
+def policies(sc: dict, folder: Path) -> dict:
+    """Threshold policies for the out-of-the-box operating point, each scored on the clean hold-out
+    and under shift. Fixed thresholds (saved equal-error, sensitivity floors on the clean
+    validation split) are scored on every film; the floors fitted on the pooled *shifted* hold-out
+    scores (severities 1-2) are cross-fitted by patient: fitted on one half of the subset's
+    patients, scored on the other, and both halves pooled (the clean hold-out gets the mean of the
+    two halves' thresholds), so no film is scored by a threshold it helped to fit."""
+    import numpy as np
+
+    val = json.loads((folder / "eval_scores.json").read_text())
+    fixed = {"equal_error (saved)": sc["threshold"]}
+    for f in FLOORS:
+        fixed[f"sensitivity >= {f:.2f} on clean validation"] = floor_threshold(val["labels"], val["scores"], f)
+    ho = sc["holdout"]
+    out = {}
+    for name, t in fixed.items():
+        out[name] = {"threshold": t, "validation": _rates(val["labels"], val["scores"], t),
+                     "holdout": _rates(ho["y"], ho["p"], t), "shift": under_shift(sc, t)}
+    y = np.asarray(sc["shift"]["y"])
+    half = _halves(sc["shift"]["patients"])
+    conds = sc["shift"]["conditions"]
+    for f in FLOORS:
+        thr_half = {}
+        for h in (0, 1):
+            m = half == h
+            yy = np.concatenate([y[m] for _ in conds])
+            pp = np.concatenate([np.asarray(p)[m] for p in conds.values()])
+            thr_half[h] = floor_threshold(yy, pp, f)
+        per_film = np.where(half == 0, thr_half[1], thr_half[0])        # each film: the other half's threshold
+        t_mean = float(np.mean(list(thr_half.values())))
+        out[f"sensitivity >= {f:.2f} on shifted hold-out (sev. 1-2, cross-fitted)"] = {
+            "threshold": t_mean, "thresholds_per_half": [thr_half[0], thr_half[1]],
+            "validation": _rates(val["labels"], val["scores"], t_mean),
+            "holdout": _rates(ho["y"], ho["p"], t_mean), "shift": under_shift(sc, per_film)}
+    return out
+
+
+def _f(x, d=3):
+    return "–" if x is None else f"{x:.{d}f}"
+
+
+def render(rows: list[dict], pol: dict[str, dict], machine: dict, shift_n: dict) -> str:
+    lines = ["| lever | hold-out AUROC | hold-out sens | hold-out spec | shift AUROC mean / worst | "
+             "shift sens mean / worst | shift spec mean / worst (condition) | 16 later films (N / P correct) | "
+             "threshold | train min |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        h, s, e = r["holdout"], r["shift"], r["external16"]
+        lines.append(
+            f"| {r['lever']} | {_f(h['auroc'], 4)} | {_f(h['sensitivity'])} | {_f(h['specificity'])} | "
+            f"{_f(s['auroc']['mean'], 4)} / {_f(s['auroc']['worst'], 4)} | {_f(s['sensitivity']['mean'])} / "
+            f"{_f(s['sensitivity']['worst'])} | {_f(s['specificity']['mean'])} / {_f(s['specificity']['worst'])} "
+            f"({s['specificity']['worst_condition']}) | {e['normal_correct']}/{e['normals']} · "
+            f"{e['pneumonia_correct']}/{e['pneumonias']} | {r['threshold']:.3f} | "
+            f"{_f(r.get('train_minutes'), 1)} |")
+    for model, pp in pol.items():
+        lines += ["", f"Threshold policies for `{model}` (sensitivity / specificity):", "",
+                  "| policy | threshold | clean validation | clean hold-out | shift: sens mean / worst | "
+                  "shift: spec mean / p10 / worst |", "|---|---|---|---|---|---|"]
+        for name, v in pp.items():
+            s = v["shift"]
+            lines.append(f"| {name} | {v['threshold']:.3f} | {_f(v['validation']['sensitivity'])} / "
+                         f"{_f(v['validation']['specificity'])} | {_f(v['holdout']['sensitivity'])} / "
+                         f"{_f(v['holdout']['specificity'])} | {_f(s['sensitivity']['mean'])} / "
+                         f"{_f(s['sensitivity']['worst'])} | {_f(s['specificity']['mean'])} / "
+                         f"{_f(s['specificity']['p10'])} / {_f(s['specificity']['worst'])} |")
+    return "\n".join(lines) + "\n"
+
+
+def report(out: Path) -> dict:
+    from benchmarks.common import machine_info
+
+    found = model_folders()
+    scored = {n: json.loads((SCORES / f"{n}.json").read_text()) for n in found if (SCORES / f"{n}.json").is_file()}
+    if not scored:
+        raise SystemExit("nothing scored yet: python -m experiments.shift_levers score")
+    rows = [lever_row(sc, found[n]) for n, sc in scored.items()]
+    pol = {n: policies(sc, found[n]) for n, sc in scored.items()}
+    sc0 = next(iter(scored.values()))
+    shift_n = {"films": len(sc0["shift"]["y"]), "pneumonia": sum(sc0["shift"]["y"]),
+               "conditions": len(sc0["shift"]["conditions"])}
+    result = {"machine": machine_info(), "shift_subset": shift_n, "severities": list(SEVERITIES),
+              "levers": rows, "policies": pol,
+              "scoring_seconds": {n: sc.get("scoring_seconds") for n, sc in scored.items()}}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "shift_levers.json").write_text(json.dumps(result, indent=1) + "\n")
+    table = render(rows, pol, result["machine"], shift_n)
+    print(table)
+    return result
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("run", help="train the levers (skips finished ones)")
+    r.add_argument("--levers", nargs="+", default=list(LEVERS))
+    so = sub.add_parser("soup", help="uniform weight average of finished runs")
+    so.add_argument("--name", default="soup")
+    so.add_argument("--members", nargs="+", default=list(SOUP_MEMBERS))
+    sc = sub.add_parser("score", help="per-film scores of finished levers (cached in outputs/shift_levers/scores)")
+    sc.add_argument("--levers", nargs="*", default=None)
+    rep = sub.add_parser("report")
+    rep.add_argument("--out", default="docs/levers")
+    a = ap.parse_args(argv)
+    if a.cmd == "run":
+        levers.RUNS = RUNS
+        unknown = [n for n in a.levers if n not in LEVERS]
+        if unknown:
+            raise SystemExit(f"unknown lever(s) {unknown}: {sorted(LEVERS)}")
+        levers.run(a.levers, extra=LEVERS)
+    elif a.cmd == "soup":
+        folders = [BASE if m == "base" else RUNS / m for m in a.members]
+        missing = [str(f) for f in folders if not (f / "model.safetensors").is_file()]
+        if missing:
+            raise SystemExit(f"soup members not trained yet: {missing}")
+        print(make_soup(folders, RUNS / a.name))
+    elif a.cmd == "score":
+        found = model_folders()
+        for name in (a.levers or list(found)):
+            if name not in found:
+                raise SystemExit(f"{name}: no finished folder ({sorted(found)})")
+            score_model(name, found[name], SCORES / f"{name}.json")
+    else:
+        report(Path(a.out))
+
+
+if __name__ == "__main__":
+    main()

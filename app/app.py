@@ -2,7 +2,7 @@
 point, its probability with the threshold on the same scale, a heat map, and several models
 side by side. Research and education only: not a medical device.
 
-    python app/app.py                                   # the project's shipped default model
+    python app/app.py          # the shipped models side by side (the default alone after a plain install)
     python app/app.py --model outputs/a --model outputs/b   # compare models (or --model a,b)
     MODEL_ID=user/model-a,user/model-b python app/app.py    # Hub models (MODEL_REVISION pins one)
 
@@ -70,40 +70,49 @@ def create_demo(predictors: Predictor | list[Predictor]) -> gr.Blocks:
                     f"how sure it is, and where its answer came from. **{DISCLAIMER}**", elem_id="cxr-header")
         state = gr.State(time_to_live=STATE_TTL_S)
         with gr.Row(equal_height=False):
-            with gr.Column(scale=2, min_width=300):
+            with gr.Column(scale=2, min_width=300):                       # the film
                 file = gr.File(label="Chest X-ray: PNG, JPEG or DICOM", file_types=ACCEPTED_TYPES,
-                               type="filepath", height=90, elem_id="cxr-file")
-                film = gr.Image(label="Your film", type="pil", format="jpeg", interactive=False, visible=False,
-                                elem_id="cxr-film", buttons=[], height=300)
+                               type="filepath", elem_id="cxr-file")
                 button = gr.Button("Predict", variant="primary", interactive=False, elem_id="cxr-predict")
                 notice = gr.HTML(visible=False, elem_id="cxr-notice")
-                answers = gr.HTML(visible=False, elem_id="cxr-answers")
+                film = gr.Image(show_label=False, type="pil", format="jpeg", interactive=False, visible=False,
+                                elem_id="cxr-film", buttons=[], height=360, alt_text=render.film_alt())
+            with gr.Column(scale=3, min_width=300, elem_id="cxr-results"):  # the answers, next to their maps
+                panel_outputs = []
+                with gr.Row(equal_height=False):
+                    for i, p in enumerate(predictors):
+                        with gr.Column(min_width=240, elem_classes=["cxr-panel"]):
+                            card = gr.HTML(visible=False, elem_id=f"cxr-answer-{i}")
+                            img = gr.Image(show_label=False, type="pil", format="jpeg", interactive=False,
+                                           visible=False, elem_id=f"cxr-overlay-{i}", buttons=[], height=340)
+                            cap = gr.HTML(visible=False, elem_id=f"cxr-caption-{i}")
+                            panel_outputs += [card, img, cap]
+                note = gr.HTML(render.PLACEHOLDER, elem_id="cxr-note")
                 with gr.Row():
                     show = gr.Checkbox(value=True, label="Show heat map", min_width=120)
                     opacity = gr.Slider(0.0, 1.0, value=DEFAULT_OPACITY, step=0.05, label="Heat-map opacity",
                                         min_width=160)
+                downloads = gr.File(label="Download the result: overlay PNG, report (Markdown), answer (JSON)",
+                                    file_count="multiple", interactive=False, visible=False, elem_id="cxr-download")
                 gallery = gr.Gallery(value=[(p, f"Film {i + 1}") for i, p in enumerate(handlers.example_paths())],
-                                     label="Or try an example film (never used in training)", columns=6, rows=1,
-                                     height=120, object_fit="cover", allow_preview=False, buttons=[], elem_id="cxr-examples")
-            with gr.Column(scale=3, min_width=300):
-                panel_outputs = []
-                with gr.Row(equal_height=False):
-                    for i, p in enumerate(predictors):
-                        with gr.Column(min_width=160, elem_classes=["cxr-panel"]):
-                            img = gr.Image(label=p.name, type="pil", format="jpeg", interactive=False, visible=False,
-                                           elem_id=f"cxr-overlay-{i}", buttons=[])
-                            cap = gr.HTML(visible=False, elem_id=f"cxr-caption-{i}")
-                            panel_outputs += [img, cap]
+                                     label="Or try an example film (never used in training; its label is shown "
+                                           "after the answer)", columns=6, rows=1, height="auto",
+                                     object_fit="contain", allow_preview=False, buttons=[], elem_id="cxr-examples")
         with gr.Accordion("Learn: transfer learning, heat maps, and these models", open=False):
             gr.Markdown(render.TEACHING)
             for p in predictors:
-                gr.Markdown(f"### {p.name}\n" + render.model_facts(p))
+                gr.Markdown(f"### {p.name}\n" + render.model_facts(p), elem_classes=["cxr-facts"])
         gr.Markdown("Example films: Kermany et al. 2018, CC BY 4.0 (see examples/ATTRIBUTION.md). "
                     "API: [the API page](?view=api) (Python and JavaScript clients) or plain HTTP, "
                     "`curl -F file=@film.jpeg <this address>/api/v1/predict` "
                     "([REST docs](api/v1/docs)).", elem_id="cxr-api-links")
 
-        film_outputs = [film, notice, button, state, answers] + panel_outputs
+        film_outputs = [film, notice, button, state, note, downloads] + panel_outputs
+        result_outputs = [file, film, button, note, downloads, state] + panel_outputs
+        # on a narrow screen, bring the first answer and its map into view once they are there
+        show_result_js = """() => { const el = document.querySelector('#cxr-results');
+            if (el && window.innerWidth <= 700) el.scrollIntoView({block: 'start'}); }"""
+
         # Handlers that decode take the client's address (gr.Request) for its decode budget (budget.py).
         def on_file(file, state, request: gr.Request):
             return handlers.show_film(file, state, n_models=n, client=budget.client_key(request))
@@ -114,8 +123,9 @@ def create_demo(predictors: Predictor | list[Predictor]) -> gr.Blocks:
 
         for event in (file.upload, file.clear):
             event(on_file, inputs=[file, state], outputs=film_outputs, api_visibility="private", show_progress="hidden")
-        button.click(run, inputs=[file, show, opacity, state], outputs=[film, answers, state] + panel_outputs,
-                     api_visibility="private", concurrency_limit=handlers.INFERENCE_SLOTS, concurrency_id="predict")
+        button.click(run, inputs=[file, show, opacity, state], outputs=result_outputs,
+                     api_visibility="private", concurrency_limit=handlers.INFERENCE_SLOTS,
+                     concurrency_id="predict").success(None, js=show_result_js, api_visibility="private")
         redraw = functools.partial(handlers.reblend, n_models=n)
         for control in (show, opacity):
             control.change(redraw, inputs=[show, opacity, state], outputs=panel_outputs, api_visibility="private",
@@ -124,10 +134,9 @@ def create_demo(predictors: Predictor | list[Predictor]) -> gr.Blocks:
         def on_select(evt: gr.SelectData, show_map, opac):
             return handlers.predict_example(evt.index, show_map, opac, predictors=predictors)
 
-        gallery.select(on_select, inputs=[show, opacity],
-                       outputs=[file, film, notice, button, answers, state] + panel_outputs,
+        gallery.select(on_select, inputs=[show, opacity], outputs=result_outputs,
                        api_visibility="private", concurrency_limit=handlers.INFERENCE_SLOTS,
-                       concurrency_id="predict")
+                       concurrency_id="predict").success(None, js=show_result_js, api_visibility="private")
         def predict(file: gr.FileData, show_heatmap: bool = True, request: gr.Request = None) -> Answer:
             return handlers.api_predict(file, show_heatmap, predictors=predictors, client=budget.client_key(request))
 
@@ -214,6 +223,28 @@ def parse_models(values: list[str] | None) -> list[str | None]:
     return names or [None]
 
 
+SHIPPED_COMPANIONS = ("cxr-resnet-small-scratch",)   # served beside the default, from a checkout's models/
+
+
+def shipped_models() -> list[str | None]:
+    """What a plain ``cxr-app`` serves (no --model, no CXR_MODEL / MODEL_ID): the shipped default
+    (``cxr.locate.resolve_model``) and, where it lies in a checkout's models/ folder with the
+    other shipped model beside it, that one too - the default first, side by side. After a plain
+    install (the package data holds only the default) or on a Space: the default alone."""
+    from cxr.locate import MODEL_ENV, resolve_model
+
+    if any(os.environ.get(v, "").strip() for v in MODEL_ENV):
+        return [None]
+    try:
+        default = Path(resolve_model())
+    except Exception:  # noqa: BLE001 - the loader reports a missing default with its own message
+        return [None]
+    others = [default.parent / name for name in SHIPPED_COMPANIONS]
+    if not default.is_dir() or default.parent.name != "models":
+        return [None]
+    return [None] + [str(o) for o in others if (o / "config.json").is_file()]
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     ap = argparse.ArgumentParser(description="Chest X-ray demo. " + DISCLAIMER)
@@ -224,6 +255,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--port", type=int, default=None)
     args = ap.parse_args(argv)
     specs = parse_models(args.model or ([os.environ["MODEL_ID"]] if os.environ.get("MODEL_ID") else None))
+    if specs == [None]:
+        specs = shipped_models()        # a checkout: both shipped models, side by side
     try:
         predictors = [Predictor.from_pretrained(m, revision=args.revision, precision=args.precision) for m in specs]
     except ModelLoadError as e:

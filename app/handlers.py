@@ -10,7 +10,9 @@ Uploads are deleted once read (files.janitor).
 from __future__ import annotations
 
 import html
+import json
 import logging
+import re
 import threading
 import uuid
 from contextlib import contextmanager
@@ -43,6 +45,14 @@ EXAMPLES_DIR = HERE / "examples"
 
 def example_paths() -> list[str]:
     return sorted(str(p) for p in EXAMPLES_DIR.glob("*.jpeg"))
+
+
+def example_label(path: str) -> str | None:
+    """The label an example film has in its data set (examples/ATTRIBUTION.md), or None."""
+    try:
+        return render.example_labels(EXAMPLES_DIR / "ATTRIBUTION.md").get(Path(path).name)
+    except OSError:
+        return None
 
 
 # ------------------------------------------------------------------ one limit for every caller
@@ -155,7 +165,8 @@ def analyse(image: Image.Image, predictors: list[Predictor], *, explain: bool = 
             except Exception:  # noqa: BLE001 - the user gets a generic message, the log the details
                 logger.exception("prediction failed")
                 raise gr.Error(GENERIC_ERROR, print_exception=False) from None
-            heat = None if result.heatmap is None else evidence_map(result.heatmap, result.positive_probability)
+            heat = (None if result.heatmap is None
+                    else evidence_map(result.heatmap, result.positive_probability, result.threshold))
             shipped = encode_map(heat) if heat is not None and encode_map is not None else None
             out.append((result.to_api(heatmap=shipped), heat))
     return out
@@ -200,34 +211,80 @@ def api_predict(file: gr.FileData, show_heatmap: bool = True, *, predictors: lis
     return answer([r for r, _ in results])
 
 
-def _panel_updates(state: dict | None, show_map: bool, opacity: float, n: int) -> list:
-    """Per model: overlay image and map caption, from the stored film and maps."""
+PANEL_OUTPUTS = 3     # per model: answer card, overlay image, map caption
+
+
+def _panel_updates(state: dict | None, show_map: bool, opacity: float, n: int, *, cards: bool = True) -> list:
+    """Per model: its answer card, the film with its map (or the plain film), the map's caption,
+    from the stored film and maps. ``cards=False``: the cards are left as they are (a redraw)."""
     updates = []
     items = (state or {}).get("results") or []
     display = (state or {}).get("display")
     for i in range(n):
         if i >= len(items) or display is None:
-            updates += [gr.update(visible=False, value=None), gr.update(visible=False, value="")]
+            updates += [gr.update(visible=False, value=""), gr.update(visible=False, value=None),
+                        gr.update(visible=False, value="")]
             continue
         r, heat = items[i]
-        label = f"{r['model']}: {r['heatmap_method']} for {r['heatmap_class']}" if heat is not None else r["model"]
+        card = gr.update(visible=True, value=render.answer_html([r], show_model=n > 1)) if cards else gr.skip()
         if r["out_of_distribution"]:
-            updates += [gr.update(visible=False, value=None), gr.update(visible=False, value="")]
+            updates += [card, gr.update(visible=False, value=None), gr.update(visible=False, value="")]
         elif show_map and heat is not None:
-            updates += [gr.update(visible=True, value=overlay(display, heat, opacity), label=label),
+            updates += [card, gr.update(visible=True, value=overlay(display, heat, opacity), alt_text=render.map_alt(r)),
                         gr.update(visible=True, value=render.map_caption(r))]
         else:
-            updates += [gr.update(visible=True, value=display, label=r["model"]), gr.update(visible=False, value="")]
+            updates += [card, gr.update(visible=True, value=display, alt_text=render.film_alt(r)),
+                        gr.update(visible=False, value="")]
     return updates
+
+
+def _safe_name(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-.")[:80] or "film"
+
+
+def write_result_files(state: dict, opacity: float, film_name: str, label: str | None = None) -> list[str]:
+    """The result to download, in a new folder of the app's cache (swept with the uploads after
+    UPLOAD_TTL_S): each model's overlay PNG (film + map at ``opacity``, or the plain film when it
+    has no map), a short report (Markdown) and the answers in the one schema (JSON)."""
+    folder = files.janitor().root / "results" / uuid.uuid4().hex
+    folder.mkdir(parents=True)
+    results = [r for r, _ in state["results"]]
+    paths, overlay_names = [], {}
+    for r, heat in state["results"]:
+        if r["out_of_distribution"] or heat is None:
+            continue
+        name = f"cxr-overlay-{_safe_name(r['model'])}.png"
+        overlay(state["display"], heat, opacity).save(folder / name)
+        overlay_names[r["model"]] = name
+        paths.append(str(folder / name))
+    (folder / "cxr-report.md").write_text(render.report_markdown(results, film_name, overlay_names, label))
+    (folder / "cxr-answer.json").write_text(render.report_json(results, film_name, label))
+    return paths + [str(folder / "cxr-report.md"), str(folder / "cxr-answer.json")]
+
+
+def _downloads(state: dict, opacity: float, film_name: str, label: str | None = None):
+    try:
+        return gr.update(value=write_result_files(state, opacity, film_name, label), visible=True)
+    except OSError:
+        logger.exception("could not write the result files")
+        return gr.update(value=None, visible=False)
+
+
+def _film_name(file) -> str:
+    path = file.get("orig_name") or file.get("path") if isinstance(file, dict) else getattr(
+        file, "orig_name", None) or getattr(file, "path", file)
+    return Path(str(path or "film")).name
 
 
 def show_film(file, state, *, n_models: int, client: str = "local"):
     """On upload: the film decoded by the project's loader (kept for Predict in ``DECODED``), or
-    why it cannot be used."""
+    why it cannot be used. Outputs: film, notice, Predict button, state, note, downloads, then
+    the panels."""
     hidden = _panel_updates(None, False, 0, n_models)
+    no_result = [gr.update(value=render.PLACEHOLDER, visible=True), gr.update(value=None, visible=False)]
     if file is None:
         return [gr.update(value=None, visible=False), gr.update(value="", visible=False),
-                gr.update(interactive=False), None, gr.update(value="", visible=False)] + hidden
+                gr.update(interactive=False), None] + no_result + hidden
     path = None
     try:
         path = files.uploaded_path(file)
@@ -237,48 +294,56 @@ def show_film(file, state, *, n_models: int, client: str = "local"):
         text = e.message if isinstance(e, gr.Error) else str(e)
         msg = f'<div class="cxr-notice">{html.escape(text)}</div>'
         return [gr.update(value=None, visible=False), gr.update(value=msg, visible=True),
-                gr.update(interactive=False), None, gr.update(value="", visible=False)] + hidden
+                gr.update(interactive=False), None] + no_result + hidden
     DECODED.put(path, image)
     display = _display_copy(image)
-    return [gr.update(value=display, visible=True), gr.update(value="", visible=False),
-            gr.update(interactive=True), {"display": display, "path": path},
-            gr.update(value="", visible=False)] + hidden
+    return [gr.update(value=display, visible=True, alt_text=render.film_alt()), gr.update(value="", visible=False),
+            gr.update(interactive=True), {"display": display, "path": path, "name": _film_name(file)}] + [
+        gr.update(value=render.PLACEHOLDER_READY, visible=True), gr.update(value=None, visible=False)] + hidden
 
 
 def predict_ui(file, show_map: bool, opacity: float, state, *, predictors: list[Predictor], client: str = "local"):
-    """Predict: every model's answer card, then its overlay (film + map) and map caption."""
+    """Predict: every model's answer card, its overlay (film + map) and map caption, and the
+    result to download. The file box is emptied (the upload is deleted once read, so its link
+    would be dead) and ready for the next film; the film stays shown. Outputs: file box, film,
+    Predict button, note, downloads, state, then the panels."""
     path = None if file is None else (file.get("path") if isinstance(file, dict) else getattr(file, "path", file))
-    same_film = bool(state) and path is not None and state.get("path") == path
-    if same_film and state.get("results") is not None:
+    same_film = bool(state) and state.get("results") is not None and (path is None or state.get("path") == path)
+    if same_film:
         results = state["results"]                     # same film again: same answer
     else:
         path = _upload(file)
         if not path:
             raise gr.Error("Please upload a chest X-ray (PNG, JPEG or DICOM).", print_exception=False)
-        image = DECODED.pop(path) if same_film else None   # decoded once, on upload (show_film)
+        decoded_here = bool(state) and state.get("path") == path
+        image = DECODED.pop(path) if decoded_here else None   # decoded once, on upload (show_film)
         try:
             image = image if image is not None else _load(path, client)
         finally:
             files.janitor().discard(path)
         results = analyse(image, predictors, explain=True)
-        state = {"display": state["display"] if same_film and state.get("display") is not None
-                 else _display_copy(image), "path": path, "results": results}   # the full film is not kept
-    answers = render.answer_html([r for r, _ in results])
-    film = gr.update(visible=all(r["out_of_distribution"] for r, _ in results))  # the panels show the film now
-    return [film, gr.update(value=answers, visible=True), state] + _panel_updates(state, show_map, opacity,
-                                                                                  len(predictors))
+        state = {"display": state["display"] if decoded_here and state.get("display") is not None
+                 else _display_copy(image), "path": path, "results": results,
+                 "name": (state or {}).get("name") if decoded_here else _film_name(file)}   # the full film is not kept
+    return ([gr.update(value=None), gr.update(visible=True), gr.update(interactive=False),
+             gr.update(value=render.AFTER_ANSWER, visible=True),
+             _downloads(state, opacity, state.get("name") or "film"), state]
+            + _panel_updates(state, show_map, opacity, len(predictors)))
 
 
 def predict_example(index: int, show_map: bool, opacity: float, *, predictors: list[Predictor]):
+    """An example film: the answers, then the film's label in its data set. Outputs as predict_ui."""
     path = example_paths()[index]
     image = load_image(path)
     display = _display_copy(image)
     results = analyse(image, predictors, explain=True)
-    state = {"display": display, "path": f"example:{index}", "results": results}
-    answers = render.answer_html([r for r, _ in results])
-    film = gr.update(value=display, visible=all(r["out_of_distribution"] for r, _ in results))
-    return ([gr.update(value=None), film, gr.update(value="", visible=False),
-             gr.update(interactive=False), gr.update(value=answers, visible=True), state]
+    name = f"Film {index + 1} (example)"
+    state = {"display": display, "path": f"example:{index}", "results": results, "name": name}
+    label = example_label(path)
+    note = (render.example_reveal(label, [r for r, _ in results]) if label else "") + render.AFTER_ANSWER
+    return ([gr.update(value=None), gr.update(value=display, visible=True, alt_text=f"Example chest X-ray, {name}"),
+             gr.update(interactive=False), gr.update(value=note, visible=True),
+             _downloads(state, opacity, name, label), state]
             + _panel_updates(state, show_map, opacity, len(predictors)))
 
 
@@ -286,6 +351,5 @@ def reblend(show_map: bool, opacity: float, state, *, n_models: int):
     """Slider or checkbox: re-draw from the stored film and maps, no new inference. Without a
     stored prediction (none yet, or the session's state expired) nothing changes."""
     if not state or state.get("results") is None:
-        return [gr.skip()] * (2 * n_models)
-    return _panel_updates(state, show_map, opacity, n_models)
-
+        return [gr.skip()] * (PANEL_OUTPUTS * n_models)
+    return _panel_updates(state, show_map, opacity, n_models, cards=False)

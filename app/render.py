@@ -8,12 +8,16 @@ model-facts table. Pure functions of the answers in the one schema (:mod:`cxr.ap
 from __future__ import annotations
 
 import html
+import json
+import re
 from pathlib import Path
+
+import numpy as np
 
 # cxr is the installed package (pip install .), or the cxr/ folder beside app.py in a Space
 from cxr.api import model_info
-from cxr.explain import colorbar_css
-from cxr.inference import Predictor
+from cxr.explain import OVERLAY_FLOOR, colormap_lut, map_strength
+from cxr.inference import DISCLAIMER, Predictor
 
 MAP_CAVEAT = ("Where the model's score came from, not a map of disease; a plausible map does not make "
               "the answer right.")
@@ -29,10 +33,14 @@ When the Space serves several models, their answers and maps are shown side by s
 
 ### What does the heat map mean?
 **Grad-CAM** (convolutional networks) shows which regions raised the PNEUMONIA score;
-**attention rollout** (vision transformers) shows where the model attended. Both are scaled
-by the model's probability for PNEUMONIA, so a confident NORMAL shows little colour. A map is
-*not* a segmentation of disease, and a plausible map does not make a prediction right:
-models can rely on shortcuts such as text markers, borders or patient position.
+**attention rollout** (vision transformers) shows where the model attended. Within one film
+the colour runs from its weakest region (left uncoloured) to its strongest (dark red). The
+whole map is then drawn at a *strength* of probability / threshold, at most 100 %: every
+PNEUMONIA answer shows its map at full strength, and a NORMAL answer fades as the probability
+falls, so a confident NORMAL shows little colour. The caption under each map gives the
+strength used. A map is *not* a segmentation of disease, and a plausible map does not make a
+prediction right: models can rely on shortcuts such as text markers, borders or patient
+position.
 
 ### When is an image refused?
 DICOM files must be radiographs (Modality CR, DX or RG). Any image far from the training films
@@ -46,26 +54,42 @@ scanners or other findings. **Not a medical device.**
 
 CSS = """
 .cxr-cards {display: flex; flex-wrap: wrap; gap: 10px;}
-.cxr-card {flex: 1 1 200px; border: 1px solid var(--border-color-primary); border-radius: 8px; padding: 10px 12px;}
+.cxr-card {flex: 1 1 200px; border: 1px solid var(--border-color-primary); border-radius: 8px; padding: 8px 12px;}
 .cxr-model {font-size: 0.85em; opacity: 0.8; margin-bottom: 2px;}
 .cxr-headline {font-size: 1.6em; font-weight: 700; line-height: 1.2; margin: 2px 0 6px 0;}
 .cxr-headline.cxr-flagged {font-size: 1.15em;}
 .cxr-tag {display: inline-block; font-size: 0.55em; vertical-align: middle; padding: 1px 6px; border-radius: 4px;
           background: #f6c343; color: #222; margin-left: 6px;}
-.cxr-bar {position: relative; height: 16px; border-radius: 8px; background: var(--neutral-200); margin: 22px 0 4px 0;}
+.cxr-bar {position: relative; height: 16px; border-radius: 8px; background: var(--border-color-primary);
+          margin: 22px 0 4px 0; border: 1px solid var(--body-text-color-subdued);}
 .cxr-fill {position: absolute; left: 0; top: 0; bottom: 0; border-radius: 8px; background: #4a6fa5;}
-.cxr-thr {position: absolute; top: -6px; bottom: -6px; width: 3px; background: #222; margin-left: -1px;}
+.cxr-thr {position: absolute; top: -6px; bottom: -6px; width: 4px; margin-left: -2px; border-radius: 2px;
+          background: var(--body-text-color); box-shadow: 0 0 0 1px var(--background-fill-primary);}
 .cxr-thr-label {position: absolute; top: -22px; transform: translateX(-50%); font-size: 0.75em; white-space: nowrap;}
-.cxr-scale {display: flex; justify-content: space-between; font-size: 0.75em; opacity: 0.75;}
+.cxr-scale {display: flex; justify-content: space-between; font-size: 0.75em; opacity: 0.8;}
 .cxr-text {font-size: 0.9em; margin-top: 4px;}
-.cxr-colorbar {height: 10px; border-radius: 5px; margin: 4px 0 2px 0;}
+.cxr-colorbar {position: relative; height: 12px; border-radius: 6px; margin: 4px 0 2px 0;
+               border: 1px solid var(--border-color-primary);
+               background-image: linear-gradient(45deg, #8884 25%, transparent 25%, transparent 75%, #8884 75%);
+               background-size: 8px 8px;}
+.cxr-colorbar-fill {position: absolute; inset: 0; border-radius: 6px;}
+.cxr-colorbar-unused {position: absolute; top: -3px; bottom: -3px; right: 0; background: var(--background-fill-primary);
+                      opacity: 0.85; border-left: 2px solid var(--body-text-color);}
 .cxr-map-caption {font-size: 0.85em;}
 .cxr-notice {border-left: 4px solid #f6c343; padding: 6px 10px; font-size: 0.95em;}
+.cxr-reveal {border-left: 4px solid #4a6fa5; padding: 6px 10px; margin-top: 8px; font-size: 0.95em;}
+.cxr-placeholder {border: 1px dashed var(--border-color-primary); border-radius: 8px; padding: 14px; opacity: 0.85;}
 #cxr-header p {font-size: 0.9em; margin-top: 2px;}
+#cxr-examples .grid-wrap {overflow: visible !important;}
 @media (max-width: 700px) {
-  #cxr-film img, .cxr-panel img {max-height: 260px; object-fit: contain;}
-  #cxr-header h1 {font-size: 1.3em !important; margin: 0 !important;}
-  #cxr-header p {font-size: 0.8em;}
+  #cxr-film img, .cxr-panel img {max-height: 240px; object-fit: contain;}
+  #cxr-header h1 {font-size: 1.2em !important; margin: 0 !important;}
+  #cxr-header p {font-size: 0.78em; margin: 0;}
+  .cxr-headline {font-size: 1.3em;}
+  .cxr-bar {margin-top: 18px;}
+  .cxr-text {font-size: 0.82em;}
+  /* after an answer the panels show the film with its map: the plain copy would push them down */
+  .gradio-container:has(.cxr-card) #cxr-film {display: none !important;}
 }
 """
 
@@ -96,17 +120,128 @@ def answer_card(r: dict, show_model: bool) -> str:
             f'{t:.2f}, so the answer is <b>{e(r["decision"])}</b>.{caution}</div></div>')
 
 
-def answer_html(results: list[dict]) -> str:
-    return '<div class="cxr-cards">' + "".join(answer_card(r, len(results) > 1) for r in results) + "</div>"
+def answer_html(results: list[dict], show_model: bool | None = None) -> str:
+    show = len(results) > 1 if show_model is None else show_model
+    return '<div class="cxr-cards">' + "".join(answer_card(r, show) for r in results) + "</div>"
+
+
+PLACEHOLDER = ('<div class="cxr-placeholder">The answer and its heat map appear here. Upload a chest X-ray on '
+               'the left, or pick one of the example films below.</div>')
+PLACEHOLDER_READY = '<div class="cxr-placeholder">Film loaded: press <b>Predict</b>.</div>'
+AFTER_ANSWER = ('<div class="cxr-next" data-testid="cxr-next">To try another film, drop or choose it in the '
+                'upload box, or pick an example below.</div>')
+
+
+def colorbar_css(floor: float = OVERLAY_FLOOR, stops: int = 7) -> str:
+    """The legend's gradient over drawn map values 0-1: each value's colour at the opacity the
+    overlay gives it (uncoloured up to ``floor``, the full colour at 1), as at slider opacity 1."""
+    lut = colormap_lut()
+    c0 = lut[int(round(floor * 255))]
+    parts = [f"rgba({c0[0]}, {c0[1]}, {c0[2]}, 0) 0%"]
+    for x in np.linspace(floor, 1, stops):
+        c = lut[int(round(x * 255))]
+        parts.append(f"rgba({c[0]}, {c[1]}, {c[2]}, {(x - floor) / (1 - floor):.2f}) {100 * x:.0f}%")
+    return "linear-gradient(to right, " + ", ".join(parts) + ")"
+
+
+def strength_text(r: dict) -> tuple[float, str]:
+    """The map's strength for this answer (``cxr.explain.map_strength``) and why, in words."""
+    p, t, pos = r.get("probability"), r.get("threshold"), r.get("positive_label", "PNEUMONIA")
+    if p is None or t is None:
+        return 1.0, ""
+    s = map_strength(p, t)
+    if p >= t:
+        why = (f"full strength: the probability of {pos} ({p:.2f}) is at or above the threshold ({t:.2f}), "
+               f"so the answer is {pos}")
+    else:
+        why = (f"{100 * s:.0f} % strength: the probability of {pos} ({p:.2f}) is {100 * s:.0f} % of the "
+               f"threshold ({t:.2f}), so the map fades")
+    return s, why
 
 
 def map_caption(r: dict) -> str:
-    """Colour bar, the method and the class it explains, and the caveat: beside the image."""
-    return (f'<div class="cxr-map-caption"><b>{html.escape(r["heatmap_method"])}</b> for '
-            f'{html.escape(r["heatmap_class"])}, scaled by its probability.'
-            f'<div class="cxr-colorbar" style="background:{colorbar_css()}"></div>'
-            f'<div class="cxr-scale"><span>no evidence (transparent)</span><span>strong</span></div>'
+    """Beside the map: whose map it is, the colour scale with the part this film reaches, the
+    strength used and why (true at every probability), and the caveat."""
+    e = html.escape
+    s, why = strength_text(r)
+    unused = (f'<div class="cxr-colorbar-unused" style="left:{100 * s:.1f}%" '
+              f'title="not reached: the map is drawn at {100 * s:.0f} % strength"></div>') if s < 0.995 else ""
+    return (f'<div class="cxr-map-caption" data-testid="cxr-map-caption" data-strength="{s:.3f}">'
+            f'<b>{e(r["model"])}</b>: {e(r["heatmap_method"] or "")} for {e(r["heatmap_class"] or "")}, '
+            f'drawn at {why}.'
+            f'<div class="cxr-colorbar" role="img" aria-label="colour scale, {100 * s:.0f} % of it used">'
+            f'<div class="cxr-colorbar-fill" style="background:{colorbar_css()}"></div>{unused}</div>'
+            f'<div class="cxr-scale"><span>0: uncoloured up to {OVERLAY_FLOOR:.2f}</span>'
+            f'<span>1: strongest region at full strength</span></div>'
             f'{MAP_CAVEAT}</div>')
+
+
+def map_alt(r: dict) -> str:
+    """Alt text of an overlay: what the image is, the answer and the map's strength."""
+    s, _ = strength_text(r)
+    return (f"The chest X-ray with {r['model']}'s {r['heatmap_method']} heat map for {r['heatmap_class']} "
+            f"drawn over it at {100 * s:.0f} % strength (answer {r['decision']}, probability "
+            f"{r['probability']:.2f}, threshold {r['threshold']:.2f}). Red marks the regions that raised "
+            f"the {r['heatmap_class']} score most; it is not a map of disease.")
+
+
+def film_alt(r: dict | None = None) -> str:
+    return "The uploaded chest X-ray" + (f", shown without a map ({r['model']})" if r else "")
+
+
+# ------------------------------------------------------------------ example films: labels after the answer
+
+def example_labels(attribution: Path) -> dict[str, str]:
+    """file name -> the label it has in its data set, from ATTRIBUTION.md's table
+    (| `film-1.jpeg` | `original` | NORMAL |)."""
+    rows = re.findall(r"^\|\s*`([^`]+)`\s*\|\s*`[^`]+`\s*\|\s*([^|]+?)\s*\|", attribution.read_text(), re.M)
+    return {name: label for name, label in rows}
+
+
+def example_reveal(label: str, results: list[dict]) -> str:
+    """After the answer: the example film's label in the data set, and which models agreed."""
+    e = html.escape
+    base = label.split()[0].upper()
+    verdicts = []
+    for r in results:
+        if r["out_of_distribution"]:
+            verdicts.append(f"{e(r['model'])}: not analysed")
+        else:
+            verdicts.append(f"{e(r['model'])}: {'right' if r['decision'] == base else 'wrong'}")
+    return (f'<div class="cxr-reveal" data-testid="cxr-reveal" data-label="{e(base)}">This example film is '
+            f'labelled <b>{e(label)}</b> in its data set (Kermany et al. 2018). ' + "; ".join(verdicts) + ".</div>")
+
+
+# ------------------------------------------------------------------ the downloadable report
+
+def report_markdown(results: list[dict], film_name: str, overlay_names: dict[str, str],
+                    label: str | None = None) -> str:
+    """A short report of one prediction: the film, each model's answer, its map, the caveats."""
+    lines = ["# Chest X-ray demo: result", "", f"Film: {film_name}", ""]
+    if label:
+        lines += [f"Label in its data set: {label}", ""]
+    for r in results:
+        lines.append(f"## {r['model']}")
+        if r["out_of_distribution"]:
+            lines += ["Not analysed: " + (r.get("message") or "the film does not look like the training films."), ""]
+            continue
+        s, why = strength_text(r)
+        lines += [f"- Answer: **{r['decision']}**" + (" (borderline: treat as uncertain)" if r["borderline"] else ""),
+                  f"- Probability of {r['positive_label']}: {r['probability']:.2f}; decision threshold "
+                  f"{r['threshold']:.2f} ({r['threshold_source']})"]
+        if r["model"] in overlay_names:
+            lines.append(f"- Heat map: {overlay_names[r['model']]} ({r['heatmap_method']} for {r['heatmap_class']}, "
+                         f"drawn at {why}). {MAP_CAVEAT}")
+        lines.append("")
+    lines += [f"**{DISCLAIMER}**", ""]
+    return "\n".join(lines)
+
+
+def report_json(results: list[dict], film_name: str, label: str | None = None) -> str:
+    """The answers in the one schema (cxr.api; maps left out: they are the PNG files)."""
+    return json.dumps({"film": film_name, "label_in_data_set": label,
+                       "models": [{**r, "heatmap": None, "heatmap_size": None} for r in results],
+                       "disclaimer": DISCLAIMER}, indent=2)
 
 
 # ------------------------------------------------------------------ model facts
@@ -136,28 +271,88 @@ def _fmt_metrics(m) -> str:
     return str(m)
 
 
+METRIC_GLOSSARY = ("*Sensitivity*: the share of pneumonia films the model calls PNEUMONIA. *Specificity*: the "
+                   "share of normal films it calls NORMAL. *AUROC*: how well its probability ranks pneumonia "
+                   "films above normal ones (1 = perfectly, 0.5 = chance), whatever the threshold.")
+
+_NETWORKS = {"efficientnet": "EfficientNet", "resnet": "ResNet", "vit": "Vision Transformer (ViT)",
+             "convnext": "ConvNeXt", "densenet": "DenseNet", "mobilenet": "MobileNet", "swin": "Swin Transformer"}
+
+
+def _network(predictor: Predictor, facts: dict) -> str | None:
+    """The network in words: timm models are named by their timm architecture, not 'timm_wrapper'."""
+    arch = facts.get("architecture")
+    if arch == "timm_wrapper":
+        arch = getattr(predictor.config, "architecture", None) or "a timm network"
+    if not arch:
+        return None
+    low = str(arch).lower().replace("tf_", "")
+    for key, name in _NETWORKS.items():
+        if low.startswith(key):
+            rest = low[len(key):].strip("_-")
+            return f"{name} {rest.replace('_', '-').title()} ({arch})" if rest else name
+    return str(arch)
+
+
+def _independent_row(fig: dict) -> str:
+    m = fig["metrics"]
+    spec, sens, auc = m.get("specificity"), m.get("sensitivity"), m.get("roc_auc")
+    parts = [f"specificity about {spec:.2f}" if spec is not None else None,
+             f"sensitivity {sens:.2f}" if sens is not None else None, f"AUROC {auc:.3f}" if auc is not None else None]
+    text = ", ".join(p for p in parts if p)
+    if spec is not None and spec < 1:
+        one_in = round(1 / (1 - spec))
+        words = {2: "two", 3: "three", 4: "four", 5: "five", 6: "six", 7: "seven", 8: "eight", 9: "nine", 10: "ten"}
+        text += f": about one normal film in {words.get(one_in, one_in)} is called PNEUMONIA"
+    source = f" Source: {fig['source']}." if fig.get("source") else ""
+    return (f"{text}. Measured independently on {fig['measured_on']}.{source} Expect something like this on "
+            "films from another hospital or scanner; a site calibration on your own films (`cxr-calibrate`) "
+            "sets a threshold that fits them.")
+
+
 def model_facts(predictor: Predictor) -> str:
-    """The facts panel: ``cxr.api.model_info`` (what /api/v1/model-info answers) as a table."""
+    """The facts panel in visitor words: ``cxr.api.model_info`` (what /api/v1/model-info
+    answers) as a table, each figure named for the films it was measured on, and what to expect
+    on another hospital's films."""
     f = model_info(predictor)
+    facts = predictor.describe()
     strategy, base = f.get("strategy"), f.get("base_model")
     how = None
     if base and strategy:
-        how = ("from scratch (no pretrained weights)" if "scratch" in str(base)
-               else f"transfer from {base}, {strategy} fine-tuning")
+        how = ("trained from scratch on chest X-rays (no pretrained weights)" if "scratch" in str(base)
+               else f"started from {Path(str(base)).name} (pretrained on ImageNet photos)"
+               if "in1k" in str(base) or "imagenet" in str(base).lower()
+               else f"started from {Path(str(base)).name}")
+        how += {"full": ", then every layer fine-tuned on chest X-rays",
+                "frozen": ", then only its final classifier trained on chest X-rays",
+                "partial": ", then its last stages fine-tuned on chest X-rays",
+                "lora": ", then small low-rank adapters (LoRA) trained on chest X-rays"}.get(
+            str(strategy), f", {strategy} fine-tuning") if "scratch" not in str(base) else ""
     size = f.get("input_size")
     figures = f["figures"]
-    rows = [("Model", f.get("model")), ("Architecture", f.get("architecture")), ("Trained", how),
-            ("Training data", Path(str(f["dataset"])).name if f.get("dataset") else None),
-            ("Input size", f"{size[0]} x {size[1]} pixels" if size else None),
-            ("Decision threshold", f"{f['threshold']:.3f} ({f['threshold_source']})"),
+    data = facts.get("dataset_description") or (Path(str(f["dataset"])).name if f.get("dataset") else None)
+    pos = f["positive_label"]
+    rows = [("Model", f.get("model")), ("Network", _network(predictor, facts)), ("How it was trained", how),
+            ("Training films", data),
+            ("Film size it sees", f"{size[0]} x {size[1]} pixels" if size else None),
+            ("Decision threshold", f"{f['threshold']:.3f}: {pos} when the probability is at or above it "
+                                   f"(chosen by {f['threshold_source']})"),
             ("Heat map", f.get("heatmap_method")),
-            ("Out-of-distribution check", f"distance limit {f['ood_threshold']:.1f}" if f["ood_threshold"] is not None
+            ("Unusual-film check", f"films further than {f['ood_threshold']:.1f} from the training films (in the "
+                                   "model's own features) get no answer" if f["ood_threshold"] is not None
              else "colour check only (no fitted distance for this model)")]
     metrics = figures["validation"]["metrics"]
-    rows.append(("Validation (held-out patients)", _fmt_metrics(metrics) if metrics else "not recorded"))
+    rows.append(("Validation films", f"{_fmt_metrics(metrics)} ({figures['validation']['measured_on']})"
+                 if metrics else "not recorded"))
     cv = figures["cross_validated"]["metrics"]
-    rows.append(("Cross-validated", _fmt_metrics(cv) if cv else "not measured for this model"))
-    ext = figures["external"]["metrics"]
-    rows.append(("External data", _fmt_metrics(ext) if ext else "not measured for this model"))
-    table = "\n".join(f"| {k} | {v} |" for k, v in rows if v not in (None, ""))
-    return "| fact | value |\n|---|---|\n" + table
+    rows.append(("Cross-validated", f"{_fmt_metrics(cv)} ({figures['cross_validated']['measured_on']})"
+                 if cv else "not measured for this model"))
+    ext = figures["external"]
+    rows.append(("Set-aside films", f"{_fmt_metrics(ext['metrics'])} ({ext['measured_on']})"
+                 if ext["metrics"] else "not measured for this model"))
+    ind = figures.get("independent")
+    rows.append(("Another hospital's films", _independent_row(ind) if ind else
+                 "not measured for this model: expect lower specificity (more normal films called "
+                 f"{pos}) than above; a site calibration on your own films (`cxr-calibrate`) is the remedy"))
+    table = "\n".join(f"| {k} | {str(v).replace('|', '/')} |" for k, v in rows if v not in (None, ""))
+    return "| fact | value |\n|---|---|\n" + table + "\n\n" + METRIC_GLOSSARY

@@ -64,7 +64,10 @@ FIELDS: dict[str, str] = {
     "message": "Why the film was flagged, in plain words; null otherwise.",
     "heatmap": "The evidence-weighted heat map (the one the page shows), a greyscale PNG at the "
                "model's input size, or null (not asked for, flagged, or no map for this "
-               "architecture). Gradio API: a file (download it from its `url`). REST API: the PNG, "
+               "architecture). Each pixel is the map's value (0 = this film's weakest region, 1 = "
+               "its strongest) times min(1, `probability` / `threshold`): full strength for a "
+               "`positive_label` answer, fading towards 0 as the probability falls below the "
+               "threshold. Gradio API: a file (download it from its `url`). REST API: the PNG, "
                "base64-encoded.",
     "heatmap_size": "[height, width] of `heatmap` in pixels; null without a map.",
     "heatmap_method": "How the map is made (Grad-CAM for CNNs, attention rollout for ViTs); null "
@@ -110,9 +113,12 @@ MODEL_INFO_FIELDS: dict[str, str] = {
                        "policy, fitted_on, n_fit, alternatives, calibration provenance).",
     "strategy": "How the model was fine-tuned (frozen, partial, full, lora, or scratch); null if not recorded.",
     "base_model": "The pretrained weights it started from; null if not recorded.",
-    "dataset": "The training data set; null if not recorded.",
+    "dataset": "The training data set (as recorded: a name or folder); null if not recorded.",
     "figures": "Performance figures, each with where it was measured (`measured_on`) and its "
-               "metrics (empty when not measured): validation, cross_validated, external.",
+               "metrics (empty when not measured): validation, cross_validated, external (films kept out "
+               "of training; `measured_on` says whether they come from the same hospital), and, where "
+               "recorded, independent (films from another source scored by someone else, with its "
+               "`source`).",
     "ood_threshold": "Distance limit of the out-of-distribution check; null when the model has no "
                      "fitted distance (colour check only).",
     "ood_check": "Which out-of-distribution check the model has.",
@@ -184,12 +190,20 @@ def model_info(predictor) -> ModelInfo:
         "base_model": facts.get("base_model"),
         "dataset": facts.get("dataset"),
         "figures": {
-            "validation": {"measured_on": "held-out patients of the training data (patient-grouped split)",
+            "validation": {"measured_on": "patients of the training data kept out of training and used to "
+                                          "choose the threshold (patient-grouped split)",
                            "metrics": facts.get("validation_metrics") or {}},
-            "cross_validated": {"measured_on": "k-fold cross-validation on the training data (mean and sd)",
+            "cross_validated": {"measured_on": facts.get("cv_measured_on")
+                                or "k-fold cross-validation on the training data (mean and sd)",
                                 "metrics": facts.get("cv_metrics") or {}},
-            "external": {"measured_on": "films from outside the training data set",
+            "external": {"measured_on": facts.get("external_measured_on")
+                         or "films kept out of training and tuning (where from is not recorded)",
                          "metrics": facts.get("external_metrics") or {}},
+            **({"independent": {"measured_on": facts["independent"].get("measured_on")
+                                or "films from another source, scored independently",
+                                "source": facts["independent"].get("source"),
+                                "metrics": facts["independent"]["metrics"]}}
+               if facts.get("independent") else {}),
         },
         "ood_threshold": None if ood is None else float(ood.threshold),
         "ood_check": "distance in the model's feature space" if ood is not None else "colour check only",

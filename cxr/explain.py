@@ -1,7 +1,7 @@
 """Where the model looked: attention rollout for ViTs (Abnar & Zuidema, 2020), Grad-CAM for
 CNNs (the ``grad-cam`` package), and an overlay on the X-ray. Maps are in [0, 1], at the
-model's input resolution; ``evidence_map`` weights them by the class's probability (they are
-min-max scaled per image) and ``overlay`` blends them, transparent where they are 0.
+model's input resolution; ``evidence_map`` weights them by ``map_strength`` = min(1, P / threshold)
+(they are min-max scaled per image) and ``overlay`` blends them, transparent below ``OVERLAY_FLOOR``.
 
 Which map is chosen by the architecture family (``cxr.architecture.family``, read from the
 config): ``cnn`` -> Grad-CAM on the last backbone stage; ``vit`` -> attention rollout
@@ -289,21 +289,48 @@ def colorbar_css() -> str:
     return f"linear-gradient(to right, {stops})"
 
 
-def evidence_map(heatmap: np.ndarray, weight: float) -> np.ndarray:
-    """Scale a per-image [0, 1] map by the class evidence ``weight`` (the class's calibrated
-    probability): Grad-CAM and rollout maps are min-max scaled per image, so without this a
-    confident negative would show as strong a blob as a confident positive."""
-    return (np.clip(heatmap, 0, 1) * float(np.clip(weight, 0, 1))).astype(np.float32)
+def map_strength(probability: float, threshold: float | None = None) -> float:
+    """How strongly a film's map is drawn, 0-1: ``min(1, probability / threshold)``. An answer at
+    or above the threshold (the positive label) gets the full map, so a PNEUMONIA answer at
+    P = 0.50 is as visible as one at 0.99; below it the map fades in proportion to how far P is
+    from 0 towards the threshold, so a confident NORMAL (P near 0) shows almost nothing.
+    Without a threshold: the probability itself (the older scaling)."""
+    p = float(np.clip(probability, 0, 1))
+    if threshold is None or not threshold > 0:
+        return p
+    return float(min(1.0, p / float(threshold)))
 
 
-def overlay(image: Image.Image, heatmap: np.ndarray, opacity: float = 0.6) -> Image.Image:
+def evidence_map(heatmap: np.ndarray, weight: float, threshold: float | None = None) -> np.ndarray:
+    """Scale a per-image [0, 1] map by :func:`map_strength` (``weight`` = the class's calibrated
+    probability, ``threshold`` = the model's decision threshold on it). Grad-CAM and rollout maps
+    are min-max scaled per image (0 = this film's weakest region, 1 = its strongest), so without
+    this a confident negative would show as strong a blob as a confident positive."""
+    return (np.clip(heatmap, 0, 1) * map_strength(weight, threshold)).astype(np.float32)
+
+
+# The overlay draws nothing below this share of full strength: the min-max scaled map is above 0
+# almost everywhere, so without a floor a confident answer tints the whole chest. The legend
+# (app.render.map_caption) shows the same floor.
+OVERLAY_FLOOR = 0.25
+
+
+def overlay_alpha(value: np.ndarray, opacity: float = 0.6, floor: float = OVERLAY_FLOOR) -> np.ndarray:
+    """Per-pixel opacity of the overlay for map values in [0, 1]: 0 up to ``floor``, rising
+    linearly to ``opacity`` at 1."""
+    ramp = np.clip((np.asarray(value, np.float32) - floor) / max(1e-6, 1.0 - floor), 0.0, 1.0)
+    return float(np.clip(opacity, 0.0, 1.0)) * ramp
+
+
+def overlay(image: Image.Image, heatmap: np.ndarray, opacity: float = 0.6,
+            floor: float = OVERLAY_FLOOR) -> Image.Image:
     """``heatmap`` (any size, [0, 1]) blended over ``image``: colour from :func:`colormap_lut`,
-    per-pixel alpha = opacity x map value (transparent where the map is 0)."""
+    per-pixel alpha from :func:`overlay_alpha` (transparent at and below ``floor``)."""
     rgb = np.asarray(image.convert("RGB"), dtype=np.float32)
     h, w = rgb.shape[:2]
     hm8 = np.asarray(Image.fromarray((np.clip(heatmap, 0, 1) * 255).astype(np.uint8)).resize((w, h), Image.BILINEAR))
     colour = colormap_lut()[hm8].astype(np.float32)
-    alpha = float(np.clip(opacity, 0.0, 1.0)) * (hm8.astype(np.float32) / 255.0)[..., None]
+    alpha = overlay_alpha(hm8.astype(np.float32) / 255.0, opacity, floor)[..., None]
     return Image.fromarray((rgb * (1 - alpha) + colour * alpha).round().astype(np.uint8))
 
 

@@ -33,6 +33,13 @@ class TrainingFacts:
     validation_metrics: dict = field(default_factory=dict)     # metric -> value
     cv_metrics: dict = field(default_factory=dict)             # {"k": K, metric: {"mean", "sd"}}
     external_metrics: dict = field(default_factory=dict)       # {"n": N, metric: value}
+    # Optional, in visitor words (older folders lack them; older readers ignore them):
+    dataset_description: str | None = None     # what the training data is
+    external_measured_on: str | None = None    # what "external" films were (e.g. a same-hospital hold-out)
+    cv_measured_on: str | None = None          # what was cross-validated (e.g. the recipe, not these weights)
+    # A figure measured by someone else on films from another source, with its provenance:
+    # {"metrics": {metric: value[, "n": N]}, "measured_on": "...", "source": "..."}
+    independent: dict = field(default_factory=dict)
     schema: int = SCHEMA
 
     def to_dict(self) -> dict:
@@ -55,7 +62,18 @@ def read_training_facts(config) -> TrainingFacts:
     ext = raw.get("external_metrics") or {}
     ext = {**({"n": ext["n"]} if "n" in ext else {}), **numeric_metrics({k: v for k, v in ext.items() if k != "n"})}
     size = raw.get("image_size")
-    return TrainingFacts(strategy=raw.get("strategy"), base_model=raw.get("base_model"), dataset=raw.get("dataset"),
+    independent = raw.get("independent") or {}
+    if not isinstance(independent, dict):
+        raise FactsError(f"config.json {CONFIG_KEY}.independent is not a mapping")
+    ind_metrics = independent.get("metrics") or {}
+    independent = ({"metrics": {**({"n": ind_metrics["n"]} if "n" in ind_metrics else {}),
+                                **numeric_metrics({k: v for k, v in ind_metrics.items() if k != "n"})},
+                    **{k: str(independent[k]) for k in ("measured_on", "source") if independent.get(k)}}
+                   if ind_metrics else {})
+    text = {k: raw[k] for k in ("dataset_description", "external_measured_on", "cv_measured_on")
+            if isinstance(raw.get(k), str) and raw[k].strip()}
+    return TrainingFacts(**text, independent=independent,
+                         strategy=raw.get("strategy"), base_model=raw.get("base_model"), dataset=raw.get("dataset"),
                          image_size=int(size) if isinstance(size, (int, float)) else None,
                          validation_metrics=numeric_metrics(raw.get("validation_metrics")), cv_metrics=cv,
                          external_metrics=ext, schema=schema)

@@ -419,15 +419,18 @@ def test_controls_redraw_without_prediction():
     assert all(isinstance(u, type(gr.skip())) for u in handlers.reblend(True, 0.5, None, n_models=1))
     display = make_xray(1, False).convert("RGB")
     heat = np.linspace(0, 1, 64 * 64, dtype=np.float32).reshape(64, 64)
-    r = {"model": "m", "out_of_distribution": False, "heatmap_method": "Grad-CAM", "heatmap_class": "PNEUMONIA"}
+    r = {"model": "m", "out_of_distribution": False, "heatmap_method": "Grad-CAM", "heatmap_class": "PNEUMONIA",
+         "decision": "PNEUMONIA", "probability": 0.7, "threshold": 0.5, "positive_label": "PNEUMONIA"}
     state = {"display": display, "results": [(r, heat)]}
-    faint, strong = (handlers.reblend(True, o, state, n_models=1)[0]["value"] for o in (0.0, 1.0))
+    faint, strong = (handlers.reblend(True, o, state, n_models=1)[1]["value"] for o in (0.0, 1.0))
     assert np.abs(np.asarray(faint, int) - np.asarray(strong, int)).max() > 50
     assert np.array_equal(np.asarray(faint), np.asarray(display))      # opacity 0: the plain film
+    assert isinstance(handlers.reblend(True, 1.0, state, n_models=1)[0], type(gr.skip()))   # the card stays
     hidden = handlers.reblend(False, 1.0, state, n_models=1)           # unticked: film, no map, no caption
-    assert hidden[0]["value"] is display and hidden[1]["visible"] is False
+    assert hidden[1]["value"] is display and hidden[2]["visible"] is False
     shown = handlers.reblend(True, 1.0, state, n_models=1)
-    assert shown[1]["visible"] and "colorbar" in shown[1]["value"] and "not a map of disease" in shown[1]["value"]
+    assert shown[2]["visible"] and "colorbar" in shown[2]["value"] and "not a map of disease" in shown[2]["value"]
+    assert "heat map for PNEUMONIA" in shown[1]["alt_text"] and "100 % strength" in shown[1]["alt_text"]
 
 
 def test_overlay_is_transparent_where_the_map_is_zero():
@@ -441,6 +444,37 @@ def test_overlay_is_transparent_where_the_map_is_zero():
     assert np.array_equal(out[:10, :10], base[:10, :10]) and np.abs(out[25, 25] - base[25, 25]).max() > 50
     weak = np.asarray(overlay(display, evidence_map(heat, 0.01), 1.0), int)
     assert np.abs(weak - base).max() <= 4
+    low = np.full((64, 64), 0.2, np.float32)                             # below the floor: not drawn
+    assert np.array_equal(np.asarray(overlay(display, low, 1.0)), np.asarray(display))
+
+
+def test_map_strength_follows_the_answer_and_the_legend_says_so():
+    """Any PNEUMONIA answer (P >= threshold) gets the full map, so P = 0.50 is visible; below the
+    threshold the map fades as P / threshold; the caption states the strength used."""
+    from app.render import map_caption
+    from cxr.explain import evidence_map, map_strength
+
+    heat = np.linspace(0, 1, 100, dtype=np.float32).reshape(10, 10)
+    assert evidence_map(heat, 0.50, 0.34).max() == pytest.approx(1.0)
+    assert evidence_map(heat, 0.17, 0.34).max() == pytest.approx(0.5)
+    assert evidence_map(heat, 0.60).max() == pytest.approx(0.6)            # no threshold: the old scaling
+    for p, t in ((0.5, 0.34), (0.99, 0.34), (0.17, 0.34), (0.01, 0.5)):
+        r = {"model": "m", "heatmap_method": "Grad-CAM", "heatmap_class": "PNEUMONIA", "probability": p,
+             "threshold": t, "positive_label": "PNEUMONIA"}
+        cap = map_caption(r)
+        s = map_strength(p, t)
+        assert f'data-strength="{s:.3f}"' in cap and (f"drawn at {100 * s:.0f} % strength" in cap) == (p < t)
+        assert ("drawn at full strength" in cap) == (p >= t) and ("cxr-colorbar-unused" in cap) == (s < 0.995)
+        assert "no evidence" not in cap
+
+
+def test_example_labels_come_from_the_attribution():
+    from app import handlers
+
+    paths = handlers.example_paths()
+    labels = [handlers.example_label(p) for p in paths]
+    assert len(paths) == 6 and all(labels)
+    assert [lab.split()[0] for lab in labels] == ["NORMAL", "PNEUMONIA"] * 3
 
 
 def _stored_upload(tmp_path, name: str) -> str:
@@ -469,7 +503,8 @@ def test_show_film_and_predict_button(model_folders, tmp_path):
 
 def test_predict_button_uses_the_film_decoded_on_upload(model_folders, tmp_path, monkeypatch):
     """One decode per upload: Predict uses the film show_film decoded (no second decode), answers
-    in the one schema, removes the upload, and the session keeps no full-size film."""
+    in the one schema, removes the upload, empties the file box, keeps no full-size film, and
+    writes the result to download (overlay PNG, report, answer JSON)."""
     from app import handlers
     from cxr.api import ModelAnswer
 
@@ -480,26 +515,60 @@ def test_predict_button_uses_the_film_decoded_on_upload(model_folders, tmp_path,
     calls = []
     monkeypatch.setattr(handlers, "_load", lambda *a, **k: calls.append(a))
     out = handlers.predict_ui(path, True, 0.5, state, predictors=[predictor])
-    new_state = out[2]
+    file_box, film_box, button, note, downloads, new_state, card, image, caption = out
     assert not calls and not Path(path).exists()                    # decoded once, then removed
-    assert set(new_state) == {"display", "path", "results"} and max(new_state["display"].size) <= 512
+    assert file_box["value"] is None and button["interactive"] is False and film_box["visible"]
+    assert set(new_state) == {"display", "path", "results", "name"} and max(new_state["display"].size) <= 512
     (r, heat), = new_state["results"]
     assert set(r) == set(typing.get_type_hints(ModelAnswer)) and r["decision"] == "PNEUMONIA" and heat.shape == (64, 64)
-    assert 'data-decision="PNEUMONIA"' in out[1]["value"]
+    assert 'data-decision="PNEUMONIA"' in card["value"] and image["visible"] and caption["visible"]
+    got = {Path(p).name: Path(p) for p in downloads["value"]}
+    assert set(got) == {"cxr-overlay-edge.png", "cxr-report.md", "cxr-answer.json"}
+    assert Image.open(got["cxr-overlay-edge.png"]).size == new_state["display"].size
+    assert "**PNEUMONIA**" in got["cxr-report.md"].read_text() and "g.png" in got["cxr-report.md"].read_text()
+    assert json.loads(got["cxr-answer.json"].read_text())["models"][0]["decision"] == "PNEUMONIA"
+    from app import files
+    assert all(str(p).startswith(str(files.janitor().root)) for p in got.values())   # swept like uploads
 
 
-def test_model_facts_show_cv_and_external_or_say_not_measured(model_folders, trained_folder):
+def test_model_facts_in_visitor_words(model_folders, trained_folder):
     from app import render
 
     facts = render.model_facts(Predictor.from_pretrained(model_folders[0], precision="fp32"))
     assert "Cross-validated | 5 folds; AUROC 0.910 ± 0.020" in facts
-    assert "External data | 16 films; AUROC 0.870" in facts
-    assert "distance limit" in facts
+    assert "Set-aside films | 16 films; AUROC 0.870" in facts and "External data" not in facts
+    assert "further than" in facts and "Another hospital's films | not measured" in facts
     plain = render.model_facts(Predictor.from_pretrained(trained_folder, precision="fp32"))
     predictor = Predictor.from_pretrained(trained_folder, precision="fp32")
     assert "Cross-validated | not measured" in plain
-    assert ("colour check only" in plain) == (predictor.ood is None) != ("distance limit" in plain)
+    assert ("colour check only" in plain) == (predictor.ood is None) != ("further than" in plain)
     assert "transfer learning" in render.TEACHING.lower()
+
+
+def test_shipped_default_facts_name_the_hold_out_and_the_new_site_figure():
+    from app import render
+
+    default = ROOT / "models" / "efficientnet-lite0-imagenet-full"
+    facts = render.model_facts(Predictor.from_pretrained(default, precision="fp32"))
+    rows = dict(line.strip("|").split("|", 1) for line in facts.splitlines() if line.startswith("| "))
+    rows = {k.strip(): v.strip() for k, v in rows.items()}
+    assert "hold-out" in rows["Set-aside films"] and "same hospital" in rows["Set-aside films"]
+    assert "specificity 0.979" in rows["Set-aside films"] and "External" not in facts
+    assert rows["Cross-validated"].startswith("5 folds; AUROC 0.997 ± 0.002")
+    assert "specificity about 0.79" in rows["Another hospital's films"]
+    assert "one normal film in five" in rows["Another hospital's films"] and "cxr-calibrate" in facts
+    assert "issue #25" in rows["Another hospital's films"]
+    assert "timm_wrapper" not in facts and "| pool |" not in facts and "EfficientNet" in rows["Network"]
+
+
+def test_plain_app_serves_both_shipped_models(monkeypatch):
+    from app.app import shipped_models
+
+    for var in ("CXR_MODEL", "MODEL_ID"):
+        monkeypatch.delenv(var, raising=False)
+    assert shipped_models() == [None, str(ROOT / "models" / "cxr-resnet-small-scratch")]
+    monkeypatch.setenv("MODEL_ID", "someone/model")
+    assert shipped_models() == [None]
 
 
 def test_parse_models():

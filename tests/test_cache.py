@@ -252,3 +252,18 @@ def test_an_interrupted_build_resumes(films, tmp_path, monkeypatch):
     assert store.pixels_path.stat().st_size == 4 * store.record
     expected = pixel_values(PROCESSORS["torchvision (presets)"](), [load_image(str(films[3]), isolate=False)])
     assert torch.equal(spec.normalise(CachedImages(store, rows, [0] * 4).__getitems__([3])["pixel_values"]), expected)
+
+
+@pytest.mark.gpu
+def test_batch_path_on_the_gpu(films, tmp_path):
+    """Pinned uint8 batches -> GPU; eval normalisation equals the CPU's, augmentation runs there."""
+    spec = build_pixel_spec(PROCESSORS["timm (the default model)"]())
+    store = FilmStore(tmp_path / "store", spec)
+    data = CachedImages(store, store.rows(_items(films)), [0, 1, 0, 1])
+    loader = torch.utils.data.DataLoader(data, batch_size=4, collate_fn=UInt8Collator(), pin_memory=True)
+    batch = next(iter(loader))
+    x = batch["pixel_values"].to("cuda", non_blocking=True)
+    assert x.dtype == torch.uint8
+    assert torch.allclose(spec.normalise(x).cpu(), spec.normalise(batch["pixel_values"]), atol=1e-6)
+    y = BatchAugment("strong")(x)
+    assert y.device.type == "cuda" and y.shape == x.shape

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import os
 import math
 import shlex
 import sys
@@ -548,6 +549,54 @@ def render_markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+CARD_HEADING = "## How the operating point moves under acquisition changes"
+
+
+def render_card_section(result: dict) -> str:
+    """The model card's section: specificity and sensitivity at the saved threshold per
+    corruption and severity, AUROC and the NORMAL films' median move at severity 3."""
+    rows = result["results"]
+    by = {}
+    for r in rows:
+        by.setdefault(r["corruption"], {})[r["severity"]] = r
+    clean = rows[0]
+    m = result["machine"]
+    lines = [CARD_HEADING, "",
+             f"The acquisition-shift stress test (`{result['command']}`; {m['cpu_model']}, "
+             f"{m['logical_cores']} logical cores, {result['model']['precision']}, {result['date']}) scores this "
+             f"model on the patient-grouped hold-out ({result['data']['n_films']} films: "
+             f"{', '.join(f'{n} {k}' for k, n in result['data']['per_class'].items())}) after changing each film the "
+             "way another hospital, detector or export path would, at its saved threshold "
+             f"{result['model']['threshold']:.3f}. The ranking (AUROC) and the operating point (sensitivity, "
+             "specificity) are reported apart: a shift that keeps the ranking but moves the scores needs a new "
+             "threshold, which a site calibration (`cxr-calibrate` on local films) gives.", "",
+             "| corruption (parameter at severity 1 / 2 / 3) | specificity 1 / 2 / 3 | sensitivity 1 / 2 / 3 | "
+             "AUROC at 3 | Δ median p NORMAL at 3 |", "|---|---:|---:|---:|---:|",
+             f"| clean | {_f(clean['specificity'], 2)} | {_f(clean['sensitivity'], 2)} | {_f(clean['auroc'])} | "
+             f"(median {_f(clean['normal_median_p'])}) |"]
+    for name, levels in by.items():
+        if name == "clean" or sorted(levels) != [1, 2, 3]:
+            continue
+        params = " / ".join(f"{levels[k]['value']:.3g}" for k in (1, 2, 3))
+        spec = " / ".join(_f(levels[k]["specificity"], 2) for k in (1, 2, 3))
+        sens = " / ".join(_f(levels[k]["sensitivity"], 2) for k in (1, 2, 3))
+        lines.append(f"| {name} ({params}) | {spec} | {sens} | {_f(levels[3]['auroc'])} | "
+                     f"{_f(levels[3].get('delta_normal_median_p'), signed=True)} |")
+    lines += ["", "Corruptions, parameters and the analysis: `docs/shift/` in the project's repository.", ""]
+    return "\n".join(lines)
+
+
+def write_card_section(model_dir: str | os.PathLike, result: dict) -> Path:
+    """Put :func:`render_card_section` into ``model_dir``'s card (README.md), before "## Limitations"."""
+    from cxr_train.hub import with_card_section
+
+    card = Path(model_dir) / "README.md"
+    if not card.is_file():
+        raise SystemExit(f"error: no model card at {card}")
+    card.write_text(with_card_section(card.read_text(), render_card_section(result), before="## Limitations"))
+    return card
+
+
 # ====================================================================== command line
 
 def build_parser():
@@ -569,11 +618,17 @@ def build_parser():
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--seed", type=int, default=SEED)
     ap.add_argument("--no-progress", action="store_true", help="no progress bar")
+    ap.add_argument("--card", default=None, metavar="RESULT_JSON",
+                    help="only write the section of RESULT_JSON (a finished run) into --model's card, score nothing")
     return ap
 
 
 def main(argv: list[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
+    if args.card:
+        result = json.loads(Path(args.card).read_text())
+        print(f"wrote {write_card_section(args.model, result)}")
+        return result
     from benchmarks.common import quiet_libraries
     from cxr.inference import ModelLoadError, Predictor
 

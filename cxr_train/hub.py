@@ -246,10 +246,14 @@ def render_site_calibration(record: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def with_card_section(card: str, section: str) -> str:
-    """``card`` with ``section`` (a markdown ``## `` section) in place of its own "## Site calibration"
-    section, or before its first ``## `` heading (after the title and the disclaimers), or at the end."""
+def with_card_section(card: str, section: str, before: str | None = None) -> str:
+    """``card`` with ``section`` (a markdown ``## `` section) in place of the card's section of the
+    same heading, or before the ``before`` heading (e.g. "## Limitations") when the card has it,
+    else before its first ``## `` heading (after the title and the disclaimers), or at the end."""
     lines = card.splitlines()
+    if before is not None and section.splitlines()[0] not in lines and before in lines:
+        at = lines.index(before)
+        return "\n".join(lines[:at] + section.rstrip("\n").splitlines() + [""] + lines[at:]).rstrip("\n") + "\n"
     heading = section.splitlines()[0]
     if heading in lines:
         start = lines.index(heading)

@@ -169,3 +169,27 @@ def test_a_bad_manifest_is_a_clear_error_and_writes_nothing(tmp_path):
                            "--holdout", str(tmp_path / "m.json"), "--out", str(out)],
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0 and "no film" in proc.stderr and not out.exists()
+
+
+def test_card_section_is_written_before_limitations_and_replaced_on_rerun(tmp_path):
+    from benchmarks.shift import CARD_HEADING, write_card_section
+
+    def row(name, sev, spec, value=None):
+        return {"corruption": name, "severity": sev, "value": value, "specificity": spec, "sensitivity": 0.98,
+                "auroc": 0.99, "normal_median_p": 0.002, "delta_normal_median_p": 0.1 * sev}
+
+    result = {"command": "python -m benchmarks.shift --model m", "date": "today",
+              "machine": {"cpu_model": "CPU X", "logical_cores": 2},
+              "model": {"precision": "fp32", "threshold": 0.34},
+              "data": {"n_films": 10, "per_class": {"PNEUMONIA": 6, "NORMAL": 4}},
+              "results": [row("clean", 0, 0.98)] + [row("gaussian_noise", k, 0.9 - 0.2 * k, 0.01 * k) for k in (1, 2, 3)]}
+    card = tmp_path / "README.md"
+    card.write_text("# m\n\n## Evaluation\n\nnumbers\n\n## Limitations\n\n- few\n")
+    write_card_section(tmp_path, result)
+    text = card.read_text()
+    assert text.index("## Evaluation") < text.index(CARD_HEADING) < text.index("## Limitations")
+    assert "| gaussian_noise (0.01 / 0.02 / 0.03) | 0.70 / 0.50 / 0.30 |" in text and "CPU X" in text
+    result["results"][1]["specificity"] = 0.11
+    write_card_section(tmp_path, result)                      # a rerun replaces, never duplicates
+    text = card.read_text()
+    assert text.count(CARD_HEADING) == 1 and "0.11 / 0.50 / 0.30" in text

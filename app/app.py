@@ -36,6 +36,7 @@ import gradio as gr
 from cxr.imaging import close_default_pool
 from cxr.api import Answer
 from cxr.inference import DISCLAIMER, ModelLoadError, Predictor
+from cxr.precision import PRECISIONS
 from cxr.locate import IMAGE_SUFFIXES
 
 if __package__:     # cxr_app.app (pip install .) or app.app (the repository)
@@ -84,7 +85,7 @@ def create_demo(predictors: Predictor | list[Predictor]) -> gr.Blocks:
                         with gr.Column(min_width=240, elem_classes=["cxr-panel"]):
                             card = gr.HTML(visible=False, elem_id=f"cxr-answer-{i}")
                             img = gr.Image(show_label=False, type="pil", format="jpeg", interactive=False,
-                                           visible=False, elem_id=f"cxr-overlay-{i}", buttons=[], height=340)
+                                           visible=False, elem_id=f"cxr-overlay-{i}", buttons=[])
                             cap = gr.HTML(visible=False, elem_id=f"cxr-caption-{i}")
                             panel_outputs += [card, img, cap]
                 note = gr.HTML(render.PLACEHOLDER, elem_id="cxr-note")
@@ -106,6 +107,22 @@ def create_demo(predictors: Predictor | list[Predictor]) -> gr.Blocks:
                     "API: [the API page](?view=api) (Python and JavaScript clients) or plain HTTP, "
                     "`curl -F file=@film.jpeg <this address>/api/v1/predict` "
                     "([REST docs](api/v1/docs)).", elem_id="cxr-api-links")
+
+        # The footer's "Use via API" loads the API page's code when the pointer reaches it and shows
+        # it on a click; a visit straight to ?view=api (the link above) would show nothing (Gradio
+        # 6.31), so here the code is loaded and the panel toggled off and on once.
+        demo.load(None, js="""() => { if (new URLSearchParams(location.search).get('view') !== 'api') return;
+            let tries = 0;
+            const step = () => {
+              if (document.body.innerText.includes('gradio_client')) return;      // the API page is shown
+              const link = [...document.querySelectorAll('footer button')].find(e => e.textContent.includes('API'));
+              if (link) {
+                link.dispatchEvent(new MouseEvent('mouseenter'));
+                setTimeout(() => { link.click(); setTimeout(() => link.click(), 300); }, 1000);
+              }
+              if (++tries < 10) setTimeout(step, 2500);
+            };
+            step(); }""", api_visibility="private")
 
         film_outputs = [film, notice, button, state, note, downloads] + panel_outputs
         result_outputs = [file, film, button, note, downloads, state] + panel_outputs
@@ -251,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", action="append", default=None,
                     help="Hub id or local folder; repeat (or comma-separate) to compare models (env MODEL_ID)")
     ap.add_argument("--revision", default=os.environ.get("MODEL_REVISION"), help="Hub revision (env MODEL_REVISION)")
-    ap.add_argument("--precision", default=os.environ.get("CXR_PRECISION", "auto"), choices=["auto", "bf16", "fp32"])
+    ap.add_argument("--precision", default=os.environ.get("CXR_PRECISION", "auto"), choices=PRECISIONS)
     ap.add_argument("--port", type=int, default=None)
     args = ap.parse_args(argv)
     specs = parse_models(args.model or ([os.environ["MODEL_ID"]] if os.environ.get("MODEL_ID") else None))

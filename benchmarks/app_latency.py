@@ -42,6 +42,7 @@ from pathlib import Path
 
 from benchmarks import common  # run from the repository root: python -m benchmarks.<name>
 from benchmarks.gradio_http import HttpUser
+from cxr.precision import PRECISIONS
 
 NAME = "app_latency"
 
@@ -50,7 +51,7 @@ def parse(argv=None):
     ap = common.base_parser(__doc__, NAME)
     ap.add_argument("--model", default=None,
                     help="model folder, preset name or vit-b16-random (default: models/cxr-resnet-small-scratch)")
-    ap.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"])
+    ap.add_argument("--precision", default="auto", choices=PRECISIONS)
     ap.add_argument("--requests", type=int, default=None,
                     help="sequential requests per mode (heat map on / off); default 30, quick 4")
     ap.add_argument("--client-requests", type=int, default=None,

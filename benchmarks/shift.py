@@ -49,6 +49,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from benchmarks.common import DEFAULT_DATA_DIR, DEFAULT_MODEL_DIR, RESULTS_DIR, ROOT, machine_info, write_json
+from cxr.precision import PRECISIONS
 
 DEFAULT_HOLDOUT = ROOT / "docs" / "levers" / "holdout_patients.json"
 DOCS_DIR = ROOT / "docs" / "shift"
@@ -613,7 +614,7 @@ def build_parser():
                     help="JSON result (default: benchmarks/results/shift-<model>.json; -quick suffix with --quick)")
     ap.add_argument("--md", default=None,
                     help="Markdown table (default: docs/shift/<model>.md; none with --quick unless given)")
-    ap.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"],
+    ap.add_argument("--precision", default="auto", choices=PRECISIONS,
                     help="as the server: auto keeps the precision the operating point was fitted in")
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--seed", type=int, default=SEED)

@@ -47,6 +47,7 @@ import time
 from pathlib import Path
 
 from benchmarks import common  # run from the repository root: python -m benchmarks.<name>
+from cxr.precision import PRECISIONS
 
 NAME = "train_throughput"
 
@@ -57,7 +58,7 @@ def parse(argv=None):
                     help="preset name or model folder (train_hf --model_name_or_path); default %(default)s")
     ap.add_argument("--image-size", type=int, default=192)
     ap.add_argument("--batch-size", type=int, default=32)
-    ap.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"])
+    ap.add_argument("--precision", default="auto", choices=PRECISIONS)
     ap.add_argument("--steps", type=int, default=None,
                     help="N: the Trainer runs N and 2N steps (default 20; --quick 2)")
     ap.add_argument("--plain-steps", type=int, default=None, help="steps per timed plain round (default 10; quick 2)")

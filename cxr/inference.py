@@ -30,7 +30,7 @@ from .facts import HEADLINE, FactsError, numeric_metrics, read_training_facts
 from .locate import (DEFAULT_MODEL, MODEL_ENV, MissingFolderError, NoDefaultModelError, local_folder,
                      resolve_model, weights_problem)
 from .operating_point import OperatingPoint, positive_class_id
-from .precision import autocast_dtype, check_precision
+from .precision import PRECISIONS, autocast_dtype, check_precision
 from .preprocessing import pixel_values
 
 if TYPE_CHECKING:
@@ -406,7 +406,7 @@ def main(argv: list[str] | None = None) -> int:
                     help=f"Hub id or local folder (default: the environment's {' or '.join(MODEL_ENV)}, else the "
                          f"shipped model {DEFAULT_MODEL}, installed with the package)")
     ap.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit) of --model")
-    ap.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"],
+    ap.add_argument("--precision", default="auto", choices=PRECISIONS,
                     help="auto: bf16 where the CPU has it, unless the model's operating point was fitted in fp32")
     args = ap.parse_args(argv)
     try:

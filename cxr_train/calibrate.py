@@ -78,6 +78,7 @@ from pathlib import Path
 import numpy as np
 
 from cxr.operating_point import CONFIG_KEY, OperatingPoint
+from cxr.precision import PRECISIONS
 
 logger = logging.getLogger(__name__)
 
@@ -582,7 +583,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="one-sided confidence that the floor holds on new films of the site (exact binomial bound; "
                          "default 0.95; 0.5 is about the plain 'floor on the sample' policy)")
     ap.add_argument("--site", default=None, help="the site / sample's name in the record (default: --data's name)")
-    ap.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"],
+    ap.add_argument("--precision", default="auto", choices=PRECISIONS,
                     help="the Predictor's precision (default: as serving would run it)")
     ap.add_argument("--batch_size", type=int, default=16)
     return ap

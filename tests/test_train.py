@@ -12,7 +12,9 @@ import train_hf
 from cxr.precision import resolve_bf16
 from tests.helpers import ROOT, base_args
 
-pytestmark = pytest.mark.slow   # real trainings (tiny models, a few steps) and an accelerate launch
+# Tiers on the tests themselves: the fast tier keeps one real 2-step training (the session's
+# trained_folder: hub-ready folder, card metadata) and the checks made before training starts;
+# the other trainings, subprocesses and the accelerate launch are slow.
 
 
 def test_folder_is_hub_ready(trained_folder):
@@ -50,6 +52,7 @@ def test_model_card_metadata_parses(trained_folder):
     assert "python train_hf.py" in card.text
 
 
+@pytest.mark.slow
 def test_pipeline_loads_in_fresh_process_without_project_code(trained_folder, kermany_folder):
     image = next((kermany_folder / "test" / "PNEUMONIA").iterdir())
     code = (
@@ -68,6 +71,7 @@ def test_pipeline_loads_in_fresh_process_without_project_code(trained_folder, ke
     assert sum(r["score"] for r in res) == pytest.approx(1.0, abs=1e-5)
 
 
+@pytest.mark.slow
 def test_lora_run_exports_merged_and_adapter(kermany_folder, tmp_path):
     from transformers import pipeline
 
@@ -84,6 +88,7 @@ def test_lora_run_exports_merged_and_adapter(kermany_folder, tmp_path):
     assert {r["label"] for r in res} == {"NORMAL", "PNEUMONIA"}
 
 
+@pytest.mark.slow
 def test_resume_after_kill(kermany_folder, tmp_path, monkeypatch):
     from cxr_train import training
 
@@ -117,6 +122,7 @@ def test_resume_after_kill(kermany_folder, tmp_path, monkeypatch):
     assert (out / "model.safetensors").is_file()
 
 
+@pytest.mark.slow
 def test_push_failure_is_clear_and_keeps_folder(kermany_folder, tmp_path, capsys, monkeypatch):
     """The early check passed (as with a token and a network), then the upload fails."""
     monkeypatch.setattr(train_hf, "check_push_access", lambda repo_id, token=None: repo_id)
@@ -145,6 +151,7 @@ def test_bad_input_rejected_before_training(kermany_folder, tmp_path, capsys, ex
     assert not (tmp_path / "bad" / "model.safetensors").exists()
 
 
+@pytest.mark.slow
 def test_accelerate_two_cpu_processes(kermany_folder, tmp_path):
     out = tmp_path / "ddp"
     # accelerate's torch.distributed launcher; on a CPU-only machine it runs DDP over gloo
@@ -160,6 +167,7 @@ def test_accelerate_two_cpu_processes(kermany_folder, tmp_path):
     assert "| batch size | 8 |" in (out / "README.md").read_text()
 
 
+@pytest.mark.slow
 def test_cv_folds_trains_k_models_and_fits_the_operating_point_out_of_fold(kermany_folder, tmp_path):
     """--cv_folds 5 on a small subset: every training image scored once by a model that never saw its
     patient; per-fold + mean ± sd metrics; threshold/temperature fitted on those scores."""
@@ -222,6 +230,7 @@ def test_cv_folds_bad_values_are_rejected_before_training(kermany_folder, tmp_pa
     assert not (tmp_path / "a" / "model.safetensors").exists()
 
 
+@pytest.mark.slow
 def test_training_writes_ood_statistics_the_predictor_uses(trained_folder, kermany_folder):
     """A 2-step cxr-train writes ood.safetensors (fitted on its own training films, threshold
     on its validation films) and the Predictor loaded from the folder scores with it."""
@@ -239,6 +248,7 @@ def test_training_writes_ood_statistics_the_predictor_uses(trained_folder, kerma
     assert r.ood_score is not None and r.ood_score > 0 and r.ood_threshold == pytest.approx(saved.threshold)
 
 
+@pytest.mark.slow
 def test_ood_fit_false_skips_it_and_the_summary_says_what_next(kermany_folder, tmp_path, capsys):
     from cxr.inference import Predictor
 

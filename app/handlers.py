@@ -271,8 +271,11 @@ def _downloads(state: dict, opacity: float, film_name: str, label: str | None = 
 
 
 def _film_name(file) -> str:
-    path = file.get("orig_name") or file.get("path") if isinstance(file, dict) else getattr(
-        file, "orig_name", None) or getattr(file, "path", file)
+    """The uploaded file's own name (the cache keeps it as the last part of the path)."""
+    if isinstance(file, dict):
+        path = file.get("orig_name") or file.get("path")
+    else:
+        path = getattr(file, "orig_name", None) or getattr(file, "path", file)
     return Path(str(path or "film")).name
 
 

@@ -80,16 +80,21 @@ CSS = """
 .cxr-reveal {border-left: 4px solid #4a6fa5; padding: 6px 10px; margin-top: 8px; font-size: 0.95em;}
 .cxr-placeholder {border: 1px dashed var(--border-color-primary); border-radius: 8px; padding: 14px; opacity: 0.85;}
 #cxr-header p {font-size: 0.9em; margin-top: 2px;}
-#cxr-examples .grid-wrap {overflow: visible !important;}
+.cxr-panel .cxr-card {min-height: 175px;}
+.cxr-panel img {max-height: 420px; object-fit: contain;}
+#cxr-examples .grid-wrap {overflow: visible !important; height: auto !important; min-height: 0 !important;
+                          max-height: none !important;}
 @media (max-width: 700px) {
-  #cxr-film img, .cxr-panel img {max-height: 240px; object-fit: contain;}
+  #cxr-film img, .cxr-panel img {max-height: 260px; object-fit: contain;}
+  .cxr-panel .cxr-card {min-height: 0;}
   #cxr-header h1 {font-size: 1.2em !important; margin: 0 !important;}
   #cxr-header p {font-size: 0.78em; margin: 0;}
   .cxr-headline {font-size: 1.3em;}
   .cxr-bar {margin-top: 18px;}
   .cxr-text {font-size: 0.82em;}
   /* after an answer the panels show the film with its map: the plain copy would push them down */
-  .gradio-container:has(.cxr-card) #cxr-film {display: none !important;}
+  div:has(.cxr-card:not([data-decision="none"])) #cxr-film {display: none !important;}
+  #cxr-examples .grid-container {--grid-cols: 3 !important;}
 }
 """
 
@@ -125,8 +130,8 @@ def answer_html(results: list[dict], show_model: bool | None = None) -> str:
     return '<div class="cxr-cards">' + "".join(answer_card(r, show) for r in results) + "</div>"
 
 
-PLACEHOLDER = ('<div class="cxr-placeholder">The answer and its heat map appear here. Upload a chest X-ray on '
-               'the left, or pick one of the example films below.</div>')
+PLACEHOLDER = ('<div class="cxr-placeholder">The answer and its heat map appear here. Upload a chest X-ray, '
+               'or pick one of the example films below.</div>')
 PLACEHOLDER_READY = '<div class="cxr-placeholder">Film loaded: press <b>Predict</b>.</div>'
 AFTER_ANSWER = ('<div class="cxr-next" data-testid="cxr-next">To try another film, drop or choose it in the '
                 'upload box, or pick an example below.</div>')

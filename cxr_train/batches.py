@@ -254,12 +254,21 @@ def build_inputs(model, processor, data, data_args, num_workers: int = 0):
         if mode != "none":
             logger.warning("data_cache: %s cannot be split at uint8; decoding every film every epoch",
                            type(processor).__name__)
+        if getattr(data_args, "acquisition_augment", 0.0):
+            raise ValueError("--acquisition_augment needs the film store (--data_cache memmap) and an image "
+                             "processor that can be split at uint8")
         for split, ds in data.splits.items():
             ds.set_transform(ImageTransform(processor, augment=data_args.augment and split == "train",
                                             strength=data_args.augment_strength))
         return data, None
 
     store = FilmStore(getattr(data_args, "cache_dir", None), spec) if not streamed else None
+    acquisition = None
+    if getattr(data_args, "acquisition_augment", 0.0):
+        from .acquisition import AcquisitionAugment
+
+        acquisition = AcquisitionAugment(data_args.acquisition_augment, seed=torch.initial_seed() % 2**32)
+        logger.info("training films: %r", acquisition)
     splits = {}
     for split, ds in data.splits.items():
         if isinstance(ds, IterableDataset):
@@ -268,7 +277,8 @@ def build_inputs(model, processor, data, data_args, num_workers: int = 0):
             splits[split] = decode_stream(ds, spec)
         else:
             rows = store.rows(ds["image"], num_workers=num_workers, desc=f"{split} films")
-            splits[split] = CachedImages(store, rows, ds["label"])
+            splits[split] = CachedImages(store, rows, ds["label"],
+                                         transform=acquisition if split == "train" else None)
     augment = BatchAugment(data_args.augment_strength) if data_args.augment else None
     attach_device_preprocess(model, spec.normalise, augment, channels_last=_is_channels_last(model))
     logger.info("data path: %s uint8 batches, %s on the training device", "streamed" if streamed else

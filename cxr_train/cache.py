@@ -318,8 +318,9 @@ class CachedImages(torch.utils.data.Dataset):
     ``{"pixel_values": uint8 (N, 3, H, W) channels_last, "labels": int64 (N,)}`` straight from
     one read buffer."""
 
-    def __init__(self, store: FilmStore, rows: np.ndarray, labels):
+    def __init__(self, store: FilmStore, rows: np.ndarray, labels, transform=None):
         self.pixels_path, self.shape, self.record = store.pixels_path, store.shape, store.record
+        self.transform = transform      # uint8 (N, 3, H, W) -> the same (the training split's acquisition changes)
         self.rows = np.asarray(rows, dtype=np.int64)
         self.labels = np.asarray(labels, dtype=np.int64)
         if len(self.rows) != len(self.labels):
@@ -334,10 +335,14 @@ class CachedImages(torch.utils.data.Dataset):
         return out
 
     def __getitem__(self, i: int) -> dict:
-        x = torch.from_numpy(self._read([int(i)])[0]).permute(2, 0, 1)
-        return {"pixel_values": x, "labels": int(self.labels[int(i)])}
+        x = torch.from_numpy(self._read([int(i)])).permute(0, 3, 1, 2)
+        if self.transform is not None:
+            x = self.transform(x)
+        return {"pixel_values": x[0], "labels": int(self.labels[int(i)])}
 
     def __getitems__(self, idx) -> dict:
         idx = np.asarray(idx, dtype=np.int64)
         x = torch.from_numpy(self._read(idx)).permute(0, 3, 1, 2)   # NHWC bytes = NCHW channels_last
+        if self.transform is not None:
+            x = self.transform(x)
         return {"pixel_values": x, "labels": torch.from_numpy(self.labels[idx])}

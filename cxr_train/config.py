@@ -91,6 +91,11 @@ class DataArguments:
         default="standard", metadata={"help": "standard (crop 0.75-1, rotation 10 deg, shift 0.05, brightness/contrast "
                                               "0.2) or strong (crop 0.55-1, rotation 12 deg, shift 0.08, "
                                               "brightness/contrast 0.3, gamma 0.7-1.4, slight blur); never flips."})
+    acquisition_augment: float = field(
+        default=0.0, metadata={"help": "Probability that a training film gets one acquisition change of the shift "
+                                       "stress test (noise, blur, down-sampling, JPEG, sharpening, grid lines, "
+                                       "equalisation, borders, zoom; cxr_train.acquisition) at a severity in [0, 2]; "
+                                       "0 = off. Needs --data_cache memmap."})
     cv_folds: int = field(
         default=0, metadata={"help": "K >= 2: patient-grouped, stratified K-fold cross-validation first (K models, "
                                      "per-fold and mean ± sd metrics, out-of-fold scores of every training image); "
@@ -302,8 +307,15 @@ def validate_args(model_args: ModelArguments, data_args: DataArguments, training
         raise ConfigError("min_sensitivity must be in [0.5, 1)")
     if data_args.data_cache not in ("memmap", "none"):
         raise ConfigError(f"unknown data_cache '{data_args.data_cache}': choose memmap or none")
-    if data_args.augment_strength not in ("standard", "strong"):
-        raise ConfigError(f"unknown augment_strength '{data_args.augment_strength}': choose standard or strong")
+    from .data import AUGMENTATIONS
+
+    if data_args.augment_strength not in AUGMENTATIONS:
+        raise ConfigError(f"unknown augment_strength '{data_args.augment_strength}': choose "
+                          f"{' or '.join(AUGMENTATIONS)}")
+    if not 0.0 <= data_args.acquisition_augment <= 1.0:
+        raise ConfigError("acquisition_augment is a probability: 0 (off) to 1")
+    if data_args.acquisition_augment and data_args.data_cache == "none":
+        raise ConfigError("acquisition_augment needs the film store: --data_cache memmap")
     if not 0.0 <= training_args.label_smoothing_factor < 1.0:
         raise ConfigError("label_smoothing_factor must be in [0, 1)")
     if model_args.partial_stages < 1:

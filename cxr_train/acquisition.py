@@ -374,5 +374,5 @@ class AcquisitionAugment:
             name = self.names[int(self.rng.integers(len(self.names)))]
             severity = float(self.rng.uniform(0.0, self.max_severity))
             changed = CORRUPTIONS[name].apply(film, severity, self.rng)
-            out[i] = torch.from_numpy(np.asarray(changed)).permute(2, 0, 1)
+            out[i] = torch.from_numpy(np.array(changed)).permute(2, 0, 1)
         return out

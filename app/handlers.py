@@ -230,7 +230,8 @@ def _panel_updates(state: dict | None, show_map: bool, opacity: float, n: int, *
         if r["out_of_distribution"]:
             updates += [card, gr.update(visible=False, value=None), gr.update(visible=False, value="")]
         elif show_map and heat is not None:
-            updates += [card, gr.update(visible=True, value=overlay(display, heat, opacity), alt_text=render.map_alt(r)),
+            blended = overlay(display, heat, opacity)
+            updates += [card, gr.update(visible=True, value=blended, alt_text=render.map_alt(r)),
                         gr.update(visible=True, value=render.map_caption(r))]
         else:
             updates += [card, gr.update(visible=True, value=display, alt_text=render.film_alt(r)),

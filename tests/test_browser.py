@@ -93,7 +93,9 @@ CLIPPED_JS = """sel => { const out = []; const inside = (r, b) => r.left >= b.le
     for (const el of [box, ...box.querySelectorAll('*')]) {
       const cs = getComputedStyle(el);
       if ((cs.overflowX === 'auto' || cs.overflowX === 'scroll' || cs.overflowX === 'hidden')
-          && el.scrollWidth > el.clientWidth + 2 && el.clientWidth > 0) out.push(`${box.id}: ${el.className} scrolls sideways`);
+          && el.scrollWidth > el.clientWidth + 2 && el.clientWidth > 0) {
+        out.push(`${box.id}: ${el.className} scrolls sideways`);
+      }
     }
   }
   return out; }"""
@@ -118,7 +120,8 @@ def assert_nothing_clipped(page, where: str):
 UNCOVERED_JS = """img => { const r = img.getBoundingClientRect(); const pts = [];
   for (const fy of [0.02, 0.08, 0.15, 0.5]) for (const fx of [0.05, 0.25, 0.5, 0.75, 0.95])
     pts.push([r.left + fx * r.width, r.top + fy * r.height]);
-  return pts.filter(([x, y]) => y >= 0 && y < innerHeight).every(([x, y]) => document.elementFromPoint(x, y) === img); }"""
+  return pts.filter(([x, y]) => y >= 0 && y < innerHeight)
+    .every(([x, y]) => document.elementFromPoint(x, y) === img); }"""
 
 
 def assert_film_uncovered(page, selector: str):
@@ -380,7 +383,8 @@ def test_dark_mode_threshold_marker_is_readable(app_url, browser, tmp_path, shot
           .map(v => v / 255).map(v => v <= 0.03928 ? v / 12.92 : ((v + 0.055) / 1.055) ** 2.4);
           return 0.2126 * r + 0.7152 * g + 0.0722 * b; };
       let bg = null; for (let el = m.closest('.cxr-card'); el; el = el.parentElement) {
-        const c = getComputedStyle(el).backgroundColor; if (c && !c.endsWith(', 0)') && c !== 'transparent') { bg = c; break; } }
+        const c = getComputedStyle(el).backgroundColor;
+        if (c && !c.endsWith(', 0)') && c !== 'transparent') { bg = c; break; } }
       const a = lum(getComputedStyle(m).backgroundColor), b = lum(bg || 'rgb(255, 255, 255)');
       return (Math.max(a, b) + 0.05) / (Math.min(a, b) + 0.05); }""", marker.element_handle())
     assert ratio >= 4.5, f"threshold marker contrast {ratio:.1f} on the dark page"

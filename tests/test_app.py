@@ -23,7 +23,8 @@ from PIL import Image
 from cxr.inference import DISCLAIMER, Predictor
 from tests.helpers import PHI, ROOT, greyscale_photo, make_dicom, make_model_folder, make_xray
 
-pytestmark = pytest.mark.slow   # the whole module: real Gradio servers and subprocess snippets
+# Tiers on the tests themselves: tests that start a Gradio server, a client or a subprocess are
+# slow; rendering and handlers called as plain functions (tiny models) are in the fast tier.
 
 KEYS = {"model", "decision", "positive_label", "probability", "threshold", "borderline", "probabilities",
         "threshold_source", "out_of_distribution", "ood_score", "ood_threshold", "message", "heatmap",
@@ -71,6 +72,7 @@ def film(tmp_path, name="x.png", seed=3):
     return path
 
 
+@pytest.mark.slow
 def test_api_is_one_consistent_json_object(client, tmp_path):
     r = call(client, film(tmp_path))
     assert isinstance(r, dict) and KEYS <= set(r) and len(r["models"]) == 2
@@ -92,6 +94,7 @@ def test_api_is_one_consistent_json_object(client, tmp_path):
     assert 0 < normal_map.max() <= round(255 * normal["probability"] / normal["threshold"]) + 1
 
 
+@pytest.mark.slow
 def test_without_heatmap_and_dicom_twins(client, tmp_path):
     img = make_xray(3, True, size=96)
     img.save(tmp_path / "x.png")
@@ -107,6 +110,7 @@ def test_without_heatmap_and_dicom_twins(client, tmp_path):
     assert not any(p in json.dumps(r1) for p in PHI)
 
 
+@pytest.mark.slow
 def test_greyscale_photo_is_flagged_with_no_label_and_no_map(client, tmp_path):
     greyscale_photo(5).save(tmp_path / "portrait.png")
     r = call(client, tmp_path / "portrait.png")
@@ -116,6 +120,7 @@ def test_greyscale_photo_is_flagged_with_no_label_and_no_map(client, tmp_path):
         assert "does not look like a chest X-ray" in m["message"] or "not meaningful" in m["message"]
 
 
+@pytest.mark.slow
 def test_ct_dicom_is_refused_by_modality(client, tmp_path):
     from gradio_client.exceptions import AppError
 
@@ -133,6 +138,7 @@ def test_ct_dicom_is_refused_by_modality(client, tmp_path):
     ("cut.jpeg", "truncated", "truncated or corrupt"),
     ("bad.dcm", b"\0" * 128 + b"DICM" + b"\x02\x00", "DICOM"),
 ])
+@pytest.mark.slow
 def test_bad_inputs_give_clear_errors(client, tmp_path, name, payload, message):
     from gradio_client.exceptions import AppError
 
@@ -159,6 +165,7 @@ def readme_snippets() -> dict[str, str]:
     return dict(re.findall(r"<!-- snippet: (\w+) -->\n```\w+\n(.*?)```", text, flags=re.S))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["pipeline", "predictor", "gradio_client", "curl"])
 def test_readme_api_snippets_run(name, server, model_folders, tmp_path):
     url, _, _ = server
@@ -190,6 +197,7 @@ def upload(url, *files):
     return httpx.post(f"{url}/gradio_api/upload", files=[("files", f) for f in files], timeout=60)
 
 
+@pytest.mark.slow
 def test_upload_limits(server):
     url, _, _ = server
     big = b"\x89PNG\r\n\x1a\n" + b"\0" * (11 * 1024 * 1024)
@@ -202,6 +210,7 @@ def test_upload_limits(server):
     assert one.status_code == 200 and len(one.json()) == 1
 
 
+@pytest.mark.slow
 def test_uploaded_files_are_attachments_with_nosniff(server):
     url, _, _ = server
     r = upload(url, ("page.png", b"<html><script>alert(1)</script></html>", "image/png"))
@@ -213,6 +222,7 @@ def test_uploaded_files_are_attachments_with_nosniff(server):
     assert httpx.get(url, timeout=30).headers.get("x-content-type-options") == "nosniff"
 
 
+@pytest.mark.slow
 def test_upload_is_deleted_after_prediction_and_no_temp_files_leak(server, tmp_path):
     from benchmarks.gradio_http import HttpUser
 
@@ -237,6 +247,7 @@ def test_upload_is_deleted_after_prediction_and_no_temp_files_leak(server, tmp_p
     assert not (empty_after - empty_before)
 
 
+@pytest.mark.slow
 def test_janitor_sweeps_keeps_protected_survives_errors_and_cleans_at_shutdown(tmp_path, caplog):
     from app.files import Janitor
 
@@ -274,6 +285,7 @@ def test_janitor_sweeps_keeps_protected_survives_errors_and_cleans_at_shutdown(t
     assert not root.exists()
 
 
+@pytest.mark.slow
 def test_demo_close_removes_the_cache_folder(model_folders):
     from app import app as app_module
     from app import files as app_files
@@ -287,6 +299,7 @@ def test_demo_close_removes_the_cache_folder(model_folders):
     assert root.is_dir() == bool(others)      # removed when the last app closes
 
 
+@pytest.mark.slow
 def test_file_routes_refuse_traversal(server):
     url, _, _ = server
     for path in ["/gradio_api/file=/etc/passwd", "/gradio_api/file=../../../../etc/passwd", "/file=/etc/passwd",
@@ -295,6 +308,7 @@ def test_file_routes_refuse_traversal(server):
         assert r.status_code in (400, 403, 404) and "root:" not in r.text
 
 
+@pytest.mark.slow
 def test_api_refuses_a_path_that_was_not_uploaded(server):
     url, _, _ = server
     with httpx.Client(base_url=url, timeout=60) as http:
@@ -306,6 +320,7 @@ def test_api_refuses_a_path_that_was_not_uploaded(server):
 
 # ------------------------------------------------------------------ load and queue policy
 
+@pytest.mark.slow
 def test_twenty_clients_are_served_without_refusal(server, tmp_path):
     from benchmarks.app_latency import load_test
 
@@ -316,6 +331,7 @@ def test_twenty_clients_are_served_without_refusal(server, tmp_path):
     assert out["n"] == 40
 
 
+@pytest.mark.slow
 def test_overload_is_refused_quickly(model_folders, monkeypatch, tmp_path):
     """A bounded queue: with 2 running and 1 waiting, further requests are refused at once."""
     from gradio_client import Client, handle_file
@@ -364,6 +380,7 @@ def test_overload_is_refused_quickly(model_folders, monkeypatch, tmp_path):
     assert app_module.QUEUE_SIZE >= 20          # the documented policy: 20 clients are never refused
 
 
+@pytest.mark.slow
 def test_sessions_are_bounded_for_api_callers(model_folders, monkeypatch, tmp_path):
     from app import app as app_module
     from benchmarks.gradio_http import HttpUser
@@ -579,6 +596,7 @@ def test_parse_models():
     assert parse_models(["a,b", "c"]) == ["a", "b", "c"]
 
 
+@pytest.mark.slow
 def test_app_refuses_bad_model_at_startup(trained_folder, tmp_path, capsys):
     import shutil
 

@@ -92,7 +92,15 @@ def budget() -> DecodeBudget:
 
 def client_key(request) -> str:
     """The client a request comes from: its IP address as the server sees it (a ``gr.Request``
-    or a Starlette request). Requests without one (direct calls, tests) share the key "local"."""
+    or a Starlette request). Behind a reverse proxy every client has the proxy's address: set
+    ``CXR_TRUST_FORWARDED=1`` there (only there: the header is the client's to write otherwise)
+    to key on the first address of ``X-Forwarded-For``. Requests without one (direct calls,
+    tests) share the key "local"."""
+    if os.environ.get("CXR_TRUST_FORWARDED") == "1":
+        headers = getattr(request, "headers", None) or {}
+        forwarded = headers.get("x-forwarded-for") if hasattr(headers, "get") else None
+        if forwarded:
+            return forwarded.split(",")[0].strip()[:64] or "local"
     client = getattr(request, "client", None)
     host = getattr(client, "host", None)
     return str(host) if host else "local"

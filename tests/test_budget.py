@@ -66,11 +66,15 @@ def test_real_decodes_are_charged_their_worker_time():
         pool.close()
 
 
-def test_client_key():
+def test_client_key(monkeypatch):
     class R:
+        headers = {"x-forwarded-for": "203.0.113.9, 10.0.0.1"}
+
         class client:
             host = "10.1.2.3"
-    assert client_key(R()) == "10.1.2.3" and client_key(None) == "local"
+    assert client_key(R()) == "10.1.2.3" and client_key(None) == "local"     # the header is not trusted...
+    monkeypatch.setenv("CXR_TRUST_FORWARDED", "1")
+    assert client_key(R()) == "203.0.113.9"                                 # ...unless a proxy is declared
 
 
 def _slow_jpeg() -> bytes:

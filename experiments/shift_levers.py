@@ -356,7 +356,7 @@ def render(rows: list[dict], pol: dict[str, dict], machine: dict, shift_n: dict)
             f"({s['specificity']['worst_condition']}) | {e['normal_correct']}/{e['normals']} · "
             f"{e['pneumonia_correct']}/{e['pneumonias']} | {r['threshold']:.3f} | "
             f"{_f(r.get('train_minutes'), 1)} |")
-    for model, pp in ((m, pp) for m, pp in pol.items() if m == "base"):   # the others: in the JSON
+    for model, pp in ((m, pp) for m, pp in pol.items() if m in ("base", "candidate")):   # the others: in the JSON
         lines += ["", f"Threshold policies for `{model}` (sensitivity / specificity):", "",
                   "| policy | threshold | clean validation | clean hold-out | shift: sens mean / worst | "
                   "shift: spec mean / p10 / worst |", "|---|---|---|---|---|---|"]

@@ -22,7 +22,7 @@ from pydicom import uid
 from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
 from .headers import _check_encoded_frame, _check_modality, _inflate_if_deflated, _pixel_error_message
-from .limits import ImageLoadError, _check_size
+from .limits import ImageLoadError, _check_size, _strips_to_uint8
 
 _MONOCHROME = ("MONOCHROME1", "MONOCHROME2")
 
@@ -127,18 +127,7 @@ def _dicom_to_uint8(pixels: np.ndarray, dataset, *, invert: bool) -> np.ndarray:
         v = apply_voi_lut(apply_modality_lut(pixels[y:y + step], dataset), dataset)
         return np.nan_to_num(np.asarray(v, dtype=np.float64), nan=0.0, posinf=0.0, neginf=0.0)
 
-    low, high = np.inf, -np.inf
-    for y in range(0, pixels.shape[0], step):
-        v = values(y)
-        low, high = min(low, float(v.min())), max(high, float(v.max()))
-    out = np.zeros(pixels.shape, dtype=np.uint8)
-    if high <= low:
-        return out
-    for y in range(0, pixels.shape[0], step):
-        v = values(y)
-        offset = (high - v) if invert else (v - low)
-        out[y:y + step] = np.rint(offset * (255.0 / (high - low))).astype(np.uint8)
-    return out
+    return _strips_to_uint8(values, pixels.shape[0], step, pixels.shape, invert=invert)
 
 
 def _ensure_transfer_syntax(dataset) -> None:

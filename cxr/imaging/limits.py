@@ -45,3 +45,23 @@ def _check_size(width: int, height: int, max_pixels: int) -> None:
     if long / short > MAX_ASPECT:
         raise ImageLoadError(f"unusual aspect ratio ({width}x{height} pixels; "
                              f"at most {MAX_ASPECT:g}:1 is accepted)")
+
+
+def _strips_to_uint8(values, rows: int, step: int, shape: tuple, *, invert: bool = False):
+    """Min-max to uint8 over strips of rows, without a float64 copy of the whole image:
+    ``values(y)`` gives rows ``y:y + step`` as float64; two passes (range, then scaling) give the
+    numbers of the whole-image formula. ``invert`` maps the maximum to 0."""
+    import numpy as np
+
+    low, high = np.inf, -np.inf
+    for y in range(0, rows, step):
+        v = values(y)
+        low, high = min(low, float(v.min())), max(high, float(v.max()))
+    out = np.zeros(shape, dtype=np.uint8)
+    if high <= low:
+        return out
+    for y in range(0, rows, step):
+        v = values(y)
+        offset = (high - v) if invert else (v - low)
+        out[y:y + step] = np.rint(offset * (255.0 / (high - low))).astype(np.uint8)
+    return out

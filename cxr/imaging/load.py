@@ -20,7 +20,9 @@ from PIL import Image, ImageOps
 from ..locate import DICOM_SUFFIXES
 from .dicom import _load_dicom, _quiet_pydicom
 from .headers import _check_jpeg_stream
-from .limits import _CORRUPT, MAX_DECODED_SIDE, MAX_FILE_BYTES, MAX_PIXELS, ImageLoadError, _check_size, _reduce
+from .limits import (
+    _CORRUPT, MAX_DECODED_SIDE, MAX_FILE_BYTES, MAX_PIXELS, ImageLoadError, _check_size, _reduce, _strips_to_uint8,
+)
 from .sandbox import DecodePool, default_pool
 
 ACCEPTED_FORMATS = ("PNG", "JPEG")  # Pillow formats; DICOM is handled by pydicom
@@ -246,14 +248,4 @@ def _scale_to_uint8(array: np.ndarray, *, invert: bool = False) -> np.ndarray:
     def values(y: int) -> np.ndarray:
         return np.nan_to_num(np.asarray(array[y:y + step], dtype=np.float64), nan=0.0, posinf=0.0, neginf=0.0)
 
-    low, high = np.inf, -np.inf
-    for y in range(0, array.shape[0], step):
-        v = values(y)
-        low, high = min(low, float(v.min())), max(high, float(v.max()))
-    if high <= low:
-        return out
-    for y in range(0, array.shape[0], step):
-        v = values(y)
-        offset = (high - v) if invert else (v - low)
-        out[y:y + step] = np.rint(offset * (255.0 / (high - low))).astype(np.uint8)
-    return out
+    return _strips_to_uint8(values, array.shape[0], step, array.shape, invert=invert)

@@ -80,8 +80,9 @@ class DecodePool:
         worker.sent_at = None
         try:
             return worker.decode(data, suffix, max_pixels, self.timeout_s, self.start_timeout_s, max_side)
-        finally:   # the worker's time on this file: not the wait for a free or a starting worker
-            _LAST.seconds = 0.0 if worker.sent_at is None else time.monotonic() - worker.sent_at
+        finally:   # the worker's time on this file: not the wait for a free or a starting worker, nor
+            # the kill and restart of one over its limit (at most timeout_s is charged)
+            _LAST.seconds = 0.0 if worker.sent_at is None else min(time.monotonic() - worker.sent_at, self.timeout_s)
             self._idle.put(worker)
 
 

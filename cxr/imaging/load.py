@@ -76,7 +76,8 @@ def _from_pil(image: Image.Image, max_pixels: int, max_side: int | None = MAX_DE
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             image.load()
             rotated = ImageOps.exif_transpose(image)  # a copy; the caller's image is untouched
-            out = _to_rgb8(_reduce(_to_canonical(rotated), max_side))
+            out = _reduce(_to_canonical(rotated), max_side)   # one copy: _to_rgb8 would canonicalise again
+            out = out if out.mode == "RGB" else out.convert("RGB")
     except ImageLoadError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):

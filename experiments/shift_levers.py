@@ -32,7 +32,8 @@ from pathlib import Path
 from experiments import levers
 
 RUNS = Path("outputs/shift_levers")
-NO_OOD = ["--ood_fit", "false"]          # lever runs are scored without the OOD check (as lever_report does)
+NO_OOD = ["--ood_fit", "false"]
+ACQ = ["--data_cache", "memmap", "--acquisition_augment", "0.5"]   # the augmentation needs the film store          # lever runs are scored without the OOD check (as lever_report does)
 LEVERS = {
     "base": NO_OOD,            # the shipped recipe (224 px, 2 epochs); the shipped folder itself is scored as base
     "lite1_240": NO_OOD + ["--model_name_or_path", "checkpoints/tf_efficientnet_lite1.in1k",
@@ -43,7 +44,10 @@ LEVERS = {
     "epochs4": NO_OOD + ["--num_train_epochs", "4"],
     # the stress test's own high-frequency / LUT / collimation corruptions on half the training films,
     # severity <= 2 (cxr_train.acquisition): judge it at severity 3 and on the corruptions it never saw
-    "acq_aug": NO_OOD + ["--acquisition_augment", "0.5"],
+    "acq_aug": NO_OOD + ACQ,          # = outputs/candidate-acq (same seeds; that one has its OOD fit)
+    "acq_dseed1": NO_OOD + ACQ + ["--data_seed", "1"],                    # acquisition soup members
+    "acq_dseed2": NO_OOD + ACQ + ["--data_seed", "2"],
+    "acq_epochs4": NO_OOD + ACQ + ["--num_train_epochs", "4"],
 }
 CANDIDATE = Path("outputs/candidate-default")          # cxr-train --config hub_configs/candidate-shift-policy.yaml
 CANDIDATE_ACQ = Path("outputs/candidate-acq")  # the shipped YAML + --acquisition_augment 0.5 (OOD fitted)
@@ -140,7 +144,9 @@ def make_soup(members: list[Path], out: Path, precision: str = "auto") -> Path:
 EXTERNAL = Path("../shared/data/chest_xray_val_fullres")
 DATA = Path("../shared/data/chest_xray_224")
 SEVERITIES = (1, 2)            # the lever table's "under shift" columns (the severities training may see)
-SCORED_SEVERITIES = (1, 2, 3)  # severity 3 is scored too: never seen in training, the honest yardstick
+SCORED_SEVERITIES = (1, 2, 3)
+from cxr_train.acquisition import ACQUISITION_AUGMENT, CORRUPTIONS as _ALL  # noqa: E402
+UNSEEN = tuple(n for n in _ALL if n not in ACQUISITION_AUGMENT)   # never drawn by --acquisition_augment  # severity 3 is scored too: never seen in training, the honest yardstick
                                # for acquisition-augmented models
 SHIFT_PER_CLASS = {"NORMAL": 192, "PNEUMONIA": 192}  # hold-out films under shift: every NORMAL, 192 of 554 PNEUMONIA (spread)
 
@@ -288,6 +294,8 @@ def under_shift(sc: dict, thr, severities=SEVERITIES, names=None) -> dict:
     y = np.asarray(sc["shift"]["y"])
     rows = {c: {**_rates(y, np.asarray(p), thr), "auroc": _auroc(y, p)}
             for c, p in shift_conditions(sc, severities, names).items()}
+    if not rows:                     # e.g. severity 3 not scored in an older cache
+        return {}
     out = {}
     for k in ("sensitivity", "specificity", "auroc"):
         v = {c: r[k] for c, r in rows.items()}
@@ -296,6 +304,10 @@ def under_shift(sc: dict, thr, severities=SEVERITIES, names=None) -> dict:
                   "p10": float(np.percentile(list(v.values()), 10))}
     out["per_condition"] = rows
     return out
+
+
+def _summary(u: dict) -> dict:
+    return {k: v for k, v in u.items() if k != "per_condition"} if u.get("sensitivity") else {}
 
 
 def lever_row(sc: dict, folder: Path) -> dict:
@@ -307,6 +319,9 @@ def lever_row(sc: dict, folder: Path) -> dict:
     row = {"lever": sc["model"], "folder": str(folder), "threshold": thr, "precision": sc["precision"],
            "holdout": {"n": len(ho["y"]), "auroc": _auroc(ho["y"], ho["p"]), **_rates(ho["y"], ho["p"], thr)},
            "shift": {k: v for k, v in under_shift(sc, thr).items()},
+           # the yardsticks acquisition augmentation (severity <= 2 of ACQUISITION_AUGMENT) never saw
+           "shift_sev3": _summary(under_shift(sc, thr, severities=(3,))),
+           "shift_unseen": _summary(under_shift(sc, thr, names=UNSEEN)),
            "external16": {"normal_correct": int(((p_e < thr) & (y_e == 0)).sum()), "normals": int((y_e == 0).sum()),
                           "pneumonia_correct": int(((p_e >= thr) & (y_e == 1)).sum()), "pneumonias": int(y_e.sum()),
                           "max_p_normal": round(float(p_e[y_e == 0].max()), 3)}}
@@ -348,7 +363,8 @@ def policies(sc: dict, folder: Path) -> dict:
     out = {}
     for name, t in fixed.items():
         out[name] = {"threshold": t, "validation": _rates(val["labels"], val["scores"], t),
-                     "holdout": _rates(ho["y"], ho["p"], t), "shift": under_shift(sc, t)}
+                     "holdout": _rates(ho["y"], ho["p"], t), "shift": under_shift(sc, t),
+                     "shift_sev3": _summary(under_shift(sc, t, severities=(3,)))}
     y = np.asarray(sc["shift"]["y"])
     half = _halves(sc["shift"]["patients"])
     conds = shift_conditions(sc)
@@ -364,7 +380,8 @@ def policies(sc: dict, folder: Path) -> dict:
         out[f"sensitivity >= {f:.2f} on shifted hold-out (sev. 1-2, cross-fitted)"] = {
             "threshold": t_mean, "thresholds_per_half": [thr_half[0], thr_half[1]],
             "validation": _rates(val["labels"], val["scores"], t_mean),
-            "holdout": _rates(ho["y"], ho["p"], t_mean), "shift": under_shift(sc, per_film)}
+            "holdout": _rates(ho["y"], ho["p"], t_mean), "shift": under_shift(sc, per_film),
+            "shift_sev3": _summary(under_shift(sc, per_film, severities=(3,)))}
     for f in SHIFT_FLOORS:   # every condition's sensitivity >= f: the lowest of the per-condition floors
         thr_half = {h: min(floor_threshold(y[half == h], np.asarray(p)[half == h], f) for p in conds.values())
                     for h in (0, 1)}
@@ -373,7 +390,8 @@ def policies(sc: dict, folder: Path) -> dict:
         out[f"sensitivity >= {f:.2f} in every shifted condition (sev. 1-2, cross-fitted)"] = {
             "threshold": t_mean, "thresholds_per_half": [thr_half[0], thr_half[1]],
             "validation": _rates(val["labels"], val["scores"], t_mean),
-            "holdout": _rates(ho["y"], ho["p"], t_mean), "shift": under_shift(sc, per_film)}
+            "holdout": _rates(ho["y"], ho["p"], t_mean), "shift": under_shift(sc, per_film),
+            "shift_sev3": _summary(under_shift(sc, per_film, severities=(3,)))}
     return out
 
 
@@ -381,30 +399,46 @@ def _f(x, d=3):
     return "–" if x is None else f"{x:.{d}f}"
 
 
+def _mw(summary: dict | None, key: str) -> str:
+    """"mean / worst" of one rate in a shift summary, or "–" when not scored."""
+    if not summary or key not in summary:
+        return "–"
+    return f"{_f(summary[key]['mean'])} / {_f(summary[key]['worst'])}"
+
+
+POLICY_TABLES = ("base", "candidate", "candidate_acq", "soup_acq")    # the others: in the JSON
+
+
 def render(rows: list[dict], pol: dict[str, dict], machine: dict, shift_n: dict) -> str:
     lines = ["| lever | hold-out AUROC | hold-out sens | hold-out spec | shift AUROC mean / worst | "
-             "shift sens mean / worst | shift spec mean / worst (condition) | 16 later films (N / P correct) | "
-             "threshold | train min |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "shift sens mean / worst | shift spec mean / worst (condition) | never-augmented corruptions, "
+             "sev. 1-2: spec mean / worst | severity 3: sens mean / worst | severity 3: spec mean / worst | "
+             "16 later films (N / P correct) | threshold | train min |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         h, s, e = r["holdout"], r["shift"], r["external16"]
         lines.append(
             f"| {r['lever']} | {_f(h['auroc'], 4)} | {_f(h['sensitivity'])} | {_f(h['specificity'])} | "
             f"{_f(s['auroc']['mean'], 4)} / {_f(s['auroc']['worst'], 4)} | {_f(s['sensitivity']['mean'])} / "
             f"{_f(s['sensitivity']['worst'])} | {_f(s['specificity']['mean'])} / {_f(s['specificity']['worst'])} "
-            f"({s['specificity']['worst_condition']}) | {e['normal_correct']}/{e['normals']} · "
+            f"({s['specificity']['worst_condition']}) | {_mw(r.get('shift_unseen'), 'specificity')} | "
+            f"{_mw(r.get('shift_sev3'), 'sensitivity')} | {_mw(r.get('shift_sev3'), 'specificity')} | "
+            f"{e['normal_correct']}/{e['normals']} · "
             f"{e['pneumonia_correct']}/{e['pneumonias']} | {r['threshold']:.3f} | "
             f"{_f(r.get('train_minutes'), 1)} |")
-    for model, pp in ((m, pp) for m, pp in pol.items() if m in ("base", "candidate")):   # the others: in the JSON
+    for model, pp in ((m, pp) for m, pp in pol.items() if m in POLICY_TABLES):
         lines += ["", f"Threshold policies for `{model}` (sensitivity / specificity):", "",
                   "| policy | threshold | clean validation | clean hold-out | shift: sens mean / worst | "
-                  "shift: spec mean / p10 / worst |", "|---|---|---|---|---|---|"]
+                  "shift: spec mean / p10 / worst | severity 3: sens mean / worst | severity 3: spec mean / worst |",
+                  "|---|---|---|---|---|---|---|---|"]
         for name, v in pp.items():
             s = v["shift"]
             lines.append(f"| {name} | {v['threshold']:.3f} | {_f(v['validation']['sensitivity'])} / "
                          f"{_f(v['validation']['specificity'])} | {_f(v['holdout']['sensitivity'])} / "
                          f"{_f(v['holdout']['specificity'])} | {_f(s['sensitivity']['mean'])} / "
                          f"{_f(s['sensitivity']['worst'])} | {_f(s['specificity']['mean'])} / "
-                         f"{_f(s['specificity']['p10'])} / {_f(s['specificity']['worst'])} |")
+                         f"{_f(s['specificity']['p10'])} / {_f(s['specificity']['worst'])} | "
+                         f"{_mw(v.get('shift_sev3'), 'sensitivity')} | {_mw(v.get('shift_sev3'), 'specificity')} |")
     return "\n".join(lines) + "\n"
 
 

@@ -165,8 +165,7 @@ def analyse(image: Image.Image, predictors: list[Predictor], *, explain: bool = 
             except Exception:  # noqa: BLE001 - the user gets a generic message, the log the details
                 logger.exception("prediction failed")
                 raise gr.Error(GENERIC_ERROR, print_exception=False) from None
-            heat = (None if result.heatmap is None
-                    else evidence_map(result.heatmap, result.positive_probability, result.threshold))
+            heat = None if result.heatmap is None else evidence_map(result.heatmap, *result.map_weight())
             shipped = encode_map(heat) if heat is not None and encode_map is not None else None
             out.append((result.to_api(heatmap=shipped), heat))
     return out

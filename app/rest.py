@@ -42,7 +42,8 @@ from fastapi.routing import APIRoute
 from pydantic import BaseModel, Field, create_model
 
 # cxr is the installed package (pip install .), or the cxr/ folder beside app.py in a Space
-from cxr.api import FIELDS, MODEL_INFO_FIELDS, Answer, ModelAnswer, ModelInfo, answer, model_info
+from cxr.api import (FIELDS, FINDING_FIELDS, MODEL_INFO_FIELDS, SCREENING_FIELDS, Answer, Finding, ModelAnswer,
+                     ModelInfo, Screening, answer, model_info)
 from cxr.explain import heatmap_image
 from cxr.imaging import ImageLoadError, default_pool
 from cxr.inference import DISCLAIMER, Predictor
@@ -64,12 +65,24 @@ VERSION = "1"
 
 # ------------------------------------------------------------------ the schema, from cxr.api
 
+def _typed(typed_dict, docs: dict[str, str], name: str, doc: str) -> type[BaseModel]:
+    return create_model(name, __doc__=doc, **{k: (t, Field(description=docs[k]))
+                                              for k, t in get_type_hints(typed_dict).items()})
+
+
+FindingModel = _typed(Finding, FINDING_FIELDS, "Finding", "One class or finding of the model's label set.")
+ScreeningModel = _typed(Screening, SCREENING_FIELDS, "Screening",
+                        "Abnormal vs normal (multi-class / multi-label models with a normal class).")
+
+
 def schema_models(heatmap_type: Any, heatmap_note: str) -> tuple[type[BaseModel], type[BaseModel]]:
     """(one model's answer, the whole answer) as pydantic models built from :mod:`cxr.api`'s
     TypedDicts and field descriptions; ``heatmap`` typed per transport (base64 text for REST,
     a file for the Gradio API)."""
     hints = get_type_hints(ModelAnswer)
     hints["heatmap"] = heatmap_type
+    hints["findings"] = list[FindingModel] | None       # cxr.api's TypedDicts as described pydantic models
+    hints["screening"] = ScreeningModel | None
     fields = {k: (t, Field(description=FIELDS[k] + (" " + heatmap_note if k == "heatmap" else "")))
               for k, t in hints.items()}
     one = create_model("ModelAnswer", __doc__="One model's answer.", **fields)

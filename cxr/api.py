@@ -8,6 +8,11 @@ the app turns the two into its OpenAPI schema and the Gradio API page (pydantic 
 package stays free of it). :func:`model_answer` is the only place where a flagged film (out of
 distribution, or not a radiograph) loses its decision, probabilities and map.
 
+One schema for every label set (docs/label_sets.md): ``task`` says which; ``findings`` lists
+every class / finding with its probability, threshold and whether it is present (binary
+answers fill it too); ``screening`` is the abnormal-vs-normal call of a multi-class or
+multi-label model that has a normal class. Binary answers keep every other field as before.
+
 Research and education only: not a medical device.
 """
 
@@ -16,12 +21,45 @@ from __future__ import annotations
 from typing import Any, TypedDict
 
 
+class Finding(TypedDict):
+    label: str
+    probability: float
+    threshold: float | None
+    present: bool
+
+
+class Screening(TypedDict):
+    abnormal_probability: float
+    threshold: float
+    abnormal: bool
+
+
+FINDING_FIELDS: dict[str, str] = {
+    "label": "The class or finding, as the model names it.",
+    "probability": "Its calibrated probability, 0-1, 4 decimals: temperature-scaled softmax (binary, "
+                   "multi-class: they sum to 1) or sigmoid (multi-label: each finding on its own).",
+    "threshold": "The threshold it is called at: the positive class's (binary), each finding's own "
+                 "(multi-label); null where the class has none (the binary negative class; every "
+                 "multi-class class: the arg-max decides).",
+    "present": "Whether the answer calls it: the decided class (binary, multi-class), or probability >= "
+               "threshold (multi-label).",
+}
+
+SCREENING_FIELDS: dict[str, str] = {
+    "abnormal_probability": "1 - the probability of the normal class (NORMAL / No Finding).",
+    "threshold": "The screening threshold on `abnormal_probability` (multi-label: 1 - the normal "
+                 "finding's threshold).",
+    "abnormal": "True when `abnormal_probability` >= `threshold` (multi-label: when the normal finding "
+                "is not present).",
+}
+
+
 class ModelAnswer(TypedDict):
     model: str
     decision: str | None
     positive_label: str
     probability: float | None
-    threshold: float
+    threshold: float | None
     threshold_source: str
     borderline: bool
     borderline_margin: float
@@ -35,6 +73,9 @@ class ModelAnswer(TypedDict):
     heatmap_method: str | None
     heatmap_class: str | None
     disclaimer: str
+    task: str
+    findings: list[Finding] | None
+    screening: Screening | None
 
 
 class Answer(ModelAnswer):
@@ -43,18 +84,25 @@ class Answer(ModelAnswer):
 
 FIELDS: dict[str, str] = {
     "model": "The model's name (its folder name or Hub id).",
-    "decision": "The model's answer at its operating point: the positive label (e.g. PNEUMONIA) when "
-                "`probability` >= `threshold`, else the other label; null when the film is flagged "
+    "decision": "The model's answer at its operating point: binary, the positive label (e.g. PNEUMONIA) "
+                "when `probability` >= `threshold`, else the other label; multi-class, the class with the "
+                "highest probability; multi-label, the present findings joined with ', ' (or the normal "
+                "finding, or 'no finding above its threshold'). Null when the film is flagged "
                 "(`out_of_distribution`).",
-    "positive_label": "The label the threshold is about (e.g. PNEUMONIA).",
-    "probability": "Calibrated probability of `positive_label` (temperature-scaled softmax), 0-1, "
-                   "4 decimals; null when flagged.",
-    "threshold": "The model's decision threshold on `probability` (its operating point).",
+    "positive_label": "The label `probability` and `threshold` are about: binary, the positive class (e.g. "
+                      "PNEUMONIA); multi-class, the decided class; multi-label, the headline finding (the one "
+                      "furthest above, or nearest below, its threshold).",
+    "probability": "Calibrated probability of `positive_label` (temperature-scaled softmax; sigmoid for "
+                   "multi-label), 0-1, 4 decimals; null when flagged.",
+    "threshold": "The decision threshold on `probability` (the model's operating point); null for a "
+                 "multi-class answer (the arg-max decides; see `screening`).",
     "threshold_source": "What chose the threshold, on which films (the operating point's provenance).",
-    "borderline": "True when `probability` is within `borderline_margin` of `threshold`: treat the "
-                  "answer as uncertain. False when flagged.",
+    "borderline": "True when `probability` is within `borderline_margin` of `threshold` (with a "
+                  "`screening` point: when `abnormal_probability` is within it of the screening threshold): "
+                  "treat the answer as uncertain. False when flagged.",
     "borderline_margin": "The margin around the threshold that makes an answer borderline.",
-    "probabilities": "Calibrated probability of every label (they sum to 1); null when flagged.",
+    "probabilities": "Calibrated probability of every label (binary, multi-class: they sum to 1; "
+                     "multi-label: one sigmoid per finding); null when flagged.",
     "out_of_distribution": "True when the film does not look like the training films (distance in "
                            "the model's feature space above `ood_threshold`, or not greyscale): no "
                            "decision, no probabilities, no map.",
@@ -72,8 +120,16 @@ FIELDS: dict[str, str] = {
     "heatmap_size": "[height, width] of `heatmap` in pixels; null without a map.",
     "heatmap_method": "How the map is made (Grad-CAM for CNNs, attention rollout for ViTs); null "
                       "when flagged.",
-    "heatmap_class": "The label the map explains (`positive_label`); null when flagged.",
+    "heatmap_class": "The label the map explains (`positive_label` unless another class was asked for; "
+                     "attention rollout is the same map for every class); null when flagged.",
     "disclaimer": "Research and education only: not a medical device.",
+    "task": "The model's label set: 'binary', 'multiclass' (one label per film) or 'multilabel' "
+            "(0 or more findings per film).",
+    "findings": "Every class / finding in the model's label order (binary answers too), each with "
+                "`label`, `probability`, `threshold` and `present`; null when flagged.",
+    "screening": "Abnormal vs normal, for a multi-class or multi-label model with a normal class "
+                 "(NORMAL / No Finding): `abnormal_probability`, `threshold`, `abnormal`. Null for binary "
+                 "models (`decision` is the screening answer), models without a normal class, and flagged films.",
     "models": "Every loaded model's answer, in the order the models were given (the top-level fields "
               "repeat the first one's).",
 }
@@ -82,8 +138,9 @@ FIELDS: dict[str, str] = {
 class ModelInfo(TypedDict):
     model: str
     architecture: str | None
+    task: str
     labels: list[str]
-    positive_label: str
+    positive_label: str | None
     threshold: float
     threshold_source: str
     temperature: float
@@ -103,11 +160,16 @@ class ModelInfo(TypedDict):
 MODEL_INFO_FIELDS: dict[str, str] = {
     "model": "The model's name (the `model` option of a prediction).",
     "architecture": "The model type in its config.json (e.g. efficientnet, resnet, vit).",
+    "task": "'binary', 'multiclass' or 'multilabel' (see a prediction's `task`).",
     "labels": "Every label the model can answer, in its output order.",
-    "positive_label": "The label the threshold is about.",
-    "threshold": "Decision threshold on the calibrated probability of `positive_label`.",
+    "positive_label": "The label the threshold is about (binary models); null for multi-class and "
+                      "multi-label models.",
+    "threshold": "Decision threshold on the calibrated probability of `positive_label` (binary); the "
+                 "screening threshold for a multi-class model with a normal class; unused otherwise (see "
+                 "`operating_point.thresholds` for each finding's).",
     "threshold_source": "What chose the threshold, on which films.",
-    "temperature": "Softmax temperature (calibration) applied before the threshold.",
+    "temperature": "Temperature (calibration) applied to the logits before the softmax (sigmoid for "
+                   "multi-label) and the threshold.",
     "borderline_margin": "Answers within this distance of the threshold are flagged borderline.",
     "operating_point": "The whole operating point as saved with the model (threshold, temperature, "
                        "policy, fitted_on, n_fit, alternatives, calibration provenance).",
@@ -141,7 +203,7 @@ def model_answer(prediction, *, heatmap: Any = None, heatmap_size: list[int] | N
         decision=None if flagged else prediction.label,
         positive_label=prediction.positive_label,
         probability=None if flagged else round(float(prediction.positive_probability), 4),
-        threshold=round(float(prediction.threshold), 4),
+        threshold=None if prediction.threshold is None else round(float(prediction.threshold), 4),
         threshold_source=prediction.threshold_source,
         borderline=(not flagged) and bool(prediction.borderline),
         borderline_margin=float(prediction.borderline_margin),
@@ -153,8 +215,17 @@ def model_answer(prediction, *, heatmap: Any = None, heatmap_size: list[int] | N
         heatmap=heatmap,
         heatmap_size=None if heatmap is None else heatmap_size,
         heatmap_method=None if flagged else prediction.heatmap_method,
-        heatmap_class=None if flagged else prediction.positive_label,
+        heatmap_class=None if flagged else (getattr(prediction, "heatmap_class", None) or prediction.positive_label),
         disclaimer=prediction.disclaimer,
+        task=getattr(prediction, "task", "binary"),
+        findings=None if flagged else [
+            Finding(label=f["label"], probability=round(float(f["probability"]), 4),
+                    threshold=None if f["threshold"] is None else round(float(f["threshold"]), 4),
+                    present=bool(f["present"])) for f in getattr(prediction, "findings", [])],
+        screening=None if flagged or not getattr(prediction, "screening", None) else Screening(
+            abnormal_probability=round(float(prediction.screening["abnormal_probability"]), 4),
+            threshold=round(float(prediction.screening["threshold"]), 4),
+            abnormal=bool(prediction.screening["abnormal"])),
     )
     return answer
 
@@ -179,8 +250,10 @@ def model_info(predictor) -> ModelInfo:
     return ModelInfo(**{
         "model": predictor.name,
         "architecture": facts.get("architecture"),
+        "task": getattr(predictor, "task", "binary"),
         "labels": list(predictor.id2label.values()),
-        "positive_label": predictor.id2label[predictor.positive_id],
+        "positive_label": predictor.id2label[predictor.positive_id] if getattr(predictor, "task", "binary") == "binary"
+        else None,
         "operating_point": {k: v for k, v in op.to_config().items() if v is not None},
         "threshold": float(op.threshold),
         "threshold_source": op.source,

@@ -2,6 +2,12 @@
 and the tests). Loads a Hub id or a local folder (safetensors only, no remote code), applies
 the saved image processor, temperature and decision threshold, and explains predictions.
 
+Any label set (docs/label_sets.md): binary models decide by the threshold on the positive
+class, multi-class models by the arg-max (plus a screening point when they have a normal
+class), multi-label models by each finding's own threshold on its sigmoid. Every answer lists
+every class / finding (``Prediction.findings``); heat maps are drawn for the answer's class by
+default, or for any class asked for (``predict(..., heatmap_classes=...)``).
+
     cxr-predict film.jpeg                                        # the shipped default model
     python -m cxr.inference --model outputs/cxr-resnet-small-scratch image1.png image2.dcm
 """
@@ -29,7 +35,7 @@ from .imaging import ImageLoadError, check_is_radiograph, load_image
 from .facts import HEADLINE, FactsError, numeric_metrics, read_training_facts
 from .locate import (DEFAULT_MODEL, MODEL_ENV, MissingFolderError, NoDefaultModelError, local_folder,
                      resolve_model, weights_problem)
-from .operating_point import OperatingPoint, positive_class_id
+from .operating_point import OperatingPoint, label_list, positive_class_id
 from .precision import PRECISIONS, autocast_dtype, check_precision
 from .preprocessing import pixel_values
 
@@ -57,13 +63,45 @@ class ModelLoadError(RuntimeError):
     """The model cannot be loaded (missing, unsafe or corrupt weights, not a classifier)."""
 
 
+class UnknownClassError(ValueError):
+    """A class asked for (a heat map's) is not one of the model's labels."""
+
+
+NO_FINDING = "no finding above its threshold"    # a multi-label answer without a present finding
+
+
+def finding_weight(findings: list[dict], label: str, task: str) -> tuple[float, float | None]:
+    """(probability, threshold) that set how strongly ``label``'s heat map is drawn
+    (``cxr.explain.map_strength``): the class's own threshold where it has one (binary positive
+    class, multi-label findings); the binary negative class: 1 - the positive class's threshold;
+    a multi-class class: the arg-max probability (the answer's class at full strength). Works on
+    a Prediction's findings and on an answer's (``to_api``) alike."""
+    entry = next((f for f in findings if f["label"] == label), None)
+    if entry is None:
+        raise UnknownClassError(f"unknown class {label!r}: the answer's labels are {[f['label'] for f in findings]}")
+    if entry["threshold"] is not None:
+        return float(entry["probability"]), float(entry["threshold"])
+    if task == "binary":
+        other = next(f["threshold"] for f in findings if f["threshold"] is not None)
+        return float(entry["probability"]), 1.0 - float(other)
+    return float(entry["probability"]), max(float(f["probability"]) for f in findings)
+
+
 @dataclass
 class Prediction:
+    """One film's answer. binary: ``label`` the decision at the threshold on ``positive_label``.
+    multiclass: ``label`` the arg-max class, ``positive_label`` / ``positive_probability`` that
+    class, ``threshold`` None. multilabel: ``label`` the present findings joined with ", " (or the
+    normal finding, or :data:`NO_FINDING`), ``positive_label`` the headline finding (the one
+    furthest above - or nearest below - its threshold, normal finding aside) with its
+    probability and threshold. ``findings``: every class / finding in label order
+    (label, probability, threshold, present); ``screening``: abnormal vs normal (multiclass /
+    multilabel with a normal class; None otherwise)."""
     label: str | None                    # None when the input looks out of distribution
-    probabilities: dict[str, float]      # calibrated (temperature-scaled) softmax
+    probabilities: dict[str, float]      # calibrated (temperature-scaled) softmax; multilabel: sigmoids
     positive_label: str
     positive_probability: float
-    threshold: float
+    threshold: float | None
     threshold_source: str
     out_of_distribution: bool = False
     warning: str | None = None
@@ -76,11 +114,30 @@ class Prediction:
     model: str = "model"                 # the Predictor's name
     borderline_margin: float = 0.05      # the operating point's
     heatmap_method: str | None = None    # how this model's maps are made (Grad-CAM, attention rollout), asked or not
+    task: str = "binary"                 # "binary" | "multiclass" | "multilabel"
+    findings: list[dict] = field(default_factory=list)   # every class: label, probability, threshold, present
+    screening: dict | None = None        # abnormal_probability, threshold, abnormal; None: no screening point
+    heatmap_class: str | None = None     # the label ``heatmap`` explains (None: positive_label)
+    heatmaps: dict = field(default_factory=dict, repr=False)   # label -> map, every class asked for
 
     def to_dict(self) -> dict:
-        d = asdict(self)
+        heatmap, heatmaps = self.heatmap, self.heatmaps
+        self.heatmap, self.heatmaps = None, {}
+        try:
+            d = asdict(self)
+        finally:
+            self.heatmap, self.heatmaps = heatmap, heatmaps
         d.pop("heatmap")
+        d.pop("heatmaps")
         return d
+
+    def map_weight(self, label: str | None = None) -> tuple[float, float | None]:
+        """(probability, threshold) for drawing ``label``'s map (default: the map's class);
+        see :func:`finding_weight`. Binary, positive class: (positive_probability, threshold)."""
+        label = label or self.heatmap_class or self.positive_label
+        if not self.findings:
+            return self.positive_probability, self.threshold
+        return finding_weight(self.findings, label, self.task)
 
     def to_api(self, heatmap=None) -> "ModelAnswer":
         """The one answer schema (:mod:`cxr.api`) every caller returns: the page, the Gradio and
@@ -115,9 +172,11 @@ class Predictor:
         self.config = model.config
         self.id2label = {int(k): v for k, v in model.config.id2label.items()}
         try:
+            self.labels = label_list(self.id2label)
             self.operating_point = op = OperatingPoint.from_config(model.config)
         except (TypeError, ValueError) as e:
             raise ModelLoadError(f"{name}: {str(e).splitlines()[0]}") from None
+        self.task = op.task
         try:
             self.training_facts = read_training_facts(model.config)
         except FactsError as e:
@@ -212,6 +271,72 @@ class Predictor:
     def logits(self, pixel_values: torch.Tensor) -> np.ndarray:
         return self._forward(pixel_values).logits.float().cpu().numpy()
 
+    def class_id(self, which: str | int) -> int:
+        """A class's index from its label or index; :class:`UnknownClassError` otherwise."""
+        if isinstance(which, (int, np.integer)) and not isinstance(which, bool) and 0 <= int(which) < len(self.labels):
+            return int(which)
+        if isinstance(which, str) and which in self.labels:
+            return self.labels.index(which)
+        raise UnknownClassError(f"{self.name}: unknown class {which!r}: this model's labels are "
+                                f"{', '.join(self.labels)}")
+
+    def _class_ids(self, heatmap_classes) -> list[int] | None:
+        """The requested map classes as indices (None: the answer's own class); "all": every class."""
+        if heatmap_classes is None:
+            return None
+        if isinstance(heatmap_classes, str) and heatmap_classes == "all" and "all" not in self.labels:
+            return list(range(len(self.labels)))
+        if isinstance(heatmap_classes, (str, int, np.integer)):
+            heatmap_classes = [heatmap_classes]
+        ids = list(dict.fromkeys(self.class_id(c) for c in heatmap_classes))
+        if not ids:
+            raise UnknownClassError(f"{self.name}: no class asked for: this model's labels are {', '.join(self.labels)}")
+        return ids
+
+    def logits_and_heatmaps(self, pixel_values: torch.Tensor, class_ids: list[int] | None = None
+                            ) -> tuple[np.ndarray, dict[int, np.ndarray]]:
+        """Logits of one image and its maps {class index: map} for ``class_ids`` (None: the
+        answer's own class, :meth:`default_map_class`), from one forward pass where the
+        architecture allows: closed-form Grad-CAM reads every class's map off the same feature
+        map; attention rollout is one map whatever the class (it follows attention, not a
+        class score); other CNNs run Grad-CAM's backward pass once per class."""
+        size = tuple(pixel_values.shape[-2:])
+        if self.explainer_kind is None:
+            return self.logits(pixel_values), {}
+        if self.explainer_kind == "attention-rollout":
+            if self.config.model_type != "timm_wrapper":
+                out = self._forward(pixel_values, output_attentions=True)
+                logits, one = out.logits.float().cpu().numpy(), rollout_map(out.attentions, size)
+            else:
+                logits = self.logits(pixel_values)
+                one = self.explain_tensor(pixel_values, 0)
+            ids = class_ids if class_ids is not None else [self.default_map_class(logits[0])]
+            return logits, {i: one for i in ids}
+        if self._cam_head is not None:
+            features, logits = self._features_and_logits(pixel_values)
+            ids = class_ids if class_ids is not None else [self.default_map_class(logits[0])]
+            return logits, {i: gradcam_from_features(features, self._cam_head, i, size) for i in ids}
+        logits = self.logits(pixel_values)
+        ids = class_ids if class_ids is not None else [self.default_map_class(logits[0])]
+        return logits, {i: self.explain_tensor(pixel_values, i) for i in ids}
+
+    def default_map_class(self, logits: np.ndarray) -> int:
+        """The class a map explains unless asked otherwise: binary, the positive class;
+        multiclass, the arg-max; multilabel, the headline finding (see :class:`Prediction`)."""
+        if self.task == "binary":
+            return self.positive_id
+        d = self.operating_point.apply(np.asarray(logits)[None], labels=self.labels)
+        return self._headline(d)
+
+    def _headline(self, d) -> int:
+        if self.task == "multiclass":
+            return int(d.label_ids[0])
+        probs, thresholds = d.probabilities[0], d.thresholds
+        normal = self.operating_point.normal_label
+        candidates = [i for i, n in enumerate(self.labels) if n != normal] or list(range(len(self.labels)))
+        ratio = [probs[i] / thresholds[i] if thresholds[i] > 0 else np.inf for i in candidates]
+        return candidates[int(np.argmax(ratio))]
+
     def logits_and_heatmap(self, pixel_values: torch.Tensor, class_id: int | None = None
                            ) -> tuple[np.ndarray, np.ndarray]:
         """Logits of one image and its map for ``class_id`` (default: the positive class), from
@@ -238,8 +363,13 @@ class Predictor:
             from .ood import OOD_WARNING
 
             warning = OOD_WARNING
+        if self.task != "binary":
+            return self._label_set_result(logits, warning, ood_score)
         d = self.operating_point.apply(logits[None], self.positive_id)
         probs, p_pos, label = d.probabilities[0], float(d.probability[0]), self.id2label[int(d.label_ids[0])]
+        findings = [{"label": self.labels[i], "probability": float(p),
+                     "threshold": self.threshold if i == self.positive_id else None,
+                     "present": bool(d.present[0, i])} for i, p in enumerate(probs)]
         return Prediction(
             model=self.name, borderline_margin=float(self.operating_point.borderline_margin),
             heatmap_method=self.heatmap_method,
@@ -249,20 +379,67 @@ class Predictor:
             threshold=self.threshold, threshold_source=self.threshold_source,
             borderline=warning is None and bool(d.borderline[0]),
             out_of_distribution=warning is not None, warning=warning, ood_score=ood_score,
-            ood_threshold=None if self.ood is None else float(self.ood.threshold))
+            ood_threshold=None if self.ood is None else float(self.ood.threshold),
+            task="binary", findings=findings)
 
-    def predict(self, source, *, explain: bool = False) -> Prediction:
-        """source: path, bytes, file object or PIL image. Raises ImageLoadError for bad input."""
+    def _label_set_result(self, logits: np.ndarray, warning: str | None, ood_score: float | None) -> Prediction:
+        """A multi-class or multi-label answer (docs/label_sets.md)."""
+        op = self.operating_point
+        d = op.apply(logits[None], labels=self.labels)
+        probs, present = d.probabilities[0], d.present[0]
+        k = self._headline(d)
+        findings = [{"label": n, "probability": float(p),
+                     "threshold": None if np.isnan(d.thresholds[i]) else float(d.thresholds[i]),
+                     "present": bool(present[i])} for i, (n, p) in enumerate(zip(self.labels, probs))]
+        screening = None if not d.screening else {
+            "abnormal_probability": float(d.probability[0]), "threshold": float(d.screening_threshold),
+            "abnormal": bool(d.positive[0])}
+        if self.task == "multiclass":
+            label, threshold = self.labels[k], None
+            borderline = bool(d.borderline[0]) if d.screening else False
+        else:
+            shown = [n for n, on in zip(self.labels, present) if on and n != op.normal_label]
+            label = ", ".join(shown) if shown else (op.normal_label or NO_FINDING)
+            threshold = float(d.thresholds[k])
+            borderline = (bool(d.borderline[0]) if d.screening
+                          else bool(abs(probs[k] - threshold) < op.borderline_margin))
+        return Prediction(
+            model=self.name, borderline_margin=float(op.borderline_margin), heatmap_method=self.heatmap_method,
+            label=None if warning else label,
+            probabilities={n: float(p) for n, p in zip(self.labels, probs)},
+            positive_label=self.labels[k], positive_probability=float(probs[k]),
+            threshold=threshold, threshold_source=self.threshold_source,
+            borderline=warning is None and borderline,
+            out_of_distribution=warning is not None, warning=warning, ood_score=ood_score,
+            ood_threshold=None if self.ood is None else float(self.ood.threshold),
+            task=self.task, findings=findings, screening=screening)
+
+    def predict(self, source, *, explain: bool = False, heatmap_classes=None) -> Prediction:
+        """source: path, bytes, file object or PIL image. Raises ImageLoadError for bad input.
+
+        ``explain``: also the heat map of the answer's class (binary: the positive class).
+        ``heatmap_classes`` (implies ``explain``): a label or index, a list of them, or "all":
+        maps for those classes, in ``Prediction.heatmaps`` ({label: map}); ``heatmap`` and
+        ``heatmap_class`` are then the first one's. An unknown class raises
+        :class:`UnknownClassError` before any work."""
+        ids = self._class_ids(heatmap_classes)
         image = load_image(source)  # a PIL image too: the same checks and conversions as a file
         warning = check_is_radiograph(image)
         pv = self.preprocess([image])
-        if not explain:
+        if not explain and ids is None:
             logits = self.logits(pv)
             return self._result(logits[0], warning, self._ood_scores()[0])
-        logits, heatmap = self.logits_and_heatmap(pv)
+        if self.task == "binary" and ids is None:
+            logits, heatmap = self.logits_and_heatmap(pv)
+            maps = {self.positive_id: heatmap}
+        else:
+            logits, maps = self.logits_and_heatmaps(pv, ids)
         result = self._result(logits[0], warning, self._ood_scores()[0])
-        if not result.out_of_distribution:      # flagged inputs get no map
-            result.heatmap, result.explainer = heatmap, self.explainer_kind
+        if not result.out_of_distribution and self.explainer_kind is not None:      # flagged inputs get no map
+            first = next(iter(maps))
+            result.heatmap, result.explainer = maps[first], self.explainer_kind
+            result.heatmap_class = self.labels[first]
+            result.heatmaps = {self.labels[i]: m for i, m in maps.items()}
         return result
 
     def predict_batch(self, sources, batch_size: int = 32, workers: int | None = None
@@ -341,6 +518,7 @@ class Predictor:
             ev = json.loads((folder / "eval_results.json").read_text())
             facts["validation_metrics"] = numeric_metrics({k: ev.get(f"eval_{k}") for k in HEADLINE})
         facts.update(model=self.name, architecture=self.config.model_type, labels=list(self.id2label.values()),
+                     task=self.task,
                      threshold=self.threshold, threshold_source=self.threshold_source,
                      temperature=self.temperature, explainer=explainer_kind_name(self.model))
         return facts
@@ -389,6 +567,18 @@ def decision_note(predictor: Predictor) -> str:
     film near the threshold (it reports the raw softmax and its top class: no temperature, no
     threshold)."""
     op = predictor.operating_point
+    if predictor.task == "multiclass":
+        return (f"{predictor.name} ({len(predictor.labels)} classes: {', '.join(predictor.labels)}): the class "
+                f"with the highest probability (softmax at temperature {op.temperature:.3f}); every class's "
+                "probability is in 'findings'" + (
+                    f"; screening: abnormal when 1 - P({op.normal_label}) >= {op.threshold:.3f} ({op.source})"
+                    if op.normal_label else "") + ". transformers.pipeline() reports the raw softmax (no temperature).")
+    if predictor.task == "multilabel":
+        ts = ", ".join(f"{n} >= {float(op.thresholds[n]):.3f}" for n in predictor.labels)
+        return (f"{predictor.name} (multi-label, {len(predictor.labels)} findings): each finding is present when "
+                f"its probability (sigmoid at temperature {op.temperature:.3f}) is at or above its own "
+                f"threshold ({ts}; {op.source}); every finding is in 'findings'. transformers.pipeline() "
+                "reports the raw sigmoids without these thresholds.")
     return (f"{predictor.name}: {predictor.id2label[predictor.positive_id]} when its probability "
             f"(softmax at temperature {op.temperature:.3f}) is >= {op.threshold:.3f}, the operating point "
             f"({op.source}). transformers.pipeline() reports the raw softmax and its top class (argmax, "
@@ -398,9 +588,10 @@ def decision_note(predictor: Predictor) -> str:
 def main(argv: list[str] | None = None) -> int:
     from .cli import ArgumentParser
 
-    ap = ArgumentParser(description="Predict NORMAL/PNEUMONIA for chest X-ray files: one JSON line per file "
-                                    "on stdout (a bad file gets an 'error'; the others still run), the decision "
-                                    "rule on stderr. " + DISCLAIMER)
+    ap = ArgumentParser(description="Predict for chest X-ray files with the model's own labels (NORMAL/PNEUMONIA "
+                                    "for the shipped model; multi-class and multi-label models too): one JSON line "
+                                    "per file on stdout, every class / finding under 'findings' (a bad file gets "
+                                    "an 'error'; the others still run), the decision rule on stderr. " + DISCLAIMER)
     ap.add_argument("images", nargs="+", help="PNG, JPEG or DICOM files")
     ap.add_argument("--model", default=None,
                     help=f"Hub id or local folder (default: the environment's {' or '.join(MODEL_ENV)}, else the "

@@ -211,3 +211,212 @@ def test_describe_names_the_task():
     assert "multi-label" in multilabel_op().describe() and "Nodule" in multilabel_op().describe()
     assert "1 - P(NORMAL) >= 0.400" in multiclass_op().describe()
     assert OperatingPoint(threshold=0.3).describe().startswith("threshold 0.300")
+
+
+# ================================================================== step 2: Predictor, to_api, pipeline, cxr-predict
+
+def _last_linear(model):
+    import torch
+
+    return [m for m in model.modules() if isinstance(m, torch.nn.Linear)][-1]
+
+
+def make_label_set_folder(out: Path, labels: list[str], op: OperatingPoint | dict | None, *,
+                          logits: list[float] | None = None, problem_type: str | None = None,
+                          preset: str = "tiny-resnet-scratch", seed: int = 0) -> Path:
+    """A tiny model folder for any label set, saved as training saves it: ``problem_type`` and the
+    operating point in config.json. With ``logits`` every film gets about those logits (head
+    weights scaled down, bias set), while its heat maps stay real, non-constant maps."""
+    import torch
+
+    from cxr_train.modeling import build_preset, save_model_folder
+
+    torch.manual_seed(seed)
+    model, processor = build_preset(preset, dict(enumerate(labels)))
+    if logits is not None:
+        lin = _last_linear(model)
+        with torch.no_grad():
+            lin.weight.mul_(1e-3)
+            lin.bias.copy_(torch.tensor(logits, dtype=torch.float32))
+    if problem_type:
+        model.config.problem_type = problem_type
+    if op is not None:
+        model.config.cxr_operating_point = op.to_config() if isinstance(op, OperatingPoint) else op
+    save_model_folder(model, processor, out)
+    return out
+
+
+# The 3-class model says about P = softmax([0.2, 1.0, 0.1] / 1.5); the multi-label model about
+# sigmoid([-1.4, 0.85, -0.4, -2.2] / 1.25) = No Finding 0.25, Effusion 0.66, Edema 0.42, Nodule 0.15.
+LOGITS3 = [0.2, 1.0, 0.1]
+LOGITS4 = [-1.4, 0.85, -0.4, -2.2]
+
+
+@pytest.fixture(scope="module")
+def label_set_folders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("label-sets")
+    three = make_label_set_folder(root / "cxr-3class-tiny", THREE, multiclass_op(), logits=LOGITS3,
+                                  problem_type="single_label_classification")
+    four = make_label_set_folder(root / "cxr-4finding-tiny", FOUR, multilabel_op(), logits=LOGITS4,
+                                 problem_type="multi_label_classification", seed=1)
+    return three, four
+
+
+def _film(tmp_path, seed=3):
+    from tests.helpers import make_xray
+
+    path = tmp_path / f"film-{seed}.png"
+    make_xray(seed, True, size=96).save(path)
+    return path
+
+
+def test_predictor_multiclass_answer(label_set_folders, tmp_path):
+    from cxr.inference import Predictor
+
+    p = Predictor.from_pretrained(label_set_folders[0], precision="fp32")
+    assert p.task == "multiclass" and p.labels == THREE
+    film = _film(tmp_path)
+    logits = p.logits(p.preprocess([__import__("cxr.imaging", fromlist=["load_image"]).load_image(film)]))[0]
+    expected = softmax(logits / 1.5)
+    r = p.predict(film)
+    assert r.task == "multiclass" and r.label == THREE[int(expected.argmax())] == "BACTERIAL"
+    assert np.allclose([r.probabilities[n] for n in THREE], expected, atol=1e-7)
+    assert [f["label"] for f in r.findings] == THREE
+    assert [f["present"] for f in r.findings] == [False, True, False]
+    assert all(f["threshold"] is None for f in r.findings)
+    assert r.positive_label == "BACTERIAL" and r.threshold is None
+    assert r.screening["abnormal_probability"] == pytest.approx(1 - expected[0])
+    assert r.screening["abnormal"] == (1 - expected[0] >= 0.4) and r.screening["threshold"] == 0.4
+    a = r.to_api()
+    assert a["task"] == "multiclass" and a["decision"] == "BACTERIAL" and a["threshold"] is None
+    assert a["findings"][1] == {"label": "BACTERIAL", "probability": round(float(expected[1]), 4),
+                                "threshold": None, "present": True}
+    assert a["screening"] == {"abnormal_probability": round(float(1 - expected[0]), 4), "threshold": 0.4,
+                              "abnormal": bool(1 - expected[0] >= 0.4)}
+    assert sum(f["probability"] for f in a["findings"]) == pytest.approx(1, abs=2e-4)
+
+
+def test_predictor_multilabel_answer_and_per_finding_maps(label_set_folders, tmp_path):
+    import torch
+
+    from cxr.inference import Predictor
+
+    p = Predictor.from_pretrained(label_set_folders[1], precision="fp32")
+    assert p.task == "multilabel" and p.labels == FOUR
+    film = _film(tmp_path)
+    r = p.predict(film, explain=True)
+    probs = np.array([r.probabilities[n] for n in FOUR])
+    assert np.allclose(probs, torch.sigmoid(torch.tensor(LOGITS4) / 1.25).numpy(), atol=0.02)
+    assert probs.sum() != pytest.approx(1, abs=0.05)
+    # thresholds No Finding 0.6, Effusion 0.3, Edema 0.2, Nodule 0.5
+    assert [f["present"] for f in r.findings] == [False, True, True, False]
+    assert [f["threshold"] for f in r.findings] == [0.6, 0.3, 0.2, 0.5]
+    assert r.label == "Effusion, Edema"
+    # headline: the non-normal finding furthest above its threshold (Effusion 0.66 / 0.3 > Edema 0.42 / 0.2)
+    assert r.positive_label == "Effusion" and r.threshold == 0.3 and r.heatmap_class == "Effusion"
+    assert r.screening == {"abnormal_probability": pytest.approx(1 - probs[0]), "threshold": pytest.approx(0.4),
+                           "abnormal": True}
+    assert r.heatmap.shape == (64, 64) and r.map_weight() == (pytest.approx(probs[1]), 0.3)
+    # maps per finding on request: the same maps whether asked one by one or all at once
+    every = p.predict(film, heatmap_classes="all")
+    assert list(every.heatmaps) == FOUR and every.heatmap_class == "No Finding"
+    assert np.array_equal(every.heatmaps["Effusion"], r.heatmap)
+    one = p.predict(film, heatmap_classes="Nodule")
+    assert one.heatmap_class == "Nodule" and np.array_equal(one.heatmap, every.heatmaps["Nodule"])
+    assert np.array_equal(p.predict(film, heatmap_classes=3).heatmap, one.heatmap)
+    assert not np.allclose(every.heatmaps["Nodule"], every.heatmaps["Effusion"])   # a map per class
+    assert one.map_weight() == (pytest.approx(probs[3]), 0.5)
+    assert one.to_api()["heatmap_class"] == "Nodule"
+
+
+def test_closed_form_maps_match_the_backward_pass_for_every_class(label_set_folders, tmp_path):
+    """The per-class maps read off one forward pass equal pytorch-grad-cam's, class by class."""
+    pytest.importorskip("pytorch_grad_cam")
+    from cxr.inference import Predictor
+
+    p = Predictor.from_pretrained(label_set_folders[0], precision="fp32")
+    pv = p.preprocess([__import__("cxr.imaging", fromlist=["load_image"]).load_image(_film(tmp_path))])
+    _, maps = p.logits_and_heatmaps(pv, [0, 1, 2])
+    for k in range(3):
+        assert np.abs(maps[k] - p.explain_tensor(pv, k)).max() < 1e-4
+
+
+def test_unknown_heatmap_class_is_refused_before_any_work(label_set_folders, tmp_path):
+    from cxr.inference import Predictor, UnknownClassError
+
+    p = Predictor.from_pretrained(label_set_folders[1], precision="fp32")
+    missing = tmp_path / "never-read.png"          # not there: the class is checked first
+    for bad in ("Pneumothorax", 4, -1, [], ["Edema", "PNEUMONIA"]):
+        with pytest.raises(UnknownClassError, match="labels are No Finding, Effusion, Edema, Nodule"
+                           if bad != [] else "no class asked for"):
+            p.predict(missing, heatmap_classes=bad)
+
+
+@pytest.mark.parametrize("which", [0, 1])
+def test_pipeline_applies_softmax_or_sigmoid_from_problem_type(label_set_folders, tmp_path, which):
+    """transformers.pipeline('image-classification') reads config.json's problem_type: softmax of
+    the raw logits for the 3-class model, sigmoid for the multi-label one (no temperature)."""
+    import torch
+    from transformers import AutoImageProcessor, AutoModelForImageClassification, pipeline
+
+    folder = label_set_folders[which]
+    model = AutoModelForImageClassification.from_pretrained(folder).eval()
+    processor = AutoImageProcessor.from_pretrained(folder)
+    from PIL import Image
+
+    image = Image.open(_film(tmp_path)).convert("RGB")
+    with torch.no_grad():
+        logits = model(**processor(images=image, return_tensors="pt")).logits[0].double()
+    expected = (torch.softmax(logits, -1) if which == 0 else torch.sigmoid(logits)).numpy()
+    out = pipeline("image-classification", model=str(folder))(image, top_k=None)
+    got = {o["label"]: o["score"] for o in out}
+    labels = THREE if which == 0 else FOUR
+    assert np.allclose([got[n] for n in labels], expected, atol=1e-5)
+    if which == 1:
+        assert sum(got.values()) != pytest.approx(1, abs=0.05)      # not a softmax
+
+
+def test_cxr_predict_prints_every_class_and_finding(label_set_folders, tmp_path, capsys):
+    from cxr.inference import main
+
+    film = _film(tmp_path)
+    assert main([str(film), "--model", str(label_set_folders[0]), "--precision", "fp32"]) == 0
+    out, err = capsys.readouterr()
+    row = json.loads(out.strip())
+    assert row["task"] == "multiclass" and [f["label"] for f in row["findings"]] == THREE
+    assert row["decision"] == "BACTERIAL" and "3 classes: NORMAL, BACTERIAL, VIRAL" in err
+    assert main([str(film), "--model", str(label_set_folders[1]), "--precision", "fp32"]) == 0
+    out, err = capsys.readouterr()
+    row = json.loads(out.strip())
+    assert row["task"] == "multilabel" and row["decision"] == "Effusion, Edema"
+    assert [f["present"] for f in row["findings"]] == [False, True, True, False]
+    assert "multi-label, 4 findings" in err and "Nodule >= 0.500" in err
+
+
+@pytest.mark.parametrize("op,problem_type,message", [
+    ({**multilabel_op().to_config(), "thresholds": {"No Finding": 0.6, "Effusion": 0.3, "Edema": 0.2}},
+     "multi_label_classification", r"no threshold for finding\(s\) \['Nodule'\]"),
+    (multilabel_op().to_config(), "single_label_classification", "problem_type"),
+    ({**multilabel_op().to_config(), "normal_label": "NORMAL"}, "multi_label_classification",
+     "normal_label 'NORMAL' is not one of them"),
+])
+def test_a_model_whose_operating_point_disagrees_with_its_labels_is_refused(tmp_path, op, problem_type, message):
+    from cxr.inference import ModelLoadError, Predictor
+
+    folder = make_label_set_folder(tmp_path / "bad", FOUR, op, problem_type=problem_type)
+    with pytest.raises(ModelLoadError, match=message):
+        Predictor.from_pretrained(folder)
+
+
+def test_cxr_predict_refuses_a_bad_label_set_model_in_one_line(tmp_path, capsys):
+    from cxr.inference import main
+
+    op = {**multilabel_op().to_config(), "thresholds": {"No Finding": 0.6}}
+    folder = make_label_set_folder(tmp_path / "bad", FOUR, op, problem_type="multi_label_classification")
+    film = _film(tmp_path)
+    capsys.readouterr()
+    assert main([str(film), "--model", str(folder)]) == 2
+    out, err = capsys.readouterr()
+    last = err.strip().splitlines()[-1]             # after transformers' loading progress bar
+    assert out == "" and last.startswith("error: bad: ") and "no threshold for finding(s)" in last
+    assert "Traceback" not in err

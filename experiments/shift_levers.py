@@ -144,10 +144,10 @@ def make_soup(members: list[Path], out: Path, precision: str = "auto") -> Path:
 EXTERNAL = Path("../shared/data/chest_xray_val_fullres")
 DATA = Path("../shared/data/chest_xray_224")
 SEVERITIES = (1, 2)            # the lever table's "under shift" columns (the severities training may see)
-SCORED_SEVERITIES = (1, 2, 3)
-from cxr_train.acquisition import ACQUISITION_AUGMENT, CORRUPTIONS as _ALL  # noqa: E402
-UNSEEN = tuple(n for n in _ALL if n not in ACQUISITION_AUGMENT)   # never drawn by --acquisition_augment  # severity 3 is scored too: never seen in training, the honest yardstick
+SCORED_SEVERITIES = (1, 2, 3)  # severity 3 is scored too: never seen in training, the honest yardstick
                                # for acquisition-augmented models
+from cxr_train.acquisition import ACQUISITION_AUGMENT, CORRUPTIONS as _ALL  # noqa: E402
+UNSEEN = tuple(n for n in _ALL if n not in ACQUISITION_AUGMENT)   # never drawn by --acquisition_augment
 SHIFT_PER_CLASS = {"NORMAL": 192, "PNEUMONIA": 192}  # hold-out films under shift: every NORMAL, 192 of 554 PNEUMONIA (spread)
 
 

@@ -37,8 +37,9 @@ from cxr_train.modeling import (
     ModelError, apply_strategy, build_model, count_parameters, merge_for_export, save_model_folder,
 )
 from cxr_train.report import CVResult, RunReport
+from cxr_train.labels import problem_type
 from cxr_train.training import (
-    WeightedCrossEntropy, binary_labels, build_compute_metrics, fit_operating_point, prefixed, score_split,
+    binary_labels, fit_for_task, loss_for, metrics_for, prefixed, score_for_task, score_split,
 )
 
 logger = logging.getLogger("train_hf")
@@ -72,6 +73,8 @@ def train_one(model_args, data_args, training_args, data: PreparedData, predict:
 
     model, processor = build_model(model_args.model_name_or_path, data.id2label, model_args.image_size,
                                    model_args.model_revision, reinit_head=model_args.reinit_head)
+    # softmax or sigmoid in pipeline("image-classification") (docs/label_sets.md)
+    model.config.problem_type = problem_type(data.task)
     model = apply_strategy(model, model_args.strategy, partial_stages=model_args.partial_stages,
                            lora_r=model_args.lora_r, lora_alpha=model_args.lora_alpha,
                            lora_dropout=model_args.lora_dropout,
@@ -91,8 +94,8 @@ def train_one(model_args, data_args, training_args, data: PreparedData, predict:
         model=model, args=training_args,
         train_dataset=data.splits["train"], eval_dataset=data.splits["validation"],
         processing_class=processor, data_collator=collator,
-        compute_loss_func=WeightedCrossEntropy(data.class_weights, training_args.label_smoothing_factor),
-        compute_metrics=build_compute_metrics(data.positive_id),
+        compute_loss_func=loss_for(data, training_args.label_smoothing_factor),
+        compute_metrics=metrics_for(data),
         callbacks=callbacks,
     )
     seconds = 0.0
@@ -149,15 +152,26 @@ def cross_validate(model_args, data_args, training_args, data: PreparedData, out
                     patients=list(pool["patient_id"]), train_seconds=seconds)
 
 
-def score_external(folder: str, predictor, id2label: dict) -> dict:
+def score_external(folder: str, predictor, id2label: dict, label_from_filename=None, data=None) -> dict:
     """A folder of other patients' films (<LABEL>/<image>), scored once by the shipped model
-    through the serving Predictor (its preprocessing, precision and decision rule)."""
+    through the serving Predictor (its preprocessing, precision and decision rule). With
+    ``label_from_filename`` the films' labels come from their names by the training run's rules."""
     from cxr.imaging import ImageLoadError, load_image
     from cxr.locate import image_files
 
     label2id = {v: k for k, v in id2label.items()}
     files = [f for f in image_files(folder) if f.parent.parent == Path(folder)]
-    unknown = sorted({p.parent.name for p in files} - set(label2id))
+    if label_from_filename:
+        from cxr_train.labels import FilenameLabeler, LabelError
+
+        try:
+            names = FilenameLabeler.parse(label_from_filename).label_all([f.name for f in files],
+                                                                         where=f"external_dataset {folder}")
+        except LabelError as e:
+            raise DataError(str(e)) from None
+    else:
+        names = [f.parent.name for f in files]
+    unknown = sorted(set(names) - set(label2id))
     if unknown or not files:
         raise DataError(f"external_dataset {folder}: expected <LABEL>/<image> with labels {list(label2id)}"
                         + (f", found {unknown}" if unknown else ", found no images"))
@@ -168,8 +182,15 @@ def score_external(folder: str, predictor, id2label: dict) -> dict:
         except ImageLoadError as e:
             raise DataError(f"external_dataset {folder}: {e}") from None
         logits.append(predictor.logits(predictor.preprocess(images)))
-    logits, labels = np.concatenate(logits), np.array([label2id[f.parent.name] for f in files])
+    logits, labels = np.concatenate(logits), np.array([label2id[n] for n in names])
     op, positive_id = predictor.operating_point, predictor.positive_id
+    if op.task != "binary":
+        m = score_for_task(logits, labels, data, op, n_boot=1000)
+        d = op.apply(logits, labels=id2label)
+        m["per_image"] = [{"file": f.name, "label": n, "decision": id2label[int(k)],
+                           "probabilities": {id2label[j]: round(float(p), 4) for j, p in enumerate(row)}}
+                          for f, n, k, row in zip(files, names, d.label_ids, d.probabilities)]
+        return m
     m = score_split(logits, labels, positive_id, op, n_boot=0)
     d = op.apply(logits, positive_id)     # the serving decision rule (cxr.operating_point)
     m["per_image"] = [{"file": f.name, "label": f.parent.name, "p_positive": round(float(p), 4),
@@ -196,9 +217,11 @@ def run(argv: list[str] | None = None) -> dict:
     cv_mode = bool(data_args.cv_folds)
     data = prepare_data(data_args, seed=training_args.seed, need_test=training_args.do_predict,
                         carve_validation=not cv_mode)
-    if len(data.id2label) != 2:
-        raise DataError(f"clinical metrics need a binary task; the data has {len(data.id2label)} labels "
-                        f"({', '.join(data.id2label.values())})")
+    if data_args.external_dataset and data.task == "multilabel":
+        raise DataError("external_dataset is a <LABEL>/<image> folder, one label per film: a multi-label model is "
+                        "scored on its dataset's own splits (--do_predict scores a test split)")
+    logger.info("label set: %s, %d labels (%s)%s", data.task, len(data.id2label), ", ".join(data.id2label.values()),
+                f"; uncertain labels: {data.uncertain_labels}" if data.uncertain_labels else "")
     check_patient_disjoint(data.splits)
     check_images(data.splits)
     logger.info("data: %s", {k: len(v) for k, v in data.splits.items()})
@@ -227,31 +250,30 @@ def run(argv: list[str] | None = None) -> dict:
 
     # 5. Operating point + temperature: on out-of-fold scores with CV, else on validation.
     if cv is not None:
-        op = fit_operating_point(cv.oof_logits, cv.labels, data.positive_id, data.id2label,
-                                 policy=data_args.threshold_policy, min_sensitivity=data_args.min_sensitivity,
-                                 fitted_on=f"out-of-fold scores ({cv.k} folds, {len(cv.labels):,} images)")
-        cv_scores = cv.score(op, data.positive_id, training_args.seed)
+        op = fit_for_task(data, cv.oof_logits, cv.labels, policy=data_args.threshold_policy,
+                          min_sensitivity=data_args.min_sensitivity,
+                          fitted_on=f"out-of-fold scores ({cv.k} folds, {len(cv.labels):,} images)")
+        cv_scores = cv.score(op, data.positive_id, training_args.seed, id2label=data.id2label)
     else:
-        op = fit_operating_point(val_logits, val_labels, data.positive_id, data.id2label,
-                                 policy=data_args.threshold_policy, min_sensitivity=data_args.min_sensitivity,
-                                 fitted_on="the validation split")
+        op = fit_for_task(data, val_logits, val_labels, policy=data_args.threshold_policy,
+                          min_sensitivity=data_args.min_sensitivity, fitted_on="the validation split")
     op.scored_in = "bf16" if training_args.bf16 else "fp32"   # the Predictor's "auto" precision follows it
     logger.info("operating point: %s", op.describe())
 
     # 6. Scores at the operating point.
     metrics: dict[str, dict] = {}
     if training_args.do_eval:
-        metrics["validation"] = score_split(val_logits, val_labels, data.positive_id, op, seed=training_args.seed)
+        metrics["validation"] = score_for_task(val_logits, val_labels, data, op, seed=training_args.seed)
         trainer.save_metrics("eval", prefixed(metrics["validation"], "eval"), combined=False)
-        _write_json(out_dir / "eval_scores.json", _scores(val_logits, val_labels, data.positive_id, op))
+        _write_json(out_dir / "eval_scores.json", _scores(val_logits, val_labels, data, op))
     if training_args.do_predict:
         test_logits, test_labels = fitted.logits["test"]
-        metrics["test"] = score_split(test_logits, test_labels, data.positive_id, op, seed=training_args.seed)
+        metrics["test"] = score_for_task(test_logits, test_labels, data, op, seed=training_args.seed)
         trainer.save_metrics("test", prefixed(metrics["test"], "test"), combined=False)
-        _write_json(out_dir / "test_scores.json", _scores(test_logits, test_labels, data.positive_id, op))
+        _write_json(out_dir / "test_scores.json", _scores(test_logits, test_labels, data, op))
     if cv_scores is not None:
         _write_json(out_dir / "cv_results.json", cv_scores.to_json())
-        _write_json(out_dir / "oof_scores.json", cv.oof_json(op, data.positive_id))
+        _write_json(out_dir / "oof_scores.json", cv.oof_json(op, data.positive_id, id2label=data.id2label))
     # 7. Export: merged weights (safetensors), processor, adapter beside them, card.
     if not trainer.is_world_process_zero():  # under accelerate launch, one process writes
         return {"output_dir": str(out_dir), "metrics": metrics, "operating_point": op, "cv": cv_scores}
@@ -259,12 +281,17 @@ def run(argv: list[str] | None = None) -> dict:
     if model_args.strategy == "lora":
         model.save_pretrained(out_dir / "adapter", safe_serialization=True)
     model = merge_for_export(model).to(memory_format=torch.contiguous_format)
+    try:   # the operating point fits the labels and problem_type it is saved with (docs/label_sets.md)
+        op.validate(data.id2label, model.config.problem_type)
+    except ValueError as e:
+        raise DataError(f"the fitted operating point does not fit the model: {e}") from None
     setattr(model.config, CONFIG_KEY, op.to_config())
     if data_args.external_dataset:  # the shipped weights, through the serving Predictor
         from cxr.inference import Predictor
 
         predictor = Predictor(model, trainer.processing_class, name=out_dir.name)
-        metrics["external"] = score_external(data_args.external_dataset, predictor, data.id2label)
+        metrics["external"] = score_external(data_args.external_dataset, predictor, data.id2label,
+                                             label_from_filename=data_args.label_from_filename, data=data)
         _write_json(out_dir / "external_results.json", metrics["external"])
         model = predictor.model.to(memory_format=torch.contiguous_format)
     report = RunReport(argv=argv, model_args=model_args, data_args=data_args, training_args=training_args,
@@ -272,7 +299,7 @@ def run(argv: list[str] | None = None) -> dict:
     facts = CardFacts.from_report(report)
     model.config.cxr_training = facts.config_summary()
     save_model_folder(model, trainer.processing_class, out_dir)
-    facts.figures = _figures(out_dir, val_logits, val_labels, data.positive_id, op, cv) if training_args.do_eval else {}
+    facts.figures = _figures(out_dir, val_logits, val_labels, data, op, cv) if training_args.do_eval else {}
     render_model_card(facts).save(out_dir / "README.md")
     ood = fit_ood_statistics(model, trainer.processing_class, data, data_args, training_args, out_dir)
     logger.info("model folder ready: %s", out_dir)
@@ -312,7 +339,7 @@ def fit_ood_statistics(model, processor, data: PreparedData, data_args, training
     logger.info("fitting the OOD statistics on %s training films (at most %d) ...", f"{len(train):,}",
                 data_args.ood_max_train)
     try:
-        scorer = fit_for_run(model, processor, train["image"], train["label"], val["image"],
+        scorer = fit_for_run(model, processor, train["image"], data.ood_groups(), val["image"],
                              max_train=data_args.ood_max_train, seed=training_args.seed,
                              progress=not training_args.disable_tqdm, data=Path(str(data_args.dataset_name)).name,
                              validation="the run's own validation split")
@@ -336,6 +363,17 @@ def render_summary(result: dict) -> str:
         def f(key):
             v = m.get(key)
             return "n/a" if v is None else f"{v:.3f}"
+        if op.task != "binary":
+            per = ", ".join(f"{name} {'n/a' if c.get('roc_auc') is None else format(c['roc_auc'], '.3f')}"
+                            for name, c in (m.get("per_class") or {}).items())
+            return (f"  {title} ({m.get('n_samples', '?')} films): macro AUROC {f('roc_auc')}, "
+                    + ("accuracy" if op.task == "multiclass" else "per-label accuracy") + f" {f('accuracy')}, "
+                    f"macro sensitivity {f('macro_sensitivity')}, macro specificity {f('macro_specificity')}"
+                    + (f"\n    AUROC per class (one-vs-rest): {per}" if per else "")
+                    + "".join(f"\n    {k} among their own films: AUROC "
+                              f"{'n/a' if p.get('roc_auc') is None else format(p['roc_auc'], '.3f')}, accuracy "
+                              f"{'n/a' if p.get('accuracy') is None else format(p['accuracy'], '.3f')}"
+                              for k, p in (m.get("pairwise") or {}).items()))
         return (f"  {title} ({m.get('n_samples', '?')} films): AUROC {f('roc_auc')}, sensitivity {f('sensitivity')}, "
                 f"specificity {f('specificity')}, accuracy {f('accuracy')}")
 
@@ -374,18 +412,33 @@ def render_summary(result: dict) -> str:
     return "\n".join(rows)
 
 
-def _scores(logits, labels, positive_id: int, op) -> dict:
-    """Per-image calibrated positive-class scores (for ROC curves and re-analysis)."""
+def _scores(logits, labels, data, op) -> dict:
+    """Per-image calibrated positive-class scores (for ROC curves and re-analysis); for more than
+    two classes every class's calibrated probability, and the labels (class ids, or multi-label
+    codes 1 / 0 / -1 uncertain)."""
+    if op.task != "binary":
+        names = [data.id2label[i] for i in range(len(data.id2label))]
+        return {"task": op.task, "labels_names": names, "labels": np.asarray(labels).tolist(),
+                "probabilities": np.round(op.probabilities(logits), 6).tolist(),
+                "threshold": op.threshold if op.task == "multiclass" else None,
+                "thresholds": op.thresholds, "normal_label": op.normal_label}
+    positive_id = data.positive_id
     return {"labels": binary_labels(labels, positive_id).tolist(),
             "scores": [round(float(x), 6) for x in op.probabilities(logits)[:, positive_id]],
             "threshold": op.threshold}
 
 
-def _figures(out_dir: Path, logits, labels, positive_id: int, op, cv: CVResult | None) -> dict:
-    """ROC (validation, and out-of-fold with CV) and the reliability diagram, for the model card."""
+def _figures(out_dir: Path, logits, labels, data, op, cv: CVResult | None) -> dict:
+    """ROC (validation, and out-of-fold with CV) and the reliability diagram, for the model card;
+    for more than two classes: one-vs-rest ROC per class (and the confusion matrix, multi-class)."""
     from cxr_train.plots import render_calibration, render_roc
     from cxr_train.training import positive_scores
 
+    if op.task != "binary":
+        from cxr_train.plots import render_label_set_figures
+
+        return render_label_set_figures(out_dir, logits, labels, data.id2label, op)
+    positive_id = data.positive_id
     y = binary_labels(labels, positive_id)
     if len(set(y.tolist())) < 2:
         return {}

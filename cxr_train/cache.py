@@ -322,7 +322,9 @@ class CachedImages(torch.utils.data.Dataset):
         self.pixels_path, self.shape, self.record = store.pixels_path, store.shape, store.record
         self.transform = transform      # uint8 (N, 3, H, W) -> the same (the training split's acquisition changes)
         self.rows = np.asarray(rows, dtype=np.int64)
-        self.labels = np.asarray(labels, dtype=np.int64)
+        labels = np.asarray(labels)
+        # class ids (one label per film), or multi-label codes (N, K) as float32 (cxr_train.labels)
+        self.labels = labels.astype(np.float32) if labels.ndim == 2 else labels.astype(np.int64)
         if len(self.rows) != len(self.labels):
             raise ValueError("rows and labels differ in length")
 
@@ -338,7 +340,8 @@ class CachedImages(torch.utils.data.Dataset):
         x = torch.from_numpy(self._read([int(i)])).permute(0, 3, 1, 2)
         if self.transform is not None:
             x = self.transform(x)
-        return {"pixel_values": x[0], "labels": int(self.labels[int(i)])}
+        y = self.labels[int(i)]
+        return {"pixel_values": x[0], "labels": torch.from_numpy(y.copy()) if y.ndim else int(y)}
 
     def __getitems__(self, idx) -> dict:
         idx = np.asarray(idx, dtype=np.int64)

@@ -19,9 +19,10 @@ from transformers import HfArgumentParser, TrainingArguments
 
 from cxr.cli import suggest as _suggest   # the one "did you mean" rule (cxr-predict uses it too)
 from cxr.precision import PRECISIONS, resolve_bf16
-from cxr.operating_point import POLICIES
+from cxr.operating_point import POLICIES, UNCERTAIN_POLICIES
 
 STRATEGIES = ("frozen", "partial", "full", "lora")
+LABEL_SET_FIELDS = ("image_column", "label_column", "label_columns", "uncertain_labels", "label_from_filename")
 USAGE = "train_hf.py [--config FILE.yaml] [--field value ...]   (or: cxr-train ...)"
 
 
@@ -75,6 +76,27 @@ class DataArguments:
     test_split: str = field(default="test", metadata={"help": "Test split name (only --do_predict reads it)."})
     validation_fraction: float = field(
         default=0.1, metadata={"help": "Fraction of training patients held out for validation."})
+    image_column: str | None = field(
+        default=None, metadata={"help": "The dataset's image column (an Image feature, or file paths in a CSV); "
+                                        "default: auto-detected (image, img, ... or the one Image column)."})
+    label_column: str | None = field(
+        default=None, metadata={"help": "The dataset's label column: one label per film (a ClassLabel, strings or "
+                                        "ints: binary or N-class) or a list of findings per film "
+                                        "(Sequence(ClassLabel): multi-label); default: auto-detected (label, labels, "
+                                        "the one ClassLabel column, or CheXpert-style finding columns)."})
+    label_columns: list[str] | None = field(
+        default=None, metadata={"help": "Multi-label, CheXpert style: one column per finding holding 1 (present), "
+                                        "0 (absent), -1 (uncertain) or blank (not mentioned: read as 0); default: "
+                                        "every column holding only those values when no label column exists."})
+    uncertain_labels: str | None = field(
+        default=None, metadata={"help": "Multi-label: what uncertain (-1) labels train as: ones (U-Ones), zeros "
+                                        "(U-Zeros) or ignore (masked out of the loss), Irvin et al. 2019. Required "
+                                        "when the data has -1 labels; uncertain labels are never scored."})
+    label_from_filename: list[str] | None = field(
+        default=None, metadata={"help": "Labels from the file names instead of the folders or the label column: "
+                                        "LABEL=REGEX pairs (re.search on the file name, first match wins, their "
+                                        "order is the class order) or a preset: kermany3 (NORMAL / BACTERIAL / "
+                                        "VIRAL from the Kermany names). Applies to external_dataset too."})
     class_names: list[str] | None = field(
         default=None, metadata={"help": "Expected class names; an error if the data's differ."})
     positive_label: str | None = field(
@@ -324,6 +346,21 @@ def validate_args(model_args: ModelArguments, data_args: DataArguments, training
         raise ConfigError("image_size must be at least 32")
     if data_args.ood_max_train < 2:
         raise ConfigError("ood_max_train must be at least 2")
+    if data_args.uncertain_labels is not None and data_args.uncertain_labels not in UNCERTAIN_POLICIES:
+        raise ConfigError(f"unknown uncertain_labels '{data_args.uncertain_labels}': choose "
+                          f"{', '.join(UNCERTAIN_POLICIES)}")
+    if data_args.label_column and data_args.label_columns:
+        raise ConfigError("give either --label_column (one column of labels) or --label_columns (one column per "
+                          "finding), not both")
+    if data_args.label_from_filename:
+        if data_args.label_column or data_args.label_columns:
+            raise ConfigError("--label_from_filename replaces the label column: drop --label_column/--label_columns")
+        from .labels import FilenameLabeler, LabelError
+
+        try:
+            FilenameLabeler.parse(data_args.label_from_filename)
+        except LabelError as e:
+            raise ConfigError(str(e)) from None
     if training_args.push_to_hub and not training_args.hub_model_id:
         raise ConfigError("push_to_hub needs hub_model_id (user/name)")
 
@@ -342,6 +379,8 @@ def resolved_config(model_args, data_args, training_args) -> dict:
     out.update({k: v for k, v in ta.items() if k in DEFAULT_TRAINING or defaults.get(k, v) != v})
     if out.get("report_to") == []:
         out["report_to"] = "none"
-    # post-init expansions and empty lists carry no choice of the user's
-    out = {k: v for k, v in out.items() if not isinstance(v, dict) and v != []}
+    # post-init expansions and empty lists carry no choice of the user's; the label-set fields
+    # (issue #29) only when set, so a binary run's run_config.yaml is what it was before them
+    out = {k: v for k, v in out.items() if not isinstance(v, dict) and v != []
+           and not (k in LABEL_SET_FIELDS and v is None)}
     return json.loads(json.dumps(out, default=str))

@@ -41,8 +41,78 @@ def build_metric_table(title: str, metrics: dict) -> dict:
         c = ci.get(key)
         rows.append({"name": name, "value": _fmt(metrics[key]),
                      "ci": f"{c[0]:.4f} – {c[1]:.4f}" if c else ""})
-    return {"title": title, "n": metrics.get("n_samples"), "threshold": _fmt(metrics.get("threshold")),
-            "rows": rows, "ci": bool(ci), "confusion": metrics.get("confusion_matrix")}
+    table = {"title": title, "n": metrics.get("n_samples"), "threshold": _fmt(metrics.get("threshold")),
+             "rows": rows, "ci": bool(ci), "confusion": metrics.get("confusion_matrix")}
+    if metrics.get("per_class"):
+        table.update(build_per_class(metrics))
+    return table
+
+
+def _fmt_ci(value, ci) -> str:
+    """"0.9123 [0.8811 – 0.9402]", or the value alone without an interval."""
+    if value is None or value != value:
+        return "n/a"
+    return f"{value:.4f}" + (f" [{ci[0]:.4f} – {ci[1]:.4f}]" if ci and None not in ci and ci[0] == ci[0] else "")
+
+
+def build_per_class(metrics: dict) -> dict:
+    """The per-class rows (AUROC, sensitivity, specificity with their bootstrap CIs; multi-label: the
+    threshold), the macro / micro summaries, the screening question and the pairwise figures of a
+    multi-class or multi-label split (cxr_train.training.score_split_labels)."""
+    rows = []
+    for name, m in metrics["per_class"].items():
+        ci = m.get("ci") or {}
+        rows.append({"name": name, "n": m["n"] if "n_positive" not in m else f"{m['n']} ({m['n_positive']} positive)",
+                     "roc_auc": _fmt_ci(m.get("roc_auc"), ci.get("roc_auc")),
+                     "sensitivity": _fmt_ci(m.get("sensitivity"), ci.get("sensitivity")),
+                     "specificity": _fmt_ci(m.get("specificity"), ci.get("specificity")),
+                     "threshold": _fmt(m.get("threshold"))})
+    n_unc = sum(int(m.get("n_uncertain") or 0) for m in metrics["per_class"].values())
+    out = {"per_class": rows, "macro_roc_auc": _fmt(metrics.get("roc_auc")),
+           "micro_roc_auc": _fmt(metrics.get("micro_roc_auc")),
+           "macro_sensitivity": _fmt(metrics.get("macro_sensitivity")),
+           "macro_specificity": _fmt(metrics.get("macro_specificity")),
+           "uncertain_text": f"{n_unc} uncertain label(s) left out" if n_unc else "no uncertain labels",
+           "screening": None, "pairwise": []}
+    sc = metrics.get("screening")
+    if sc:
+        ci = sc.get("ci") or {}
+        out["screening"] = {"threshold": _fmt(sc.get("threshold")), "roc_auc": _fmt_ci(sc.get("roc_auc"), ci.get("roc_auc")),
+                            "sensitivity": _fmt_ci(sc.get("sensitivity"), ci.get("sensitivity")),
+                            "specificity": _fmt_ci(sc.get("specificity"), ci.get("specificity")),
+                            "confusion": sc.get("confusion_matrix")}
+    for name, p in (metrics.get("pairwise") or {}).items():
+        out["pairwise"].append({"name": name, "n": p["n"], "positive": p["positive"], "roc_auc": _fmt(p.get("roc_auc")),
+                                "accuracy": _fmt(p.get("accuracy"))})
+    return out
+
+
+KERMANY3 = ["NORMAL", "BACTERIAL", "VIRAL"]
+
+
+def build_paper_rows(facts) -> list[dict]:
+    """This model's bacterial-vs-viral figures (and 3-class accuracy, macro AUROC) on each scored
+    split, for the card's table beside Kermany et al. 2018 (a Kermany three-class model only)."""
+    if not facts.is_kermany or list(facts.labels) != KERMANY3:
+        return []
+    rows = []
+    for split, title in (("external", "patient-grouped hold-out"), ("test", "test split"),
+                         ("validation", "validation split")):
+        m = facts.metrics.get(split) or {}
+        p = (m.get("pairwise") or {}).get("BACTERIAL vs VIRAL")
+        if p:
+            rows.append({"title": title, "n": m.get("n_samples"), "accuracy": _pct(p.get("accuracy")),
+                         "roc_auc": _fmt3(p.get("roc_auc")), "accuracy3": _pct(m.get("accuracy")),
+                         "macro_auc": _fmt3(m.get("roc_auc"))})
+    return rows
+
+
+def _pct(v) -> str:
+    return "n/a" if v is None or v != v else f"{100 * v:.1f}%"
+
+
+def _fmt3(v) -> str:
+    return "n/a" if v is None or v != v else f"{v:.3f}"
 
 
 def build_cv_table(cv: "CVScores") -> dict:
@@ -92,6 +162,9 @@ class CardFacts:
     operating_point: object          # OperatingPoint
     metrics: dict                    # split -> plain-named metrics (validation, test, external)
     cv: CVScores | None = None
+    task: str = "binary"            # "binary" | "multiclass" | "multilabel"
+    uncertain_labels: str | None = None
+    label_rule: str | None = None   # --label_from_filename, when the labels came from the file names
     is_kermany: bool = False
     license: str = "cc-by-4.0"
     figures: dict = field(default_factory=dict)
@@ -136,10 +209,11 @@ class CardFacts:
             if self.metrics.get(split):
                 tables.append(build_metric_table(title, self.metrics[split]))
         kw["metric_tables"] = tables
+        kw["paper_rows"] = build_paper_rows(self)
         kw["cv_table"] = build_cv_table(self.cv) if self.cv else None
         per_image = (self.metrics.get("external") or {}).get("per_image") or []
         # a per-film table for a handful of films; a large folder (a hold-out) stays in external_results.json
-        kw["external_images"] = per_image if len(per_image) <= MAX_CARD_FILMS else None
+        kw["external_images"] = per_image if len(per_image) <= MAX_CARD_FILMS and self.task == "binary" else None
         return kw
 
     @classmethod
@@ -178,7 +252,9 @@ class CardFacts:
             base_model=None if preset else model_args.model_name_or_path,
             base_model_text=f"none: {model_args.model_name_or_path} preset, random init" if preset
             else model_args.model_name_or_path,
-            labels=list(data.id2label.values()), positive_label=data.id2label[data.positive_id],
+            labels=list(data.id2label.values()),
+            positive_label=data.id2label[data.positive_id] if data.task == "binary" else "",
+            task=data.task, uncertain_labels=data.uncertain_labels, label_rule=data.label_from_filename,
             strategy=model_args.strategy, strategy_text=strategy_text,
             trainable_text=f"{fitted.trainable:,} of {fitted.total:,} ({100 * fitted.trainable / fitted.total:.1f}%)",
             n_train=len(data.splits["train"]), n_validation=len(data.splits["validation"]),
@@ -271,11 +347,20 @@ def with_card_section(card: str, section: str, before: str | None = None) -> str
 def render_model_card(facts: CardFacts, template_path: str | Path = TEMPLATE) -> ModelCard:
     """The card: huggingface_hub ModelCard from the Jinja template, with model-index results."""
     eval_results = []
+    binary = facts.task == "binary"
     for split, m in facts.metrics.items():
         if split == "external" or not m:
             continue
-        for key, name in (("accuracy", "Accuracy"), ("roc_auc", "AUROC"),
-                          ("sensitivity", "Sensitivity"), ("specificity", "Specificity"), ("f1", "F1")):
+        keys = (("accuracy", "Accuracy"), ("roc_auc", "AUROC"), ("sensitivity", "Sensitivity"),
+                ("specificity", "Specificity"), ("f1", "F1")) if binary else (
+            ("accuracy", "Accuracy" if facts.task == "multiclass" else "Per-label accuracy"),
+            ("roc_auc", "Macro AUROC (one-vs-rest)"), ("micro_roc_auc", "Micro AUROC"),
+            ("macro_sensitivity", "Macro sensitivity"), ("macro_specificity", "Macro specificity"))
+        m = dict(m)
+        for name, pc in ({} if binary else (m.get("per_class") or {})).items():
+            m[f"roc_auc_{name}"] = pc.get("roc_auc")
+            keys += ((f"roc_auc_{name}", f"AUROC {name} vs rest"),)
+        for key, name in keys:
             if m.get(key) is not None and m[key] == m[key]:  # not None/NaN
                 eval_results.append(EvalResult(
                     task_type="image-classification", dataset_type=facts.dataset_id, dataset_name=facts.dataset_name,
@@ -284,7 +369,8 @@ def render_model_card(facts: CardFacts, template_path: str | Path = TEMPLATE) ->
         library_name="transformers", pipeline_tag="image-classification", license=facts.license,
         base_model=facts.base_model, datasets=[facts.dataset_id] if facts.dataset_is_hub else None,
         tags=["medical", "chest-x-ray", "radiology", "pneumonia", "transfer-learning", "research-only",
-              f"strategy-{facts.strategy}"],
+              f"strategy-{facts.strategy}"] + ([] if facts.task == "binary" else
+                                               ["multi-class" if facts.task == "multiclass" else "multi-label"]),
         metrics=["accuracy", "roc_auc", "sensitivity", "specificity"],
         model_name=facts.model_name, eval_results=eval_results or None,
     )

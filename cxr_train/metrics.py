@@ -159,3 +159,228 @@ def compute_temperature(logits, y_true) -> float:
 
     res = minimize_scalar(nll, bounds=(math.log(0.05), math.log(20.0)), method="bounded")
     return float(math.exp(res.x))
+
+
+# ---------------------------------------------------------------- label sets (issue #29)
+#
+# Multi-class: ``y`` class ids (N,), ``probs`` (N, C) calibrated softmax; every class is scored
+# one-vs-rest (AUROC of its probability; sensitivity = recall of the class under the arg-max
+# decision, specificity = the other classes' films not called it). Multi-label: ``y`` (N, K) with
+# 1 / 0 and NaN where the finding is unknown (uncertain), ``probs`` (N, K) calibrated sigmoids,
+# each finding called at its own threshold; unknown entries are left out of that finding's figures.
+# Macro = the mean over classes with a defined value; micro = the classes' one-vs-rest decisions
+# (and scores) pooled.
+
+def _auroc(y, s) -> float:
+    y = np.asarray(y)
+    return float(roc_auc_score(y, s)) if 0 < y.sum() < y.size else float("nan")
+
+
+def _binary_rates(y, called) -> dict:
+    y, called = np.asarray(y).astype(bool), np.asarray(called).astype(bool)
+    tp, fn = int((y & called).sum()), int((y & ~called).sum())
+    tn, fp = int((~y & ~called).sum()), int((~y & called).sum())
+    sens, spec, ppv = _safe_div(tp, tp + fn), _safe_div(tn, tn + fp), _safe_div(tp, tp + fp)
+    return {"sensitivity": sens, "specificity": spec, "precision": ppv,
+            "f1": _safe_div(2 * tp, 2 * tp + fp + fn), "tp": tp, "fp": fp, "fn": fn, "tn": tn}
+
+
+def _nanmean(values) -> float:
+    v = np.asarray([x for x in values if x == x], dtype=float)
+    return float(v.mean()) if v.size else float("nan")
+
+
+def compute_multiclass_metrics(y_true, probs, names, *, normal_id: int | None = None,
+                               threshold: float | None = None) -> dict:
+    """Per-class and summary metrics of a single-label, N-class task (arg-max decision), the C x C
+    confusion matrix (rows: true class, columns: called class), and where a normal class exists
+    the screening question (abnormal = not normal, P(abnormal) = 1 - P(normal) >= ``threshold``)
+    and every pair of abnormal classes told apart among their own films (e.g. bacterial vs viral)."""
+    y = np.asarray(y_true).astype(int).ravel()
+    probs = np.asarray(probs, dtype=np.float64)
+    n, c = probs.shape
+    if y.size != n:
+        raise ValueError(f"y_true has {y.size} items but probs has {n} rows")
+    if n == 0:
+        raise ValueError("no samples to score")
+    if y.min() < 0 or y.max() >= c:
+        raise ValueError(f"class ids outside 0..{c - 1}")
+    called = probs.argmax(axis=1)
+    onehot = np.eye(c, dtype=int)[y]
+    per_class = {}
+    for k, name in enumerate(names):
+        r = _binary_rates(y == k, called == k)
+        per_class[name] = {"n": int((y == k).sum()), "roc_auc": _auroc(y == k, probs[:, k]), **r}
+    cm = np.zeros((c, c), dtype=int)
+    np.add.at(cm, (y, called), 1)
+    both = len(np.unique(onehot.ravel())) == 2
+    micro = _binary_rates(onehot.ravel(), np.eye(c, dtype=int)[called].ravel())
+    out = {
+        "n_samples": int(n),
+        "accuracy": float((called == y).mean()),
+        "balanced_accuracy": _nanmean([per_class[m]["sensitivity"] for m in names]),
+        "roc_auc": _nanmean([per_class[m]["roc_auc"] for m in names]),       # macro, one-vs-rest
+        "micro_roc_auc": float(roc_auc_score(onehot.ravel(), probs.ravel())) if both else float("nan"),
+        "macro_sensitivity": _nanmean([per_class[m]["sensitivity"] for m in names]),
+        "macro_specificity": _nanmean([per_class[m]["specificity"] for m in names]),
+        "macro_f1": _nanmean([per_class[m]["f1"] for m in names]),
+        "micro_f1": micro["f1"],
+        "per_class": per_class,
+        "confusion_matrix": cm.tolist(),
+        "labels": list(names),
+    }
+    out.update({f"{k}": v for k, v in compute_calibration_multiclass(y, probs).items()})
+    if normal_id is not None:
+        abnormal = (y != normal_id).astype(int)
+        p_abn = 1.0 - probs[:, normal_id]
+        out["screening"] = compute_clinical_metrics(abnormal, p_abn, 0.5 if threshold is None else threshold)
+    pairs = {}
+    others = [k for k in range(c) if k != normal_id] if normal_id is not None else []
+    for i, a in enumerate(others):
+        for b in others[i + 1:]:
+            keep = (y == a) | (y == b)
+            if not keep.any():
+                continue
+            pa, pb = probs[keep, a], probs[keep, b]
+            share = pb / np.clip(pa + pb, 1e-300, None)          # P(b | a or b)
+            yb = (y[keep] == b).astype(int)
+            pairs[f"{names[a]} vs {names[b]}"] = {
+                "n": int(keep.sum()), "positive": names[b], "roc_auc": _auroc(yb, share),
+                "accuracy": float(((share >= 0.5).astype(int) == yb).mean())}
+    if pairs:
+        out["pairwise"] = pairs
+    return out
+
+
+def compute_calibration_multiclass(y_true, probs) -> dict:
+    """Multi-class Brier score (mean squared error of the probability vector, /C-free form: sum over
+    classes, averaged over films) and top-label ECE (10 bins of the called class's probability)."""
+    y = np.asarray(y_true).astype(int)
+    probs = np.asarray(probs, dtype=np.float64)
+    onehot = np.eye(probs.shape[1])[y]
+    conf = probs.max(axis=1)
+    correct = (probs.argmax(axis=1) == y).astype(float)
+    bins = np.minimum((conf * 10).astype(int), 9)
+    ece = 0.0
+    for b in np.unique(bins):
+        m = bins == b
+        ece += m.mean() * abs(conf[m].mean() - correct[m].mean())
+    return {"brier": float(((probs - onehot) ** 2).sum(axis=1).mean()), "ece": float(ece)}
+
+
+def compute_multilabel_metrics(y_true, probs, names, thresholds) -> dict:
+    """Per-finding and summary metrics of a multi-label task; ``y_true`` (N, K) 1 / 0 / NaN (unknown,
+    left out), each finding called at its own threshold."""
+    y = np.asarray(y_true, dtype=np.float64)
+    probs = np.asarray(probs, dtype=np.float64)
+    if y.shape != probs.shape:
+        raise ValueError(f"labels {y.shape} and probabilities {probs.shape} differ in shape")
+    if y.shape[0] == 0:
+        raise ValueError("no samples to score")
+    thr = np.asarray(thresholds, dtype=np.float64)
+    per = {}
+    ys, ss, cs = [], [], []
+    for k, name in enumerate(names):
+        m = ~np.isnan(y[:, k])
+        yk, pk = y[m, k].astype(int), probs[m, k]
+        called = pk >= thr[k]
+        r = _binary_rates(yk, called)
+        per[name] = {"n": int(m.sum()), "n_positive": int(yk.sum()), "n_uncertain": int((~m).sum()),
+                     "threshold": float(thr[k]), "roc_auc": _auroc(yk, pk),
+                     "pr_auc": float(average_precision_score(yk, pk)) if 0 < yk.sum() < yk.size else float("nan"),
+                     **r}
+        ys.append(yk), ss.append(pk), cs.append(called)
+    yy, sc, cc = np.concatenate(ys), np.concatenate(ss), np.concatenate(cs)
+    micro = _binary_rates(yy, cc)
+    known = ~np.isnan(y)
+    exact = known.all(axis=1)
+    return {
+        "n_samples": int(y.shape[0]),
+        "roc_auc": _nanmean([per[n]["roc_auc"] for n in names]),           # macro
+        "micro_roc_auc": _auroc(yy, sc),
+        "macro_sensitivity": _nanmean([per[n]["sensitivity"] for n in names]),
+        "macro_specificity": _nanmean([per[n]["specificity"] for n in names]),
+        "macro_f1": _nanmean([per[n]["f1"] for n in names]),
+        "micro_f1": micro["f1"], "micro_sensitivity": micro["sensitivity"], "micro_specificity": micro["specificity"],
+        "accuracy": float((yy == cc).mean()),                                # per-label (Hamming) accuracy
+        "exact_match": float((((probs >= thr[None, :]) == (y == 1)) | ~known)[exact].all(axis=1).mean())
+        if exact.any() else float("nan"),
+        "brier": float(np.mean((sc - yy) ** 2)),
+        "per_class": per,
+        "labels": list(names),
+    }
+
+
+def fast_auroc(y, s) -> float:
+    """AUROC by the rank-sum (Mann-Whitney) formula, ties averaged: equal to scikit-learn's
+    ``roc_auc_score`` and much faster for the bootstrap; NaN with one class."""
+    from scipy.stats import rankdata
+
+    y = np.asarray(y).astype(bool)
+    n1 = int(y.sum())
+    n0 = y.size - n1
+    if n1 == 0 or n0 == 0:
+        return float("nan")
+    r = rankdata(s)
+    return float((r[y].sum() - n1 * (n1 + 1) / 2) / (n1 * n0))
+
+
+def compute_bootstrap_ci_per_class(y_true, probs, called, names, *, n_boot: int = 1000, alpha: float = 0.05,
+                                   seed: int = 0, accuracy: str = "argmax") -> dict:
+    """Percentile bootstrap (resampling films) of every class's AUROC, sensitivity and specificity,
+    the macro AUROC and the accuracy. ``y_true`` (N, K): 1 / 0 per class (one-hot for one label per
+    film), NaN where unknown (left out of that class); ``called`` (N, K) bool: the decisions.
+    ``accuracy``: "argmax" (one label per film: the called class is the true one) or "per_label"
+    (multi-label: the known entries called right). Returns ``{"per_class": {name: {key: [lo, hi]}},
+    "roc_auc": [lo, hi], "accuracy": [lo, hi]}``."""
+    y = np.asarray(y_true, dtype=np.float64)
+    probs = np.asarray(probs, dtype=np.float64)
+    called = np.asarray(called, dtype=bool)
+    rng = np.random.default_rng(seed)
+    n, k = y.shape
+    keys = ("roc_auc", "sensitivity", "specificity")
+    per = np.full((n_boot, k, 3), np.nan)
+    summ = np.full((n_boot, 2), np.nan)
+    for b in range(n_boot):
+        idx = rng.integers(0, n, n)
+        yb, pb, cb = y[idx], probs[idx], called[idx]
+        for j in range(k):
+            m = ~np.isnan(yb[:, j])
+            t, c = yb[m, j] == 1, cb[m, j]
+            per[b, j, 0] = fast_auroc(t, pb[m, j])
+            per[b, j, 1] = _safe_div((t & c).sum(), t.sum())
+            per[b, j, 2] = _safe_div((~t & ~c).sum(), (~t).sum())
+        aucs = per[b, :, 0][~np.isnan(per[b, :, 0])]
+        summ[b, 0] = aucs.mean() if aucs.size else np.nan
+        known = ~np.isnan(yb)
+        summ[b, 1] = (np.all((yb == 1) == cb, axis=1).mean() if accuracy == "argmax"
+                      else ((yb == 1) == cb)[known].mean())
+
+    def interval(v):
+        v = v[~np.isnan(v)]
+        return [float(np.quantile(v, alpha / 2)), float(np.quantile(v, 1 - alpha / 2))] if v.size else [math.nan,
+                                                                                                          math.nan]
+
+    out = {"per_class": {name: {key: interval(per[:, j, i]) for i, key in enumerate(keys)}
+                         for j, name in enumerate(names)}}
+    out["roc_auc"], out["accuracy"] = interval(summ[:, 0]), interval(summ[:, 1])
+    return out
+
+
+def compute_multilabel_temperature(logits, y_true) -> float:
+    """One temperature T > 0 for every finding: minimises the binary cross-entropy of
+    sigmoid(logit / T) over the known (non-NaN) labels."""
+    from scipy.optimize import minimize_scalar
+
+    z = np.asarray(logits, dtype=np.float64)
+    y = np.asarray(y_true, dtype=np.float64)
+    m = ~np.isnan(y)
+    z, y = z[m], y[m]
+
+    def nll(log_t: float) -> float:
+        t = z / math.exp(log_t)
+        # log(1 + exp(-|t|)) + max(t, 0) - y t  (stable BCE with logits)
+        return float(np.mean(np.logaddexp(0, -np.abs(t)) + np.maximum(t, 0) - y * t))
+
+    res = minimize_scalar(nll, bounds=(math.log(0.05), math.log(20.0)), method="bounded")
+    return float(math.exp(res.x))

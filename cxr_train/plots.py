@@ -59,8 +59,9 @@ def render_confusions(matrices: dict[str, list], path: str | Path, labels=("NORM
         for (i, j), v in np.ndenumerate(cm):
             ax.text(j, i, str(v), ha="center", va="center", fontsize=8,
                     color="white" if v > cm.max() / 2 else "black")
-        ax.set_xticks([0, 1], [lab[:4] for lab in labels], fontsize=6)
-        ax.set_yticks([0, 1], [lab[:4] for lab in labels], fontsize=6)
+        ticks = list(range(len(labels)))
+        ax.set_xticks(ticks, [lab[:4] for lab in labels], fontsize=6)
+        ax.set_yticks(ticks, [lab[:4] for lab in labels], fontsize=6)
         ax.set_title(name, fontsize=7)
     fig.tight_layout()
     fig.savefig(path)
@@ -102,3 +103,33 @@ def render_training_curves(histories: dict[str, list[dict]], path: str | Path) -
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return Path(path)
+
+
+def render_label_set_figures(out_dir: str | Path, logits, labels, id2label: dict, op) -> dict:
+    """Model-card figures of a multi-class or multi-label model on validation: one-vs-rest ROC of
+    every class / finding (its calibrated probability; unknown multi-label entries left out) and,
+    multi-class, the confusion matrix at the arg-max decision. Returns {"roc": ..., "confusion": ...}."""
+    names = [id2label[i] for i in range(len(id2label))]
+    probs = op.probabilities(np.asarray(logits, dtype=np.float64))
+    y = np.asarray(labels)
+    curves = {}
+    for k, name in enumerate(names):
+        if op.task == "multiclass":
+            yk, pk = (y == k).astype(int), probs[:, k]
+        else:
+            m = (y[:, k] == 0) | (y[:, k] == 1)
+            yk, pk = y[m, k].astype(int), probs[m, k]
+        if 0 < yk.sum() < yk.size:
+            curves[name] = (yk, pk)
+    out_dir = Path(out_dir)
+    figures = {}
+    if curves:
+        render_roc(curves, out_dir / "roc_validation.png", title="ROC per class, one-vs-rest (validation)")
+        figures["roc"] = "roc_validation.png"
+    if op.task == "multiclass":
+        cm = np.zeros((len(names), len(names)), dtype=int)
+        np.add.at(cm, (y.astype(int), probs.argmax(axis=1)), 1)
+        render_confusions({"validation (rows: true, columns: called)": cm.tolist()},
+                          out_dir / "confusion_validation.png", labels=names)
+        figures["confusion"] = "confusion_validation.png"
+    return figures

@@ -17,7 +17,7 @@ import numpy as np
 
 from cxr.operating_point import OperatingPoint
 
-from .training import binary_labels, score_split, summarise_folds
+from .training import binary_labels, score_split, score_split_labels, summarise_folds
 
 
 @dataclass
@@ -32,16 +32,28 @@ class CVResult:
     patients: list[str]
     train_seconds: float            # sum of the folds' Trainer.train wall time
 
-    def score(self, op: OperatingPoint, positive_id: int, seed: int) -> "CVScores":
-        """Per-fold metrics at the (OOF-fitted) operating point, mean ± sd, and the pooled OOF metrics."""
-        per_fold = [score_split(self.oof_logits[self.fold == i], self.labels[self.fold == i], positive_id, op,
-                                n_boot=0) for i in range(self.k)]
-        pooled = score_split(self.oof_logits, self.labels, positive_id, op, seed=seed)
+    def score(self, op: OperatingPoint, positive_id: int, seed: int, id2label: dict | None = None) -> "CVScores":
+        """Per-fold metrics at the (OOF-fitted) operating point, mean ± sd, and the pooled OOF metrics
+        (multi-class / multi-label: ``id2label`` names the classes)."""
+        def score(logits, labels, **kw):
+            if op.task == "binary":
+                return score_split(logits, labels, positive_id, op, **kw)
+            return score_split_labels(logits, labels, op, id2label, **kw)
+
+        per_fold = [score(self.oof_logits[self.fold == i], self.labels[self.fold == i], n_boot=0)
+                    for i in range(self.k)]
+        pooled = score(self.oof_logits, self.labels, seed=seed)
         return CVScores(k=self.k, per_fold=per_fold, summary=summarise_folds(per_fold), pooled=pooled,
                         train_seconds=float(self.train_seconds))
 
-    def oof_json(self, op: OperatingPoint, positive_id: int) -> dict:
-        """``oof_scores.json``: calibrated out-of-fold score of every training image, with its file, patient, fold."""
+    def oof_json(self, op: OperatingPoint, positive_id: int, id2label: dict | None = None) -> dict:
+        """``oof_scores.json``: calibrated out-of-fold score of every training image, with its file, patient, fold
+        (more than two classes: every class's probability, and the labels as class ids or codes)."""
+        if op.task != "binary":
+            return {"operating_point": op.to_config(), "files": self.names, "patients": self.patients,
+                    "fold": self.fold.tolist(), "labels_names": [id2label[i] for i in range(len(id2label))],
+                    "labels": self.labels.tolist(),
+                    "probabilities": np.round(op.probabilities(self.oof_logits), 6).tolist()}
         return {"operating_point": op.to_config(), "files": self.names, "patients": self.patients,
                 "fold": self.fold.tolist(), "labels": binary_labels(self.labels, positive_id).tolist(),
                 "scores": [round(float(x), 6) for x in op.probabilities(self.oof_logits)[:, positive_id]]}

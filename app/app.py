@@ -1,8 +1,10 @@
 """Gradio Space: NORMAL vs PNEUMONIA on a chest X-ray: the decision at the model's operating
 point, its probability with the threshold on the same scale, a heat map, and several models
-side by side. Research and education only: not a medical device.
+side by side (a visitor can choose which to see). Multi-class models (e.g. NORMAL / BACTERIAL /
+VIRAL) show every class's probability; multi-label models the findings above their own
+thresholds, with a heat map per class on request. Research and education only: not a medical device.
 
-    python app/app.py          # the shipped models side by side (the default alone after a plain install)
+    python app/app.py          # every shipped model in models/, side by side (the default alone after a plain install)
     python app/app.py --model outputs/a --model outputs/b   # compare models (or --model a,b)
     MODEL_ID=user/model-a,user/model-b python app/app.py    # Hub models (MODEL_REVISION pins one)
 
@@ -65,9 +67,12 @@ def create_demo(predictors: Predictor | list[Predictor]) -> gr.Blocks:
         raise ValueError("at least one model is needed")
     n = len(predictors)
     jan = files.janitor()
-    title = "Chest X-ray: NORMAL or PNEUMONIA?" + (f" ({n} models side by side)" if n > 1 else "")
+    binary = all(p.task == "binary" for p in predictors)
+    title = ("Chest X-ray: NORMAL or PNEUMONIA?" if binary else "Chest X-ray: what does each model see?") + (
+        f" ({n} models side by side)" if n > 1 else "")
     with gr.Blocks(title="Chest X-ray demo (research only)", analytics_enabled=False, delete_cache=None) as demo:
-        gr.Markdown(f"# {title}\nUpload a chest X-ray (up to 10 MB): the model says whether it sees pneumonia, "
+        what = "whether it sees pneumonia" if binary else "what it sees (for some models: which class, or which findings)"
+        gr.Markdown(f"# {title}\nUpload a chest X-ray (up to 10 MB): the model says {what}, "
                     f"how sure it is, and where its answer came from. **{DISCLAIMER}**", elem_id="cxr-header")
         state = gr.State(time_to_live=STATE_TTL_S)
         with gr.Row(equal_height=False):
@@ -79,7 +84,10 @@ def create_demo(predictors: Predictor | list[Predictor]) -> gr.Blocks:
                 film = gr.Image(show_label=False, type="pil", format="jpeg", interactive=False, visible=False,
                                 elem_id="cxr-film", buttons=[], height=360, alt_text=render.film_alt())
             with gr.Column(scale=3, min_width=300, elem_id="cxr-results"):  # the answers, next to their maps
-                panel_outputs = []
+                names = [p.name for p in predictors]
+                chooser = gr.CheckboxGroup(choices=names, value=names, label="Models to show (each one answers; "
+                                           "research and education only)", visible=n > 1, elem_id="cxr-models")
+                panel_outputs, choices = [], []
                 with gr.Row(equal_height=False):
                     for i, p in enumerate(predictors):
                         with gr.Column(min_width=240, elem_classes=["cxr-panel"]):
@@ -87,7 +95,10 @@ def create_demo(predictors: Predictor | list[Predictor]) -> gr.Blocks:
                             img = gr.Image(show_label=False, type="pil", format="jpeg", interactive=False,
                                            visible=False, elem_id=f"cxr-overlay-{i}", buttons=[])
                             cap = gr.HTML(visible=False, elem_id=f"cxr-caption-{i}")
-                            panel_outputs += [card, img, cap]
+                            choice = gr.Dropdown(choices=list(p.labels), value=None, label="Heat map for",
+                                                 visible=False, interactive=True, elem_id=f"cxr-map-class-{i}")
+                            panel_outputs += [card, img, cap, choice]
+                            choices.append(choice)
                 note = gr.HTML(render.PLACEHOLDER, elem_id="cxr-note")
                 with gr.Row():
                     show = gr.Checkbox(value=True, label="Show heat map", min_width=120)
@@ -134,13 +145,13 @@ def create_demo(predictors: Predictor | list[Predictor]) -> gr.Blocks:
         def on_file(file, state, request: gr.Request):
             return handlers.show_film(file, state, n_models=n, client=budget.client_key(request))
 
-        def run(file, show_map, opac, state, request: gr.Request):
+        def run(file, show_map, opac, state, shown, request: gr.Request):
             return handlers.predict_ui(file, show_map, opac, state, predictors=predictors,
-                                       client=budget.client_key(request))
+                                       client=budget.client_key(request), shown=shown)
 
         for event in (file.upload, file.clear):
             event(on_file, inputs=[file, state], outputs=film_outputs, api_visibility="private", show_progress="hidden")
-        button.click(run, inputs=[file, show, opacity, state], outputs=result_outputs,
+        button.click(run, inputs=[file, show, opacity, state, chooser], outputs=result_outputs,
                      api_visibility="private", concurrency_limit=handlers.INFERENCE_SLOTS,
                      concurrency_id="predict").success(None, js=show_result_js, api_visibility="private")
         redraw = functools.partial(handlers.reblend, n_models=n)
@@ -148,14 +159,24 @@ def create_demo(predictors: Predictor | list[Predictor]) -> gr.Blocks:
             control.change(redraw, inputs=[show, opacity, state], outputs=panel_outputs, api_visibility="private",
                            show_progress="hidden", trigger_mode="always_last", queue=False)
 
-        def on_select(evt: gr.SelectData, show_map, opac):
-            return handlers.predict_example(evt.index, show_map, opac, predictors=predictors)
+        def on_select(evt: gr.SelectData, show_map, opac, shown):
+            return handlers.predict_example(evt.index, show_map, opac, predictors=predictors, shown=shown)
 
-        gallery.select(on_select, inputs=[show, opacity], outputs=result_outputs,
+        gallery.select(on_select, inputs=[show, opacity, chooser], outputs=result_outputs,
                        api_visibility="private", concurrency_limit=handlers.INFERENCE_SLOTS,
                        concurrency_id="predict").success(None, js=show_result_js, api_visibility="private")
-        def predict(file: gr.FileData, show_heatmap: bool = True, request: gr.Request = None) -> Answer:
-            return handlers.api_predict(file, show_heatmap, predictors=predictors, client=budget.client_key(request))
+        chooser.change(functools.partial(handlers.show_models, n_models=n), inputs=[chooser, show, opacity, state],
+                       outputs=[state] + panel_outputs, api_visibility="private", show_progress="hidden",
+                       queue=False)
+        for i, choice in enumerate(choices):      # a multi-class / multi-label model's map, class by class
+            choice.input(functools.partial(handlers.choose_map, i, n_models=n),
+                         inputs=[choice, show, opacity, state], outputs=panel_outputs, api_visibility="private",
+                         show_progress="hidden", trigger_mode="always_last", queue=False)
+
+        def predict(file: gr.FileData, show_heatmap: bool = True, heatmap_class: str | None = None,
+                    request: gr.Request = None) -> Answer:
+            return handlers.api_predict(file, show_heatmap, heatmap_class, predictors=predictors,
+                                        client=budget.client_key(request))
 
         predict.__doc__ = handlers.api_predict.__doc__
         gr.api(predict, api_name="predict", concurrency_limit=handlers.INFERENCE_SLOTS, concurrency_id="predict")
@@ -240,14 +261,22 @@ def parse_models(values: list[str] | None) -> list[str | None]:
     return names or [None]
 
 
-SHIPPED_COMPANIONS = ("cxr-resnet-small-scratch",)   # served beside the default, from a checkout's models/
+SHIPPED_ENV = "CXR_SHIPPED_MODELS"    # a comma-separated list of models/ folder names to serve beside the default
+
+
+def is_shipped_folder(folder: Path) -> bool:
+    """A model folder as shipped in models/: config.json and safetensors weights."""
+    return (folder / "config.json").is_file() and (folder / "model.safetensors").is_file()
 
 
 def shipped_models() -> list[str | None]:
     """What a plain ``cxr-app`` serves (no --model, no CXR_MODEL / MODEL_ID): the shipped default
-    (``cxr.locate.resolve_model``) and, where it lies in a checkout's models/ folder with the
-    other shipped model beside it, that one too - the default first, side by side. After a plain
-    install (the package data holds only the default) or on a Space: the default alone."""
+    (``cxr.locate.resolve_model``) first and, where it lies in a checkout's models/ folder, every
+    other shipped model folder beside it (config.json + model.safetensors; sorted by name - a
+    binary NORMAL/PNEUMONIA model, a three-class NORMAL/BACTERIAL/VIRAL one, ...), side by side;
+    ``CXR_SHIPPED_MODELS=a,b`` names the ones to serve instead (folder names in models/; an unknown
+    name stops start-up with a clear error). After a plain install (the package data holds only
+    the default) or on a Space: the default alone (a Space names its models in MODEL_ID)."""
     from cxr.locate import MODEL_ENV, resolve_model
 
     if any(os.environ.get(v, "").strip() for v in MODEL_ENV):
@@ -256,10 +285,18 @@ def shipped_models() -> list[str | None]:
         default = Path(resolve_model())
     except Exception:  # noqa: BLE001 - the loader reports a missing default with its own message
         return [None]
-    others = [default.parent / name for name in SHIPPED_COMPANIONS]
     if not default.is_dir() or default.parent.name != "models":
         return [None]
-    return [None] + [str(o) for o in others if (o / "config.json").is_file()]
+    listed = [m.strip() for m in os.environ.get(SHIPPED_ENV, "").split(",") if m.strip()]
+    if listed:
+        missing = [m for m in listed if not is_shipped_folder(default.parent / m)]
+        if missing:
+            raise ModelLoadError(f"{SHIPPED_ENV}: no shipped model folder {', '.join(missing)} in {default.parent} "
+                                 f"(shipped: {', '.join(p.name for p in sorted(default.parent.iterdir()) if is_shipped_folder(p))})")
+        others = [default.parent / m for m in listed if m != default.name]
+    else:
+        others = [p for p in sorted(default.parent.iterdir()) if p != default and p.is_dir() and is_shipped_folder(p)]
+    return [None] + [str(o) for o in others]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -272,9 +309,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--port", type=int, default=None)
     args = ap.parse_args(argv)
     specs = parse_models(args.model or ([os.environ["MODEL_ID"]] if os.environ.get("MODEL_ID") else None))
-    if specs == [None]:
-        specs = shipped_models()        # a checkout: both shipped models, side by side
     try:
+        if specs == [None]:
+            specs = shipped_models()    # a checkout: every shipped model, side by side
         predictors = [Predictor.from_pretrained(m, revision=args.revision, precision=args.precision) for m in specs]
     except ModelLoadError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -26,7 +26,7 @@ from PIL import Image
 from cxr.api import Answer, ModelAnswer, answer
 from cxr.explain import evidence_map, heatmap_image, overlay
 from cxr.imaging import ImageLoadError, load_image
-from cxr.inference import Predictor
+from cxr.inference import Predictor, UnknownClassError
 
 if __package__:     # cxr_app.handlers (pip install .) or app.handlers (the repository)
     from . import budget, files, render
@@ -150,24 +150,50 @@ DECODED = _Decoded()
 
 
 def analyse(image: Image.Image, predictors: list[Predictor], *, explain: bool = True,
-            encode_map=None) -> list[tuple[ModelAnswer, np.ndarray | None]]:
+            encode_map=None, heatmap_class: str | None = None) -> list[tuple[ModelAnswer, np.ndarray | None]]:
     """Each model's answer (``Prediction.to_api``) and its evidence-weighted map (None when
     flagged - the Predictor attaches no map then - or not asked), under one of ``SLOTS``.
     ``encode_map(map) -> value``: how the caller ships the map in the answer's ``heatmap``
-    (a file for the Gradio API, base64 for REST); None: not in the answer (the page)."""
+    (a file for the Gradio API, base64 for REST); None: not in the answer (the page).
+    ``heatmap_class``: the map of this class instead of the answer's own (implies a map); a
+    class one of the models does not have is refused (gr.Error naming its labels)."""
+    return [(r, heat) for r, heat, _ in _analyse(image, predictors, explain=explain, encode_map=encode_map,
+                                                  heatmap_class=heatmap_class)]
+
+
+def _check_class(predictors: list[Predictor], heatmap_class: str | None) -> None:
+    for predictor in predictors:
+        if heatmap_class is not None:
+            try:
+                predictor.class_id(heatmap_class)
+            except UnknownClassError as e:
+                raise gr.Error(f"Cannot draw that map: {e}.", print_exception=False) from None
+
+
+def _analyse(image: Image.Image, predictors: list[Predictor], *, explain: bool = True, encode_map=None,
+             heatmap_class: str | None = None, per_class: bool = False
+             ) -> list[tuple[ModelAnswer, np.ndarray | None, dict[str, np.ndarray]]]:
+    """:func:`analyse`, with, for multi-class and multi-label models and ``per_class``, every
+    class's evidence-weighted map ({label: map}, float16: the page's per-finding choice)."""
+    _check_class(predictors, heatmap_class)
     out = []
     with SLOTS.hold():
         for predictor in predictors:
+            classes = heatmap_class if heatmap_class is not None else (
+                "all" if per_class and explain and predictor.task != "binary" else None)
             try:
-                result = predictor.predict(image, explain=explain)
+                result = predictor.predict(image, explain=explain, heatmap_classes=classes)
             except ImageLoadError as e:
                 raise gr.Error(f"Cannot use this file: {e}.", print_exception=False) from None
             except Exception:  # noqa: BLE001 - the user gets a generic message, the log the details
                 logger.exception("prediction failed")
                 raise gr.Error(GENERIC_ERROR, print_exception=False) from None
             heat = None if result.heatmap is None else evidence_map(result.heatmap, *result.map_weight())
+            maps = {} if heat is None or classes != "all" else {
+                label: evidence_map(m, *result.map_weight(label)).astype(np.float16)
+                for label, m in result.heatmaps.items()}
             shipped = encode_map(heat) if heat is not None and encode_map is not None else None
-            out.append((result.to_api(heatmap=shipped), heat))
+            out.append((result.to_api(heatmap=shipped), heat, maps))
     return out
 
 
@@ -185,20 +211,24 @@ def _gradio_file(heat: np.ndarray) -> dict:
     return gr.FileData(path=_write_heatmap(heat), mime_type="image/png").model_dump()
 
 
-def api_predict(file: gr.FileData, show_heatmap: bool = True, *, predictors: list[Predictor],
-                client: str = "local") -> Answer:
-    """Predict NORMAL or PNEUMONIA for one chest X-ray (PNG, JPEG or DICOM, up to 10 MB) with every
-    loaded model, at each model's operating point. Research and education only: not a medical
-    device. A plain-HTTP alternative with the same answer: curl -F file=@chest_xray.jpeg
-    <this app>/api/v1/predict (see /api/v1/docs).
+def api_predict(file: gr.FileData, show_heatmap: bool = True, heatmap_class: str | None = None, *,
+                predictors: list[Predictor], client: str = "local") -> Answer:
+    """Predict for one chest X-ray (PNG, JPEG or DICOM, up to 10 MB) with every loaded model, at
+    each model's operating point: binary (NORMAL or PNEUMONIA), multi-class and multi-label
+    models alike; every class or finding is listed under findings. Research and education
+    only: not a medical device. A plain-HTTP alternative with the same answer:
+    curl -F file=@chest_xray.jpeg <this app>/api/v1/predict (see /api/v1/docs).
 
     Args:
         file: The chest X-ray, uploaded with this app (gradio_client: handle_file("film.jpeg")).
         show_heatmap: Also return each model's heat map (a greyscale PNG file).
+        heatmap_class: Draw the map for this class or finding (a label every loaded model has) instead of the answer's own; implies show_heatmap.
 
     Returns:
         One JSON object: the first model's answer at the top level, every model's under models.
     """
+    heatmap_class = (heatmap_class or "").strip() or None
+    _check_class(predictors, heatmap_class)           # before the upload is read
     path = _upload(file)
     if not path:
         raise gr.Error("Please send a chest X-ray (PNG, JPEG or DICOM).", print_exception=False)
@@ -206,36 +236,83 @@ def api_predict(file: gr.FileData, show_heatmap: bool = True, *, predictors: lis
         image = _load(path, client)
     finally:
         files.janitor().discard(path)            # the upload is not kept once read
-    results = analyse(image, predictors, explain=bool(show_heatmap), encode_map=_gradio_file)
+    results = analyse(image, predictors, explain=bool(show_heatmap) or heatmap_class is not None,
+                      encode_map=_gradio_file, heatmap_class=heatmap_class)
     return answer([r for r, _ in results])
 
 
-PANEL_OUTPUTS = 3     # per model: answer card, overlay image, map caption
+PANEL_OUTPUTS = 4     # per model: answer card, overlay image, map caption, the map's class (multi-class / -label)
+
+
+def _hidden_panel() -> list:
+    return [gr.update(visible=False, value=""), gr.update(visible=False, value=None),
+            gr.update(visible=False, value=""), gr.update(visible=False)]
 
 
 def _panel_updates(state: dict | None, show_map: bool, opacity: float, n: int, *, cards: bool = True) -> list:
     """Per model: its answer card, the film with its map (or the plain film), the map's caption,
-    from the stored film and maps. ``cards=False``: the cards are left as they are (a redraw)."""
+    and the choice of the map's class (a multi-class or multi-label model's, when it has maps
+    per class), from the stored film and maps. A model the visitor chose not to see
+    (``state["shown"]``, model names; absent: all) gets a hidden panel. ``cards=False``: the
+    cards and choices are left as they are (a redraw)."""
     updates = []
     items = (state or {}).get("results") or []
+    per_class = (state or {}).get("maps") or []
+    chosen = (state or {}).get("map_class") or {}
+    shown = (state or {}).get("shown")
     display = (state or {}).get("display")
     for i in range(n):
-        if i >= len(items) or display is None:
-            updates += [gr.update(visible=False, value=""), gr.update(visible=False, value=None),
-                        gr.update(visible=False, value="")]
+        if i >= len(items) or display is None or (shown is not None and items[i][0]["model"] not in shown):
+            updates += _hidden_panel()
             continue
         r, heat = items[i]
-        card = gr.update(visible=True, value=render.answer_html([r], show_model=n > 1)) if cards else gr.skip()
+        maps = per_class[i] if i < len(per_class) and per_class[i] else {}
+        label = chosen.get(i) if chosen.get(i) in maps else None
+        if label is not None and label != r.get("heatmap_class"):
+            heat = maps[label]
+        if r.get("task", "binary") != "binary" and not r["out_of_distribution"] and r.get("heatmap_class"):
+            r = render.map_view(r, label or r["heatmap_class"])     # caption and alt text: the map's class
+        card = gr.update(visible=True, value=render.answer_html([items[i][0]], show_model=n > 1)) if cards else gr.skip()
+        choice = (gr.update(visible=len(maps) > 1 and not r["out_of_distribution"], choices=list(maps),
+                            value=label or r.get("heatmap_class")) if cards else gr.skip())
         if r["out_of_distribution"]:
-            updates += [card, gr.update(visible=False, value=None), gr.update(visible=False, value="")]
+            updates += [card, gr.update(visible=False, value=None), gr.update(visible=False, value=""), choice]
         elif show_map and heat is not None:
             blended = overlay(display, heat, opacity)
             updates += [card, gr.update(visible=True, value=blended, alt_text=render.map_alt(r)),
-                        gr.update(visible=True, value=render.map_caption(r))]
+                        gr.update(visible=True, value=render.map_caption(r)), choice]
         else:
             updates += [card, gr.update(visible=True, value=display, alt_text=render.film_alt(r)),
-                        gr.update(visible=False, value="")]
+                        gr.update(visible=False, value=""), choice]
     return updates
+
+
+def choose_map(index: int, label: str | None, show_map: bool, opacity: float, state, *, n_models: int):
+    """A map class chosen for model ``index``: its panels redrawn from the stored maps (no new
+    inference). A label the model has no stored map for, or no stored prediction: nothing changes."""
+    if not state or state.get("results") is None:
+        return [gr.skip()] * (PANEL_OUTPUTS * n_models)
+    maps = (state.get("maps") or [])
+    if not (0 <= index < len(maps)) or label not in (maps[index] or {}):
+        return [gr.skip()] * (PANEL_OUTPUTS * n_models)
+    state.setdefault("map_class", {})[index] = label
+    return _panel_updates(state, show_map, opacity, n_models, cards=False)
+
+
+def show_models(names, show_map: bool, opacity: float, state, *, n_models: int):
+    """The visitor's choice of models to see (every model answers each film; the choice shows or
+    hides their panels, no new inference). Without a prediction yet, only the choice is kept."""
+    state = dict(state or {})
+    state["shown"] = list(names or [])
+    if state.get("results") is None:
+        return [state] + [gr.skip()] * (PANEL_OUTPUTS * n_models)
+    return [state] + _panel_updates(state, show_map, opacity, n_models)
+
+
+def _analyse_page(image: Image.Image, predictors: list[Predictor]) -> tuple[list, list]:
+    """The page's analysis: ([(answer, map)], [per-class maps]) in panel order."""
+    done = _analyse(image, predictors, explain=True, per_class=True)
+    return [(r, heat) for r, heat, _ in done], [m for _, _, m in done]
 
 
 def _safe_name(text: str) -> str:
@@ -248,9 +325,11 @@ def write_result_files(state: dict, opacity: float, film_name: str, label: str |
     has no map), a short report (Markdown) and the answers in the one schema (JSON)."""
     folder = files.janitor().root / "results" / uuid.uuid4().hex
     folder.mkdir(parents=True)
-    results = [r for r, _ in state["results"]]
+    shown = state.get("shown")
+    items = [item for item in state["results"] if shown is None or item[0]["model"] in shown]
+    results = [r for r, _ in items]
     paths, overlay_names = [], {}
-    for r, heat in state["results"]:
+    for r, heat in items:
         if r["out_of_distribution"] or heat is None:
             continue
         name = f"cxr-overlay-{_safe_name(r['model'])}.png"
@@ -301,15 +380,19 @@ def show_film(file, state, *, n_models: int, client: str = "local"):
     DECODED.put(path, image)
     display = _display_copy(image)
     return [gr.update(value=display, visible=True, alt_text=render.film_alt()), gr.update(value="", visible=False),
-            gr.update(interactive=True), {"display": display, "path": path, "name": _film_name(file)}] + [
+            gr.update(interactive=True), {"display": display, "path": path, "name": _film_name(file),
+                                          **({"shown": state["shown"]} if state and state.get("shown") is not None
+                                             else {})}] + [
         gr.update(value=render.PLACEHOLDER_READY, visible=True), gr.update(value=None, visible=False)] + hidden
 
 
-def predict_ui(file, show_map: bool, opacity: float, state, *, predictors: list[Predictor], client: str = "local"):
+def predict_ui(file, show_map: bool, opacity: float, state, *, predictors: list[Predictor], client: str = "local",
+               shown: list[str] | None = None):
     """Predict: every model's answer card, its overlay (film + map) and map caption, and the
     result to download. The file box is emptied (the upload is deleted once read, so its link
-    would be dead) and ready for the next film; the film stays shown. Outputs: file box, film,
-    Predict button, note, downloads, state, then the panels."""
+    would be dead) and ready for the next film; the film stays shown. ``shown``: the names of
+    the models the visitor chose to see (None: all; every model answers regardless). Outputs:
+    file box, film, Predict button, note, downloads, state, then the panels."""
     path = None if file is None else (file.get("path") if isinstance(file, dict) else getattr(file, "path", file))
     same_film = bool(state) and state.get("results") is not None and (path is None or state.get("path") == path)
     if same_film:
@@ -324,26 +407,34 @@ def predict_ui(file, show_map: bool, opacity: float, state, *, predictors: list[
             image = image if image is not None else _load(path, client)
         finally:
             files.janitor().discard(path)
-        results = analyse(image, predictors, explain=True)
+        results, maps = _analyse_page(image, predictors)
         state = {"display": state["display"] if decoded_here and state.get("display") is not None
-                 else _display_copy(image), "path": path, "results": results,
-                 "name": (state or {}).get("name") if decoded_here else _film_name(file)}   # the full film is not kept
+                 else _display_copy(image), "path": path, "results": results, "maps": maps,
+                 "name": (state or {}).get("name") if decoded_here else _film_name(file),
+                 **({"shown": state["shown"]} if state and state.get("shown") is not None else {})}
+        # the full film is not kept
+    if shown is not None:
+        state["shown"] = list(shown)
     return ([gr.update(value=None), gr.update(visible=True), gr.update(interactive=False),
              gr.update(value=render.AFTER_ANSWER, visible=True),
              _downloads(state, opacity, state.get("name") or "film"), state]
             + _panel_updates(state, show_map, opacity, len(predictors)))
 
 
-def predict_example(index: int, show_map: bool, opacity: float, *, predictors: list[Predictor]):
-    """An example film: the answers, then the film's label in its data set. Outputs as predict_ui."""
+def predict_example(index: int, show_map: bool, opacity: float, *, predictors: list[Predictor],
+                    shown: list[str] | None = None):
+    """An example film: the answers, then the film's label in its data set. ``shown``: the
+    models the visitor chose to see (None: all). Outputs as predict_ui."""
     path = example_paths()[index]
     image = load_image(path)
     display = _display_copy(image)
-    results = analyse(image, predictors, explain=True)
+    results, maps = _analyse_page(image, predictors)
     name = f"Film {index + 1} (example)"
-    state = {"display": display, "path": f"example:{index}", "results": results, "name": name}
+    state = {"display": display, "path": f"example:{index}", "results": results, "maps": maps, "name": name,
+             **({"shown": list(shown)} if shown is not None else {})}
     label = example_label(path)
-    note = (render.example_reveal(label, [r for r, _ in results]) if label else "") + render.AFTER_ANSWER
+    note = (render.example_reveal(label, [r for r, _ in results if shown is None or r["model"] in shown])
+            if label else "") + render.AFTER_ANSWER
     return ([gr.update(value=None), gr.update(value=display, visible=True, alt_text=f"Example chest X-ray, {name}"),
              gr.update(interactive=False), gr.update(value=note, visible=True),
              _downloads(state, opacity, name, label), state]

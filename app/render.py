@@ -17,7 +17,7 @@ import numpy as np
 # cxr is the installed package (pip install .), or the cxr/ folder beside app.py in a Space
 from cxr.api import model_info
 from cxr.explain import OVERLAY_FLOOR, colormap_lut, map_strength
-from cxr.inference import DISCLAIMER, Predictor
+from cxr.inference import DISCLAIMER, Predictor, finding_weight
 
 MAP_CAVEAT = ("Where the model's score came from, not a map of disease; a plausible map does not make "
               "the answer right.")
@@ -41,6 +41,16 @@ falls, so a confident NORMAL shows little colour. The caption under each map giv
 strength used. A map is *not* a segmentation of disease, and a plausible map does not make a
 prediction right: models can rely on shortcuts such as text markers, borders or patient
 position.
+
+### Models with more than two answers
+A **multi-class** model (for example NORMAL / BACTERIAL / VIRAL) gives one label per film: the
+class with the highest probability, every class's probability shown beside it. When one of its
+classes is normal it also has a *screening* threshold on the probability of an abnormal film.
+A **multi-label** model answers each finding on its own (a film can show several, or none):
+each finding's probability is compared with that finding's own threshold, and the findings at
+or above theirs are listed. Their heat maps can be drawn for any class or finding (the choice
+under the map); attention rollout is the same map for every class, as it follows attention,
+not a class's score.
 
 ### When is an image refused?
 DICOM files must be radiographs (Modality CR, DX or RG). Any image far from the training films
@@ -68,6 +78,13 @@ CSS = """
 .cxr-thr-label {position: absolute; top: -22px; transform: translateX(-50%); font-size: 0.75em; white-space: nowrap;}
 .cxr-scale {display: flex; justify-content: space-between; font-size: 0.75em; opacity: 0.8;}
 .cxr-text {font-size: 0.9em; margin-top: 4px;}
+.cxr-rows {margin-top: 6px;}
+.cxr-row {display: grid; grid-template-columns: minmax(70px, 35%) 1fr 3.2em; gap: 6px; align-items: center;
+          font-size: 0.85em; margin: 3px 0;}
+.cxr-row[data-present="true"] {font-weight: 700;}
+.cxr-minibar {position: relative; height: 10px; border-radius: 5px; background: var(--border-color-primary);
+              border: 1px solid var(--body-text-color-subdued);}
+.cxr-minibar .cxr-thr {top: -4px; bottom: -4px; width: 3px; margin-left: -1.5px;}
 .cxr-colorbar {position: relative; height: 12px; border-radius: 6px; margin: 4px 0 2px 0;
                border: 1px solid var(--border-color-primary);
                background-image: linear-gradient(45deg, #8884 25%, transparent 25%, transparent 75%, #8884 75%);
@@ -102,13 +119,16 @@ CSS = """
 # ------------------------------------------------------------------ answers and heat-map captions
 
 def answer_card(r: dict, show_model: bool) -> str:
-    """One model's answer: headline = decision; one bar for P(positive) with the threshold on it."""
+    """One model's answer: headline = decision; one bar for P(positive) with the threshold on it
+    (binary), or every class / finding on its own bar (multi-class, multi-label: :func:`label_set_card`)."""
     e = html.escape
     model = f'<div class="cxr-model">{e(r["model"])}</div>' if show_model else ""
     if r["out_of_distribution"]:
         return (f'<div class="cxr-card" data-testid="cxr-card" data-decision="none">{model}'
                 f'<div class="cxr-headline cxr-flagged">Not analysed</div>'
                 f'<div class="cxr-text">{e(r["message"] or "")}</div></div>')
+    if r.get("task", "binary") != "binary":
+        return label_set_card(r, model)
     p, t, pos = r["probability"], r["threshold"], r["positive_label"]
     tag = '<span class="cxr-tag">borderline</span>' if r["borderline"] else ""
     side = "at or above" if p >= t else "below"
@@ -123,6 +143,56 @@ def answer_card(r: dict, show_model: bool) -> str:
             f'<div class="cxr-scale"><span>0</span><span>probability of {e(pos)}</span><span>1</span></div>'
             f'<div class="cxr-text">Probability of {e(pos)}: <b>{p:.2f}</b>, {side} the model\'s threshold '
             f'{t:.2f}, so the answer is <b>{e(r["decision"])}</b>.{caution}</div></div>')
+
+
+def _finding_row(f: dict) -> str:
+    e = html.escape
+    p, t = f["probability"], f["threshold"]
+    thr = (f'<div class="cxr-thr" style="left:{100 * t:.1f}%" title="threshold {t:.2f}"></div>' if t is not None else "")
+    aria = f"{e(f['label'])} {p:.2f}" + (f", threshold {t:.2f}" if t is not None else "")
+    return (f'<div class="cxr-row" data-testid="cxr-finding" data-label="{e(f["label"])}" '
+            f'data-present="{"true" if f["present"] else "false"}"><span>{e(f["label"])}</span>'
+            f'<div class="cxr-minibar" role="img" aria-label="{aria}">'
+            f'<div class="cxr-fill" style="width:{100 * p:.1f}%"></div>{thr}</div><span>{p:.2f}</span></div>')
+
+
+def label_set_card(r: dict, model: str = "") -> str:
+    """A multi-class or multi-label answer: the decision, what decided it, every class / finding
+    on its own bar (its threshold marked where it has one), and the screening call if any."""
+    e = html.escape
+    findings = r.get("findings") or []
+    tag = '<span class="cxr-tag">borderline</span>' if r["borderline"] else ""
+    if r["task"] == "multiclass":
+        why = (f'The class with the highest probability decides: <b>{e(r["decision"])}</b> '
+               f'({r["probability"]:.2f}).')
+    else:
+        listed = [f for f in findings if f["present"] and f["label"] in str(r["decision"]).split(", ")]
+        if listed and any(f["threshold"] is not None for f in listed):
+            why = "At or above their own threshold: " + ", ".join(
+                f'<b>{e(f["label"])}</b> {f["probability"]:.2f} (threshold {f["threshold"]:.2f})' for f in listed) + "."
+        else:
+            why = "No finding is at or above its own threshold."
+    screening = ""
+    sc = r.get("screening")
+    if sc:
+        screening = (f'<div class="cxr-text" data-testid="cxr-screening">Screening: probability of an abnormal film '
+                     f'{sc["abnormal_probability"]:.2f}, threshold {sc["threshold"]:.2f}: '
+                     f'<b>{"abnormal" if sc["abnormal"] else "normal"}</b>.</div>')
+    caution = (f'<div class="cxr-text">Within {r.get("borderline_margin", 0.05):.2f} of a threshold: treat it as '
+               'uncertain.</div>' if r["borderline"] else "")
+    return (f'<div class="cxr-card" data-testid="cxr-card" data-decision="{e(r["decision"])}" '
+            f'data-task="{e(r["task"])}">{model}'
+            f'<div class="cxr-headline" data-testid="cxr-headline">{e(r["decision"])}{tag}</div>'
+            f'<div class="cxr-text">{why}</div>'
+            f'<div class="cxr-rows">{"".join(_finding_row(f) for f in findings)}</div>{screening}{caution}</div>')
+
+
+def map_view(r: dict, label: str) -> dict:
+    """The answer as the map of ``label`` sees it: ``heatmap_class``, ``probability`` and
+    ``threshold`` of that class (:func:`cxr.inference.finding_weight`), for its caption and alt text."""
+    p, t = finding_weight(r.get("findings") or [], label, r.get("task", "binary"))
+    return {**r, "heatmap_class": label, "positive_label": label, "probability": p, "threshold": t,
+            "_map_reference": "the top class's probability" if r.get("task") == "multiclass" else None}
 
 
 def answer_html(results: list[dict], show_model: bool | None = None) -> str:
@@ -155,6 +225,10 @@ def strength_text(r: dict) -> tuple[float, str]:
     if p is None or t is None:
         return 1.0, ""
     s = map_strength(p, t)
+    if r.get("_map_reference"):          # a multi-class map: relative to the answer's class
+        return s, (f"full strength: {pos} is the answer ({p:.2f})" if p >= t else
+                   f"{100 * s:.0f} % strength: the probability of {pos} ({p:.2f}) is {100 * s:.0f} % of "
+                   f"{r['_map_reference']} ({t:.2f}), so the map fades")
     if p >= t:
         why = (f"full strength: the probability of {pos} ({p:.2f}) is at or above the threshold ({t:.2f}), "
                f"so the answer is {pos}")
@@ -186,8 +260,9 @@ def map_alt(r: dict) -> str:
     s, _ = strength_text(r)
     return (f"The chest X-ray with {r['model']}'s {r['heatmap_method']} heat map for {r['heatmap_class']} "
             f"drawn over it at {100 * s:.0f} % strength (answer {r['decision']}, probability "
-            f"{r['probability']:.2f}, threshold {r['threshold']:.2f}). Red marks the regions that raised "
-            f"the {r['heatmap_class']} score most; it is not a map of disease.")
+            f"{r['probability']:.2f}" + (f", threshold {r['threshold']:.2f}" if r.get("threshold") is not None else "")
+            + f"). Red marks the regions that raised the {r['heatmap_class']} score most; it is not a map of "
+            "disease.")
 
 
 def film_alt(r: dict | None = None) -> str:
@@ -207,12 +282,21 @@ def example_reveal(label: str, results: list[dict]) -> str:
     """After the answer: the example film's label in the data set, and which models agreed."""
     e = html.escape
     base = label.split()[0].upper()
+    words = set(re.findall(r"[A-Z]+", label.upper()))
     verdicts = []
     for r in results:
         if r["out_of_distribution"]:
             verdicts.append(f"{e(r['model'])}: not analysed")
-        else:
+        elif r.get("task", "binary") == "binary":
             verdicts.append(f"{e(r['model'])}: {'right' if r['decision'] == base else 'wrong'}")
+        elif {str(f["label"]).upper() for f in r.get("findings") or []} & words:   # its labels name this film's
+            verdicts.append(f"{e(r['model'])}: {'right' if r['decision'].upper() in words else 'wrong'}")
+        elif r.get("screening"):                       # another label set: judged on normal vs abnormal
+            right = r["screening"]["abnormal"] == (base != "NORMAL")
+            verdicts.append(f"{e(r['model'])}: {'abnormal' if r['screening']['abnormal'] else 'normal'} "
+                            f"({'right' if right else 'wrong'}; its labels are not this data set's)")
+        else:
+            verdicts.append(f"{e(r['model'])}: {e(r['decision'])} (its labels are not this data set's)")
     return (f'<div class="cxr-reveal" data-testid="cxr-reveal" data-label="{e(base)}">This example film is '
             f'labelled <b>{e(label)}</b> in its data set (Kermany et al. 2018). ' + "; ".join(verdicts) + ".</div>")
 
@@ -231,9 +315,22 @@ def report_markdown(results: list[dict], film_name: str, overlay_names: dict[str
             lines += ["Not analysed: " + (r.get("message") or "the film does not look like the training films."), ""]
             continue
         s, why = strength_text(r)
-        lines += [f"- Answer: **{r['decision']}**" + (" (borderline: treat as uncertain)" if r["borderline"] else ""),
-                  f"- Probability of {r['positive_label']}: {r['probability']:.2f}; decision threshold "
-                  f"{r['threshold']:.2f} ({r['threshold_source']})"]
+        lines.append(f"- Answer: **{r['decision']}**" + (" (borderline: treat as uncertain)" if r["borderline"] else ""))
+        if r.get("task", "binary") == "binary":
+            lines.append(f"- Probability of {r['positive_label']}: {r['probability']:.2f}; decision threshold "
+                         f"{r['threshold']:.2f} ({r['threshold_source']})")
+        else:
+            rule = ("the class with the highest probability" if r["task"] == "multiclass"
+                    else "each finding at or above its own threshold")
+            lines.append(f"- Decided by {rule} ({r['threshold_source']}); every "
+                         f"{'class' if r['task'] == 'multiclass' else 'finding'}:")
+            lines += [f"  - {f['label']}: {f['probability']:.2f}" + (f" (threshold {f['threshold']:.2f})"
+                      if f["threshold"] is not None else "") + (" **present**" if f["present"] and r["task"] ==
+                      "multilabel" else "") for f in r.get("findings") or []]
+            if r.get("screening"):
+                sc = r["screening"]
+                lines.append(f"- Screening: probability of an abnormal film {sc['abnormal_probability']:.2f}, "
+                             f"threshold {sc['threshold']:.2f}: {'abnormal' if sc['abnormal'] else 'normal'}")
         if r["model"] in overlay_names:
             lines.append(f"- Heat map: {overlay_names[r['model']]} ({r['heatmap_method']} for {r['heatmap_class']}, "
                          f"drawn at {why}). {MAP_CAVEAT}")
@@ -336,12 +433,18 @@ def model_facts(predictor: Predictor) -> str:
     size = f.get("input_size")
     figures = f["figures"]
     data = facts.get("dataset_description") or (Path(str(f["dataset"])).name if f.get("dataset") else None)
-    pos = f["positive_label"]
+    pos = f["positive_label"] or "an abnormal finding"
+    if f.get("task", "binary") == "binary":
+        rule = ("Decision threshold", f"{f['threshold']:.3f}: {pos} when the probability is at or above it "
+                                      f"(chosen by {f['threshold_source']})")
+    else:
+        rule = ("Decision rule", predictor.operating_point.describe())
     rows = [("Model", f.get("model")), ("Network", _network(predictor, facts)), ("How it was trained", how),
             ("Training films", data),
             ("Film size it sees", f"{size[0]} x {size[1]} pixels" if size else None),
-            ("Decision threshold", f"{f['threshold']:.3f}: {pos} when the probability is at or above it "
-                                   f"(chosen by {f['threshold_source']})"),
+            *([("Labels", f"{'multi-class' if f['task'] == 'multiclass' else 'multi-label'}: "
+                          + ", ".join(f["labels"]))] if f.get("task", "binary") != "binary" else []),
+            rule,
             ("Heat map", f.get("heatmap_method")),
             ("Unusual-film check", f"films further than {f['ood_threshold']:.1f} from the training films (in the "
                                    "model's own features) get no answer" if f["ood_threshold"] is not None

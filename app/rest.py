@@ -3,9 +3,11 @@
     curl -F file=@chest_xray.jpeg http://127.0.0.1:7860/api/v1/predict
 
     POST /api/v1/predict       multipart ``file`` (PNG, JPEG, DICOM, up to 10 MB); options ``heatmap``
-                               (bool, default false) and ``model`` (a name; default: every model),
+                               (bool, default false), ``heatmap_class`` (a label: that class's map;
+                               implies heatmap) and ``model`` (a name; default: every model),
                                as query or form fields -> the answer, the same JSON object as the
-                               Gradio API's /predict (:mod:`cxr.api`), the map as base64 PNG
+                               Gradio API's /predict (:mod:`cxr.api`: ``task``, ``findings``,
+                               ``screening`` for every label set), the map as base64 PNG
     GET  /api/v1/model-info    every loaded model's facts (what the page's facts panel shows)
     GET  /health               liveness and readiness: models, decode workers, queue
     GET  /api/v1/openapi.json  the OpenAPI schema of these routes, every field described
@@ -258,7 +260,7 @@ def build_router(demo: gr.Blocks, predictors: list[Predictor], *, max_waiting: i
     router.state = state
 
     @router.post(PREDICT_PATH, response_model=RestAnswer, responses=ERRORS, tags=["predict"],
-                 summary="Predict NORMAL or PNEUMONIA for one chest X-ray")
+                 summary="Predict for one chest X-ray (binary, multi-class or multi-label models)")
     async def predict(
         request: Request,
         file: Annotated[UploadFile, File(description="The chest X-ray: PNG, JPEG or DICOM, up to 10 MB.")],
@@ -266,19 +268,32 @@ def build_router(demo: gr.Blocks, predictors: list[Predictor], *, max_waiting: i
                                                            "PNG, base64-encoded (default false).")] = None,
         model: Annotated[str | None, Query(description="Answer with this model only (a name from "
                                                        "/api/v1/model-info); default: every loaded model.")] = None,
+        heatmap_class: Annotated[str | None, Query(description="Draw the map for this class or finding (a "
+                                                               "label of every model answering, see "
+                                                               "/api/v1/model-info) instead of the answer's "
+                                                               "own; implies heatmap=true.")] = None,
         heatmap_form: Annotated[bool | None, Form(alias="heatmap", description="As the query option.")] = None,
         model_form: Annotated[str | None, Form(alias="model", description="As the query option.")] = None,
+        heatmap_class_form: Annotated[str | None, Form(alias="heatmap_class",
+                                                       description="As the query option.")] = None,
     ):
         """The same JSON object as the Gradio API's /predict: the first (or chosen) model's answer
-        at the top level, every model's under `models`. Research and education only: not a
-        medical device."""
-        want_map = bool(heatmap if heatmap is not None else heatmap_form)
+        at the top level, every model's under `models`; every class or finding of each model under
+        `findings` (binary, multi-class and multi-label models alike). Research and education
+        only: not a medical device."""
+        map_class = heatmap_class if heatmap_class is not None else heatmap_class_form
+        map_class = (map_class or "").strip() or None
+        want_map = bool(heatmap if heatmap is not None else heatmap_form) or map_class is not None
         chosen = model if model is not None else model_form
         use = state.predictors
         if chosen is not None:
             use = [p for p in state.predictors if p.name == chosen]
             if not use:
                 return error(400, f"unknown model {chosen[:100]!r}: loaded models are {', '.join(names)}")
+        for p in use if map_class is not None else []:
+            if map_class not in p.labels:
+                return error(400, f"unknown heatmap_class {map_class[:100]!r} for model {p.name!r}: its labels "
+                                  f"are {', '.join(p.labels)}")
         data = await file.read(MAX_FILE_BYTES + 1)
         await file.close()
         if len(data) > MAX_FILE_BYTES:
@@ -294,7 +309,8 @@ def build_router(demo: gr.Blocks, predictors: list[Predictor], *, max_waiting: i
             finally:
                 state.decoded()
             try:
-                results = handlers.analyse(image, use, explain=want_map, encode_map=_base64_png)
+                results = handlers.analyse(image, use, explain=want_map, encode_map=_base64_png,
+                                           heatmap_class=map_class)
             except gr.Error as e:
                 message = str(getattr(e, "message", e))
                 raise Refusal(500 if message == handlers.GENERIC_ERROR else 400, message) from None
@@ -330,8 +346,9 @@ def build_router(demo: gr.Blocks, predictors: list[Predictor], *, max_waiting: i
     @router.get(f"{PREFIX}/openapi.json", include_in_schema=False)
     async def openapi():
         return get_openapi(title="Chest X-ray API (research only)", version=VERSION, routes=api_routes,
-                           description="NORMAL vs PNEUMONIA on a chest X-ray: the same answer as the page. "
-                                       + DISCLAIMER)
+                           description="Chest X-ray classifiers (NORMAL vs PNEUMONIA, and multi-class or "
+                                       "multi-label models): the same answer as the page, one schema for every "
+                                       "label set (`task`, `findings`, `screening`). " + DISCLAIMER)
 
     @router.get(f"{PREFIX}/docs", include_in_schema=False)
     async def docs():

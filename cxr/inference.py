@@ -420,9 +420,10 @@ class Predictor:
         ``explain``: also the heat map of the answer's class (binary: the positive class).
         ``heatmap_classes`` (implies ``explain``): a label or index, a list of them, or "all":
         maps for those classes, in ``Prediction.heatmaps`` ({label: map}); ``heatmap`` and
-        ``heatmap_class`` are then the first one's. An unknown class raises
-        :class:`UnknownClassError` before any work."""
+        ``heatmap_class`` are then the first one's ("all": the answer's own class's). An
+        unknown class raises :class:`UnknownClassError` before any work."""
         ids = self._class_ids(heatmap_classes)
+        every = isinstance(heatmap_classes, str) and heatmap_classes == "all" and "all" not in self.labels
         image = load_image(source)  # a PIL image too: the same checks and conversions as a file
         warning = check_is_radiograph(image)
         pv = self.preprocess([image])
@@ -436,7 +437,7 @@ class Predictor:
             logits, maps = self.logits_and_heatmaps(pv, ids)
         result = self._result(logits[0], warning, self._ood_scores()[0])
         if not result.out_of_distribution and self.explainer_kind is not None:      # flagged inputs get no map
-            first = next(iter(maps))
+            first = self.default_map_class(logits[0]) if every else next(iter(maps))
             result.heatmap, result.explainer = maps[first], self.explainer_kind
             result.heatmap_class = self.labels[first]
             result.heatmaps = {self.labels[i]: m for i, m in maps.items()}

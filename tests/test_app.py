@@ -533,10 +533,11 @@ def test_predict_button_uses_the_film_decoded_on_upload(model_folders, tmp_path,
     calls = []
     monkeypatch.setattr(handlers, "_load", lambda *a, **k: calls.append(a))
     out = handlers.predict_ui(path, True, 0.5, state, predictors=[predictor])
-    file_box, film_box, button, note, downloads, new_state, card, image, caption = out
+    file_box, film_box, button, note, downloads, new_state, card, image, caption, map_class = out
     assert not calls and not Path(path).exists()                    # decoded once, then removed
     assert file_box["value"] is None and button["interactive"] is False and film_box["visible"]
-    assert set(new_state) == {"display", "path", "results", "name"} and max(new_state["display"].size) <= 512
+    assert set(new_state) == {"display", "path", "results", "maps", "name"} and max(new_state["display"].size) <= 512
+    assert new_state["maps"] == [{}] and map_class["visible"] is False     # a binary model: no per-class choice
     (r, heat), = new_state["results"]
     assert set(r) == set(typing.get_type_hints(ModelAnswer)) and r["decision"] == "PNEUMONIA" and heat.shape == (64, 64)
     assert 'data-decision="PNEUMONIA"' in card["value"] and image["visible"] and caption["visible"]

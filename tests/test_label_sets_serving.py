@@ -7,6 +7,7 @@ uncertain_labels), its decision rule for the three tasks, its config round trip 
 from __future__ import annotations
 
 import json
+import re
 import warnings
 from pathlib import Path
 
@@ -319,7 +320,7 @@ def test_predictor_multilabel_answer_and_per_finding_maps(label_set_folders, tmp
     assert r.heatmap.shape == (64, 64) and r.map_weight() == (pytest.approx(probs[1]), 0.3)
     # maps per finding on request: the same maps whether asked one by one or all at once
     every = p.predict(film, heatmap_classes="all")
-    assert list(every.heatmaps) == FOUR and every.heatmap_class == "No Finding"
+    assert list(every.heatmaps) == FOUR and every.heatmap_class == "Effusion"     # "all": the answer's own first
     assert np.array_equal(every.heatmaps["Effusion"], r.heatmap)
     one = p.predict(film, heatmap_classes="Nodule")
     assert one.heatmap_class == "Nodule" and np.array_equal(one.heatmap, every.heatmaps["Nodule"])
@@ -420,3 +421,220 @@ def test_cxr_predict_refuses_a_bad_label_set_model_in_one_line(tmp_path, capsys)
     last = err.strip().splitlines()[-1]             # after transformers' loading progress bar
     assert out == "" and last.startswith("error: bad: ") and "no threshold for finding(s)" in last
     assert "Traceback" not in err
+
+
+# ================================================================== step 3: the app's handlers (fast: no server)
+
+@pytest.fixture(scope="module")
+def page_predictors(label_set_folders, tmp_path_factory):
+    from cxr.inference import Predictor
+    from tests.helpers import make_model_folder
+
+    binary = make_model_folder(tmp_path_factory.mktemp("binary") / "edge", p_positive=0.52, threshold=0.5,
+                               name_seed=1, ood=False)
+    return [Predictor.from_pretrained(f, precision="fp32") for f in (binary, *label_set_folders)]
+
+
+def _stored_upload(tmp_path, name: str) -> str:
+    from app import files
+
+    jan = files.janitor()
+    folder = jan.root / f"test-{name}"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / name).write_bytes((tmp_path / name).read_bytes())
+    jan.register_upload([str(folder / name)])
+    return str(folder / name)
+
+
+def test_page_shows_every_class_every_finding_and_a_map_per_finding(page_predictors, tmp_path):
+    from app import handlers
+    from cxr.explain import evidence_map
+
+    film = _film(tmp_path)
+    path = _stored_upload(tmp_path, film.name)
+    out = handlers.predict_ui(path, True, 0.6, None, predictors=page_predictors)
+    assert len(out) == 6 + handlers.PANEL_OUTPUTS * 3
+    state, panels = out[5], out[6:]
+    (binary, binary_heat), (three, _), (four, four_heat) = state["results"]
+    # binary: as before (its map drawn at P / threshold, no per-class choice)
+    b = page_predictors[0].predict(film, explain=True)
+    assert np.array_equal(binary_heat, evidence_map(b.heatmap, b.positive_probability, b.threshold))
+    assert state["maps"][0] == {} and panels[3]["visible"] is False
+    # multi-class: every class's probability on the card, the decided one in bold, the screening call
+    card3 = panels[4]["value"]
+    assert 'data-task="multiclass"' in card3 and 'data-decision="BACTERIAL"' in card3
+    assert [re.search(rf'data-label="{n}" data-present="(\w+)"', card3).group(1) for n in THREE] == [
+        "false", "true", "false"]
+    assert "Screening: probability of an abnormal film" in card3 and "highest probability decides" in card3
+    for f in three["findings"]:
+        assert f"<span>{f['probability']:.2f}</span>" in card3
+    # multi-label: the findings above their thresholds, each finding's threshold marked
+    card4 = panels[8]["value"]
+    assert 'data-decision="Effusion, Edema"' in card4 and card4.count('data-testid="cxr-finding"') == 4
+    assert "<b>Effusion</b> 0.66 (threshold 0.30)" in card4 and card4.count('class="cxr-thr"') == 4
+    choice = panels[11]
+    assert choice["visible"] and choice["choices"] == FOUR and choice["value"] == "Effusion"
+    assert "for Effusion" in panels[10]["value"]
+    # another finding's map, from the stored maps (no new inference)
+    redraw = handlers.choose_map(2, "Nodule", True, 0.6, state, n_models=3)
+    assert all(isinstance(u, type(__import__("gradio").skip())) for u in redraw[:8])   # other panels: as they were
+    nodule_img, nodule_cap = redraw[9], redraw[10]
+    assert "for Nodule" in nodule_cap["value"] and "heat map for Nodule" in nodule_img["alt_text"]
+    # Nodule 0.15 against its threshold 0.5: the map is drawn at 0.15 / 0.5 = 30 % strength
+    assert 'data-strength="0.3' in nodule_cap["value"] or 'data-strength="0.29' in nodule_cap["value"]
+    assert not np.array_equal(np.asarray(nodule_img["value"]), np.asarray(panels[9]["value"]))
+    assert float(state["maps"][2]["Nodule"].max()) <= 0.31 and np.array_equal(
+        state["maps"][2]["Effusion"], four_heat.astype(np.float16))
+    # a class the model has no map for, or no prediction: nothing changes
+    assert all(isinstance(u, type(__import__("gradio").skip()))
+               for u in handlers.choose_map(2, "Pneumothorax", True, 0.6, state, n_models=3))
+    assert all(isinstance(u, type(__import__("gradio").skip()))
+               for u in handlers.choose_map(2, "Nodule", True, 0.6, None, n_models=3))
+    # the multi-class map of a class that is not the answer fades relative to the answer's class
+    cls = handlers.choose_map(1, "VIRAL", True, 0.6, state, n_models=3)[6]["value"]
+    assert "of the top class's probability" in cls
+
+
+def test_visitor_chooses_which_models_to_see(page_predictors, tmp_path):
+    import gradio as gr
+
+    from app import handlers
+
+    film = _film(tmp_path, seed=5)
+    path = _stored_upload(tmp_path, film.name)
+    names = [p.name for p in page_predictors]
+    out = handlers.predict_ui(path, True, 0.6, None, predictors=page_predictors, shown=[names[1]])
+    state, panels = out[5], out[6:]
+    assert [panels[4 * i]["visible"] for i in range(3)] == [False, True, False]    # only the 3-class model
+    downloads = [Path(p).name for p in out[4]["value"]]
+    assert "cxr-overlay-cxr-3class-tiny.png" in downloads and "cxr-overlay-edge.png" not in downloads
+    report = next(Path(p) for p in out[4]["value"] if p.endswith(".md")).read_text()
+    assert "## cxr-3class-tiny" in report and "## edge" not in report and "  - VIRAL: " in report
+    # both again: no new inference, every panel shown
+    again = handlers.show_models(names, True, 0.6, state, n_models=3)
+    assert again[0]["shown"] == names and [again[1 + 4 * i]["visible"] for i in range(3)] == [True] * 3
+    assert again[0]["results"] is state["results"]
+    # before any prediction, only the choice is kept
+    first = handlers.show_models(names[:1], True, 0.6, None, n_models=3)
+    assert first[0] == {"shown": names[:1]} and all(isinstance(u, type(gr.skip())) for u in first[1:])
+
+
+def test_api_refuses_an_unknown_map_class_before_reading_the_file(page_predictors, tmp_path):
+    import gradio as gr
+
+    from app import handlers
+
+    with pytest.raises(gr.Error, match="unknown class 'Nodule': this model's labels are NORMAL, PNEUMONIA"):
+        handlers.api_predict({"path": str(tmp_path / "never-uploaded.png")}, True, "Nodule",
+                             predictors=page_predictors)
+
+
+def test_api_answer_for_every_model_and_a_chosen_map(page_predictors, tmp_path):
+    from app import handlers
+
+    film = _film(tmp_path, seed=7)
+    path = _stored_upload(tmp_path, film.name)
+    body = handlers.api_predict({"path": path}, False, "Edema", predictors=page_predictors[2:])
+    assert body["task"] == "multilabel" and body["heatmap_class"] == "Edema" and body["heatmap"] is not None
+    assert [f["label"] for f in body["findings"]] == FOUR
+    assert body["screening"]["abnormal"] is True
+    assert not Path(path).exists()                            # the upload is not kept
+
+
+def test_example_reveal_and_facts_for_other_label_sets(page_predictors):
+    from app import render
+
+    three = {"model": "m3", "out_of_distribution": False, "task": "multiclass", "decision": "BACTERIAL",
+             "screening": {"abnormal": True}, "findings": [{"label": n} for n in THREE]}
+    four = {"model": "m4", "out_of_distribution": False, "task": "multilabel", "decision": "Effusion",
+            "screening": {"abnormal": True}, "findings": [{"label": n} for n in FOUR]}
+    text = render.example_reveal("PNEUMONIA (bacterial)", [three, four])
+    assert "m3: right" in text and "m4: abnormal (right; its labels are not this data set's)" in text
+    assert "m3: wrong" in render.example_reveal("PNEUMONIA (bacterial)", [{**three, "decision": "VIRAL"}])
+    assert "m3: right" in render.example_reveal("NORMAL", [{**three, "decision": "NORMAL"}])
+    facts = render.model_facts(page_predictors[2])
+    assert "| Labels | multi-label: No Finding, Effusion, Edema, Nodule |" in facts
+    assert "| Decision rule | multi-label: sigmoid per finding" in facts and "| Decision threshold |" not in facts
+    assert "| Decision threshold | 0.500: PNEUMONIA" in render.model_facts(page_predictors[0])
+
+
+def test_model_info_says_the_task(page_predictors):
+    from cxr.api import model_info
+
+    info = [model_info(p) for p in page_predictors]
+    assert [i["task"] for i in info] == ["binary", "multiclass", "multilabel"]
+    assert [i["positive_label"] for i in info] == ["PNEUMONIA", None, None]
+    assert info[2]["operating_point"]["thresholds"] == {"No Finding": 0.6, "Effusion": 0.3, "Edema": 0.2,
+                                                        "Nodule": 0.5}
+
+
+def test_plain_app_serves_every_shipped_model_folder(monkeypatch, tmp_path):
+    import cxr.locate
+    from app.app import SHIPPED_ENV, shipped_models
+    from cxr.inference import ModelLoadError
+
+    models = tmp_path / "models"
+    for name, weights in (("efficientnet-default", True), ("cxr-3class-tiny", True), ("a-binary", True),
+                          ("half-copied", False)):
+        (models / name).mkdir(parents=True)
+        (models / name / "config.json").write_text("{}")
+        if weights:
+            (models / name / "model.safetensors").write_bytes(b"")
+    for var in ("CXR_MODEL", "MODEL_ID", SHIPPED_ENV):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(cxr.locate, "resolve_model", lambda *a, **k: models / "efficientnet-default")
+    assert shipped_models() == [None, str(models / "a-binary"), str(models / "cxr-3class-tiny")]
+    monkeypatch.setenv(SHIPPED_ENV, "cxr-3class-tiny")
+    assert shipped_models() == [None, str(models / "cxr-3class-tiny")]
+    monkeypatch.setenv(SHIPPED_ENV, "cxr-3class-tiny,half-copied")
+    with pytest.raises(ModelLoadError, match="no shipped model folder half-copied"):
+        shipped_models()
+    monkeypatch.setenv("MODEL_ID", "someone/model")
+    assert shipped_models() == [None]
+
+
+# ================================================================== the REST route (slow: a server)
+
+@pytest.mark.slow
+def test_rest_route_answers_label_set_models_in_the_one_schema(label_set_folders):
+    import base64
+    import io
+
+    import httpx
+    from PIL import Image
+
+    from app import app as app_module
+    from cxr.inference import Predictor
+    from tests.helpers import make_xray
+
+    demo = app_module.create_demo([Predictor.from_pretrained(f, precision="fp32") for f in label_set_folders])
+    _, url, _ = app_module.launch(demo, server_name="127.0.0.1", prevent_thread_lock=True, quiet=True)
+    url = url.rstrip("/")
+    try:
+        buf = io.BytesIO()
+        make_xray(3, True, size=96).save(buf, "PNG")
+
+        def post(**params):
+            return httpx.post(f"{url}/api/v1/predict", files={"file": ("film.png", buf.getvalue(), "image/png")},
+                              params=params, timeout=120)
+
+        body = post().json()
+        three, four = body["models"]
+        assert three["task"] == "multiclass" and three["decision"] == "BACTERIAL" and three["threshold"] is None
+        assert [f["label"] for f in three["findings"]] == THREE and three["screening"]["threshold"] == 0.4
+        assert four["task"] == "multilabel" and four["decision"] == "Effusion, Edema"
+        assert [f["present"] for f in four["findings"]] == [False, True, True, False]
+        assert four["heatmap"] is None
+        nodule = post(model="cxr-4finding-tiny", heatmap_class="Nodule").json()
+        assert nodule["heatmap_class"] == "Nodule" and nodule["models"][0]["model"] == "cxr-4finding-tiny"
+        heat = np.asarray(Image.open(io.BytesIO(base64.b64decode(nodule["heatmap"]))))
+        assert heat.shape == (64, 64) and 0 < heat.max() <= round(255 * 0.15 / 0.5) + 8     # Nodule: P / threshold
+        bad = post(heatmap_class="Nodule")               # the 3-class model has no Nodule
+        assert bad.status_code == 400 and bad.json() == {
+            "error": "unknown heatmap_class 'Nodule' for model 'cxr-3class-tiny': its labels are NORMAL, BACTERIAL, VIRAL"}
+        info = httpx.get(f"{url}/api/v1/model-info", timeout=60).json()["models"]
+        assert [m["task"] for m in info] == ["multiclass", "multilabel"] and info[1]["labels"] == FOUR
+        schema = httpx.get(f"{url}/api/v1/openapi.json", timeout=60).json()
+        assert {"task", "findings", "screening"} <= set(schema["components"]["schemas"]["Answer"]["properties"])
+    finally:
+        demo.close()

@@ -34,9 +34,15 @@ def test_every_field_of_the_one_schema_is_described():
     assert all(len(d) > 20 for d in [*FIELDS.values(), *MODEL_INFO_FIELDS.values()])
     from app import rest
 
-    for model in (rest.RestAnswer, rest.RestModelAnswer, rest.RestModelInfo, rest.Health, rest.ErrorBody):
+    for model in (rest.RestAnswer, rest.RestModelAnswer, rest.RestModelInfo, rest.Health, rest.ErrorBody,
+                  rest.FindingModel, rest.ScreeningModel):
         assert all(f.description for f in model.model_fields.values()), model
     assert set(rest.RestAnswer.model_fields) == ANSWER_KEYS
+    # the label-set fields (#29) are typed and described down to their own fields
+    schema = rest.RestAnswer.model_json_schema()
+    assert set(schema["$defs"]["Finding"]["properties"]) == {"label", "probability", "threshold", "present"}
+    assert set(schema["$defs"]["Screening"]["properties"]) == {"abnormal_probability", "threshold", "abnormal"}
+    assert all(p.get("description") for d in ("Finding", "Screening") for p in schema["$defs"][d]["properties"].values())
 
 
 def _prediction(flagged: bool) -> Prediction:
@@ -267,7 +273,8 @@ def test_model_info_health_and_docs(server):
     props = schema["components"]["schemas"]["Answer"]["properties"]
     assert set(props) == ANSWER_KEYS and all(p.get("description") for p in props.values())
     params = {p["name"]: p for p in predict["parameters"]}
-    assert {"heatmap", "model"} <= set(params) and all(p.get("description") for p in params.values())
+    assert {"heatmap", "model", "heatmap_class"} <= set(params) and all(p.get("description") for p in params.values())
+    assert {"Finding", "Screening"} <= set(schema["components"]["schemas"])
     docs = httpx.get(f"{server}/api/v1/docs", timeout=60)
     assert docs.status_code == 200 and "swagger-ui" in docs.text and "/api/v1/openapi.json" in docs.text
     assert httpx.get(f"{server}/api/v1/docs", timeout=60).headers.get("x-content-type-options") == "nosniff"
@@ -280,7 +287,8 @@ def test_gradio_api_page_documents_itself(server):
     info = Client(server, verbose=False, analytics_enabled=False).view_api(print_info=False, return_format="dict")
     endpoint = info["named_endpoints"]["/predict"]
     params = {p["parameter_name"]: p for p in endpoint["parameters"]}
-    assert set(params) == {"file", "show_heatmap"}
+    assert set(params) == {"file", "show_heatmap", "heatmap_class"}
+    assert params["heatmap_class"]["python_type"]["description"].startswith("Draw the map for this class")
     assert params["file"]["label"] == "file" and "handle_file" in params["file"]["python_type"]["description"]
     assert params["show_heatmap"]["python_type"]["description"].startswith("Also return")
     assert params["file"]["example_input"]["meta"]["_type"] == "gradio.FileData"     # handle_file(...) on the page

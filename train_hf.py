@@ -152,14 +152,12 @@ def cross_validate(model_args, data_args, training_args, data: PreparedData, out
                     patients=list(pool["patient_id"]), train_seconds=seconds)
 
 
-def score_external(folder: str, predictor, id2label: dict, label_from_filename=None, data=None) -> dict:
-    """A folder of other patients' films (<LABEL>/<image>), scored once by the shipped model
-    through the serving Predictor (its preprocessing, precision and decision rule). With
-    ``label_from_filename`` the films' labels come from their names by the training run's rules."""
-    from cxr.imaging import ImageLoadError, load_image
+def external_films(folder: str, id2label: dict, label_from_filename=None) -> tuple[list[Path], list[str]]:
+    """(files, labels) of an external folder <LABEL>/<image>: the labels are the folder names, or with
+    ``label_from_filename`` the file names by the training run's rules; every label must be one of the
+    model's (checked before training: a bad folder writes nothing)."""
     from cxr.locate import image_files
 
-    label2id = {v: k for k, v in id2label.items()}
     files = [f for f in image_files(folder) if f.parent.parent == Path(folder)]
     if label_from_filename:
         from cxr_train.labels import FilenameLabeler, LabelError
@@ -171,10 +169,21 @@ def score_external(folder: str, predictor, id2label: dict, label_from_filename=N
             raise DataError(str(e)) from None
     else:
         names = [f.parent.name for f in files]
-    unknown = sorted(set(names) - set(label2id))
+    unknown = sorted(set(names) - set(id2label.values()))
     if unknown or not files:
-        raise DataError(f"external_dataset {folder}: expected <LABEL>/<image> with labels {list(label2id)}"
-                        + (f", found {unknown}" if unknown else ", found no images"))
+        raise DataError(f"external_dataset {folder}: expected <LABEL>/<image> with labels {list(id2label.values())}"
+                        + (f", found {unknown} (labels outside the model's list)" if unknown else ", found no images"))
+    return files, names
+
+
+def score_external(folder: str, predictor, id2label: dict, label_from_filename=None, data=None) -> dict:
+    """A folder of other patients' films (<LABEL>/<image>), scored once by the shipped model
+    through the serving Predictor (its preprocessing, precision and decision rule). With
+    ``label_from_filename`` the films' labels come from their names by the training run's rules."""
+    from cxr.imaging import ImageLoadError, load_image
+
+    label2id = {v: k for k, v in id2label.items()}
+    files, names = external_films(folder, id2label, label_from_filename)
     logits = []
     for i in range(0, len(files), 32):
         try:
@@ -222,6 +231,8 @@ def run(argv: list[str] | None = None) -> dict:
                         "scored on its dataset's own splits (--do_predict scores a test split)")
     logger.info("label set: %s, %d labels (%s)%s", data.task, len(data.id2label), ", ".join(data.id2label.values()),
                 f"; uncertain labels: {data.uncertain_labels}" if data.uncertain_labels else "")
+    if data_args.external_dataset:      # its labels are the model's: checked before anything is written
+        external_films(data_args.external_dataset, data.id2label, data_args.label_from_filename)
     check_patient_disjoint(data.splits)
     check_images(data.splits)
     logger.info("data: %s", {k: len(v) for k, v in data.splits.items()})

@@ -638,3 +638,45 @@ def test_rest_route_answers_label_set_models_in_the_one_schema(label_set_folders
         assert {"task", "findings", "screening"} <= set(schema["components"]["schemas"]["Answer"]["properties"])
     finally:
         demo.close()
+
+
+# ================================================================== trained by cxr-train, served here (slow)
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["kermany3", "multilabel"])
+def test_a_model_trained_by_train_hf_is_served(kind, tmp_path):
+    """The contract end to end: train_hf writes problem_type and the operating point; Predictor,
+    pipeline(), the page's handlers and the API read them back."""
+    import train_hf
+    from app import handlers
+    from cxr.inference import Predictor
+    from cxr_train.synthetic import write_kermany3_folder, write_multilabel_parquet
+    from tests.helpers import base_args
+
+    if kind == "kermany3":
+        data = write_kermany3_folder(tmp_path / "data", splits=("train", "test"))
+        extra = ["--label_from_filename", "kermany3"]
+    else:
+        data = write_multilabel_parquet(tmp_path / "data")
+        extra = []
+    out = tmp_path / "model"
+    assert train_hf.main(base_args(data, out, "--max_steps", "4", *extra)) == 0
+    config = json.loads((out / "config.json").read_text())
+    p = Predictor.from_pretrained(out, precision="fp32")
+    labels = p.labels
+    if kind == "kermany3":
+        assert labels == THREE and config["problem_type"] == "single_label_classification"
+        assert p.task == "multiclass" and p.operating_point.normal_label == "NORMAL"
+    else:
+        assert config["problem_type"] == "multi_label_classification" and p.task == "multilabel"
+        assert set(p.operating_point.thresholds) == set(labels) and p.operating_point.normal_label == "No Finding"
+    from cxr_train.synthetic import make_film
+
+    film = tmp_path / "film.png"                     # a film like the training films (not flagged as unlike them)
+    make_film(77, (0,), 64).save(film)
+    r = p.predict(film, heatmap_classes="all")
+    assert not r.out_of_distribution, r.warning
+    assert r.task == p.task and [f["label"] for f in r.findings] == labels and set(r.heatmaps) == set(labels)
+    answer = handlers.analyse(__import__("cxr.imaging", fromlist=["load_image"]).load_image(film), [p])[0][0]
+    assert answer["task"] == p.task and len(answer["findings"]) == len(labels)
+    assert answer["screening"] is not None

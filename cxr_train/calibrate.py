@@ -408,6 +408,19 @@ def read_labels(model: Path) -> dict:
     return {int(k): str(v) for k, v in config.id2label.items()}
 
 
+def read_task(model: Path) -> str:
+    """The model's task from its config.json operating point ("binary" when it has none)."""
+    try:
+        config = json.loads((model / "config.json").read_text())
+    except (OSError, ValueError):
+        return "binary"          # read_labels has already reported an unreadable config
+    op = config.get(CONFIG_KEY) or {}
+    task = op.get("task") if isinstance(op, dict) else None
+    if task is None and len(config.get("id2label") or {}) > 2:
+        return "multiclass"
+    return str(task or "binary")
+
+
 def _copy_model(src: Path, dst: Path) -> None:
     """Every file of the model folder (contents only, symlinks followed), 0644 files / 0755 folders."""
     ignore = shutil.ignore_patterns(*SKIPPED)
@@ -497,9 +510,15 @@ def calibrate_site(model: str | os.PathLike, data: str | os.PathLike, out: str |
         raise CalibrationError(f"--confidence must be in [0.5, 1), got {confidence}")
     model, out = check_paths(model, out)
     id2label = read_labels(model)
-    if len(id2label) != 2:
-        raise CalibrationError(f"--model {model.name}: site calibration is for binary models; this one has "
-                               f"{len(id2label)} labels")
+    task = read_task(model)
+    if len(id2label) != 2 or task != "binary":
+        raise CalibrationError(
+            f"--model {model.name}: site calibration is for binary models only; this one is {task} with "
+            f"{len(id2label)} labels ({', '.join(id2label[i] for i in sorted(id2label))}). Its temperature"
+            + (" and screening threshold" if task == "multiclass" else " and per-finding thresholds"
+               if task == "multilabel" else "")
+            + " stay as fitted at training time (config.json: cxr_operating_point); to refit them on a site's "
+              "films, fine-tune or retrain with that site's films in the validation split")
     sample = load_site_sample(data, id2label, name=site)     # checked before the weights are loaded
     try:
         predictor = Predictor.from_pretrained(model, precision=precision)

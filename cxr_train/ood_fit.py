@@ -264,7 +264,7 @@ def _model_split(model_dir: Path, data: Path):
         out = []
         for name in ("train", "validation"):
             ds = prepared.splits[name].cast_column("image", datasets.Image(decode=False))
-            out.append(([Path(x["path"]) for x in ds["image"]], list(ds["label"])))
+            out.append(([Path(x["path"]) for x in ds["image"]], prepared.ood_groups(name)))   # class; multi-label: any finding
         return out[0][0], out[0][1], out[1][0]
     except Exception as e:  # noqa: BLE001 - fall back to a split of our own
         logger.warning("could not reproduce the model's split (%s: %s); using a split of our own",

@@ -495,3 +495,24 @@ def test_external_labels_outside_the_model_list_rejected_before_training(kermany
     rc = train_hf.main(base_args(kermany3, out, "--external_dataset", str(ext)))        # binary, folder labels
     err = capsys.readouterr().err
     assert rc == 2 and "found ['COVID'] (labels outside the model's list)" in err and not out.exists()
+
+
+@pytest.mark.parametrize("task", ["multiclass", "multilabel"])
+def test_site_calibration_is_binary_only_with_a_clear_error(tmp_path, capsys, task):
+    from cxr.operating_point import OperatingPoint
+    from cxr_train.calibrate import main
+    from cxr_train.modeling import build_preset, save_model_folder
+
+    labels = THREE if task == "multiclass" else FINDINGS
+    model, processor = build_preset("tiny-resnet-scratch", dict(enumerate(labels)))
+    model.config.problem_type = "single_label_classification" if task == "multiclass" else "multi_label_classification"
+    op = OperatingPoint(task=task, normal_label=labels[0] if task == "multiclass" else "No Finding",
+                        thresholds=None if task == "multiclass" else {n: 0.5 for n in labels})
+    model.config.cxr_operating_point = op.to_config()
+    save_model_folder(model, processor, tmp_path / "model")
+    sample = write_kermany3_folder(tmp_path / "site", n_patients=2, per_patient=1) / "train"
+    assert main(["--model", str(tmp_path / "model"), "--data", str(sample), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert f"site calibration is for binary models only; this one is {task}" in err
+    assert "stay as fitted at training time" in err and "nothing was written" in err
+    assert not (tmp_path / "out").exists()

@@ -680,3 +680,22 @@ def test_a_model_trained_by_train_hf_is_served(kind, tmp_path):
     answer = handlers.analyse(__import__("cxr.imaging", fromlist=["load_image"]).load_image(film), [p])[0][0]
     assert answer["task"] == p.task and len(answer["findings"]) == len(labels)
     assert answer["screening"] is not None
+
+
+def test_a_flagged_film_loses_findings_and_screening_too(label_set_folders, tmp_path):
+    """The one flagged-film rule (cxr.api.model_answer) covers the new fields: a film unlike the
+    training films gets no decision, probabilities, findings, screening or map, whatever the task."""
+    from cxr.inference import Predictor
+    from tests.helpers import greyscale_photo
+
+    photo = tmp_path / "portrait.png"
+    greyscale_photo(5).convert("RGB").save(photo)
+    for folder in label_set_folders:
+        p = Predictor.from_pretrained(folder, precision="fp32")
+        r = p.predict(photo, heatmap_classes="all")
+        if not r.out_of_distribution:             # these tiny models have no OOD scorer: flag it as the scorer would
+            r.out_of_distribution, r.warning = True, "This does not look like a chest X-ray."
+        a = r.to_api(heatmap="not shipped")
+        assert a["decision"] is None and a["probabilities"] is None and a["findings"] is None
+        assert a["screening"] is None and a["heatmap"] is None and a["heatmap_class"] is None
+        assert a["task"] == p.task and a["message"]

@@ -29,6 +29,7 @@ import json
 import sys
 from pathlib import Path
 
+from cxr_train.soup import average_state_dicts  # noqa: F401  (the soup's rule, one definition)
 from experiments import levers
 
 RUNS = Path("outputs/shift_levers")
@@ -55,30 +56,6 @@ SOUP_MEMBERS = (str(CANDIDATE), "base_dseed1", "base_dseed2")   # seed 42 (same 
 
 
 # ---------------------------------------------------------------- soup (no cxr_train: safetensors + torch only)
-
-def average_state_dicts(files: list[Path]) -> dict:
-    """Uniform average of ``model.safetensors`` files with the same keys and shapes. Floating
-    tensors (weights, biases, batch-norm running mean / var) are averaged in float64 and cast back;
-    integer tensors (``num_batches_tracked``) are taken from the first file (they only count)."""
-    import torch
-    from safetensors.torch import load_file
-
-    if len(files) < 2:
-        raise ValueError(f"a soup needs at least two models, got {len(files)}")
-    sds = [load_file(str(f)) for f in files]
-    keys = list(sds[0])
-    for f, sd in zip(files[1:], sds[1:]):
-        if list(sd) != keys or any(sd[k].shape != sds[0][k].shape for k in keys):
-            raise ValueError(f"{f}: not the same architecture as {files[0]} (keys or shapes differ)")
-    out = {}
-    for k in keys:
-        t = sds[0][k]
-        if t.is_floating_point():
-            out[k] = (sum(sd[k].to(torch.float64) for sd in sds) / len(sds)).to(t.dtype).contiguous()
-        else:
-            out[k] = t.clone()
-    return out
-
 
 def validation_films(config: str = levers.CONFIG, pool: str = levers.POOL, seed: int = 42) -> tuple[list[str], list[str]]:
     """(paths, labels) of the validation split ``train_hf.py`` carves out of the pool (by patient,

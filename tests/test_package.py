@@ -14,7 +14,7 @@ import pytest
 
 from tests.helpers import ROOT, subprocess_env
 
-SCRIPTS = ("cxr-train", "cxr-predict", "cxr-calibrate", "cxr-import-checkpoint", "cxr-push", "cxr-app", "cxr-space")
+SCRIPTS = ("cxr-train", "cxr-predict", "cxr-calibrate", "cxr-soup", "cxr-import-checkpoint", "cxr-push", "cxr-app", "cxr-space")
 
 
 def pyproject() -> dict:

@@ -22,6 +22,7 @@ from cxr.precision import PRECISIONS, resolve_bf16
 from cxr.operating_point import POLICIES, UNCERTAIN_POLICIES
 
 STRATEGIES = ("frozen", "partial", "full", "lora")
+STREAMING_FIELDS = ("streaming", "streaming_shuffle_buffer")
 LABEL_SET_FIELDS = ("image_column", "label_column", "label_columns", "uncertain_labels", "label_from_filename")
 USAGE = "train_hf.py [--config FILE.yaml] [--field value ...]   (or: cxr-train ...)"
 
@@ -156,6 +157,19 @@ class DataArguments:
     cache_dir: str | None = field(
         default=None, metadata={"help": "Folder of the film store (default: $CXR_CACHE_DIR, else cxr-films in the "
                                         "datasets cache, $HF_DATASETS_CACHE or ~/.cache/huggingface/datasets)."})
+    streaming: bool = field(
+        default=False, metadata={"help": "Stream the dataset (a Hub id or a local folder of parquet files, loaded with "
+                                         "streaming=True) instead of loading it: for datasets larger than the disk. "
+                                         "A first pass reads only the label and patient columns (class counts, a "
+                                         "patient-grouped validation split, film counts); films are decoded as they "
+                                         "stream, every epoch, through the same uint8 batch path. One label per film "
+                                         "(binary or N-class). max_steps defaults to num_train_epochs over the "
+                                         "counted films; max_train_samples takes the first N films of the shuffled "
+                                         "stream. Not with cv_folds, max_samples_per_class, acquisition_augment, "
+                                         "data_cache none or label_from_filename (docs/streaming.md)."})
+    streaming_shuffle_buffer: int = field(
+        default=1000, metadata={"help": "--streaming: films held in the shuffle buffer of the training stream "
+                                        "(its shards are shuffled too, again every epoch)."})
 
 
 DEFAULT_TRAINING = {
@@ -363,6 +377,43 @@ def validate_args(model_args: ModelArguments, data_args: DataArguments, training
             raise ConfigError(str(e)) from None
     if training_args.push_to_hub and not training_args.hub_model_id:
         raise ConfigError("push_to_hub needs hub_model_id (user/name)")
+    if data_args.streaming:
+        check_streaming(data_args, training_args)
+    elif data_args.streaming_shuffle_buffer < 1:
+        raise ConfigError("streaming_shuffle_buffer must be at least 1")
+
+
+# (field, value that conflicts, why) for --streaming true: each a clear error before any work
+STREAMING_CONFLICTS = (
+    ("cv_folds", lambda v: bool(v), "K-fold cross-validation indexes the whole pool of films by fold; a stream "
+                                    "has no random access: train without --streaming (a local copy) for CV"),
+    ("max_samples_per_class", lambda v: v is not None,
+     "a per-class cap needs random access to the films; --max_train_samples takes the first N films of the "
+     "shuffled stream"),
+    ("acquisition_augment", lambda v: bool(v), "acquisition changes are applied to the film store's records; a "
+                                               "stream does not go through the film store"),
+    ("data_cache", lambda v: v == "none", "a stream always takes the uint8 batch path (nothing is cached: films "
+                                          "are decoded as they stream); --data_cache none is the per-epoch decode "
+                                          "of a loaded dataset"),
+    ("label_from_filename", lambda v: bool(v), "labels from file names are read from a loaded dataset; a stream "
+                                               "needs a label column"),
+    ("label_columns", lambda v: bool(v), "multi-label (one column per finding) streaming is not supported yet"),
+    ("uncertain_labels", lambda v: v is not None, "uncertain labels are multi-label, and multi-label streaming "
+                                                  "is not supported yet"),
+)
+
+
+def check_streaming(data_args, training_args) -> None:
+    """--streaming true: the options it cannot be combined with, each a ConfigError naming why."""
+    for name, conflicts, why in STREAMING_CONFLICTS:
+        value = getattr(data_args, name, None)
+        if conflicts(value):
+            shown = " ".join(value) if isinstance(value, list) else value
+            raise ConfigError(f"--streaming true cannot be combined with --{name} {shown}: {why}")
+    if data_args.streaming_shuffle_buffer < 1:
+        raise ConfigError("streaming_shuffle_buffer must be at least 1")
+    if getattr(training_args, "max_steps", -1) <= 0 and not training_args.num_train_epochs > 0:
+        raise ConfigError("--streaming true needs --max_steps or a positive --num_train_epochs")
 
 
 def resolved_config(model_args, data_args, training_args) -> dict:
@@ -383,4 +434,7 @@ def resolved_config(model_args, data_args, training_args) -> dict:
     # (issue #29) only when set, so a binary run's run_config.yaml is what it was before them
     out = {k: v for k, v in out.items() if not isinstance(v, dict) and v != []
            and not (k in LABEL_SET_FIELDS and v is None)}
+    if not out.get("streaming"):    # a loaded run's run_config.yaml is what it was before --streaming
+        for k in STREAMING_FIELDS:
+            out.pop(k, None)
     return json.loads(json.dumps(out, default=str))

@@ -102,3 +102,38 @@ def test_help_prints_fields(capsys):
                                     "training (transformers.TrainingArguments", "--learning_rate")]
     assert order == sorted(order)
     assert out.startswith("usage: train_hf.py [--config FILE.yaml]")
+
+
+# ------------------------------------------------------------------ --streaming (issue #28 item 3)
+
+@pytest.mark.parametrize("extra, named", [
+    (["--cv_folds", "3"], "--cv_folds 3: K-fold cross-validation"),
+    (["--max_samples_per_class", "10"], "--max_samples_per_class 10"),
+    (["--acquisition_augment", "0.5"], "--acquisition_augment 0.5"),
+    (["--data_cache", "none"], "--data_cache none"),
+    (["--label_from_filename", "kermany3"], "--label_from_filename kermany3"),
+    (["--label_columns", "A", "B"], "multi-label (one column per finding) streaming is not supported yet"),
+    (["--uncertain_labels", "ones"], "multi-label streaming is not supported yet"),
+    (["--streaming_shuffle_buffer", "0"], "streaming_shuffle_buffer must be at least 1"),
+    (["--max_steps", "-1", "--num_train_epochs", "0"], "needs --max_steps or a positive --num_train_epochs"),
+])
+def test_streaming_conflicts_are_named(extra, named):
+    with pytest.raises(ConfigError, match="streaming") as e:
+        parse_args(["--dataset_name", "x/y", "--streaming", "true", *extra])
+    assert named in str(e.value)
+
+
+def test_streaming_fields_and_run_config(tmp_path):
+    m, d, t = parse_args(["--dataset_name", "x/y", "--streaming", "true", "--streaming_shuffle_buffer", "64",
+                          "--max_train_samples", "500", "--image_column", "film", "--label_column", "finding"])
+    assert d.streaming is True and d.streaming_shuffle_buffer == 64 and d.max_train_samples == 500
+    cfg = resolved_config(m, d, t)
+    assert cfg["streaming"] is True and cfg["streaming_shuffle_buffer"] == 64
+    m2, d2, _ = parse_args(["--config", write(tmp_path, cfg)])                # run_config.yaml passes back
+    assert d2.streaming is True and d2.streaming_shuffle_buffer == 64
+    # a loaded (non-streaming) run's run_config.yaml has no streaming keys: it is what it was before them
+    m, d, t = parse_args(["--dataset_name", "x/y"])
+    assert d.streaming is False
+    assert not {"streaming", "streaming_shuffle_buffer"} & set(resolved_config(m, d, t))
+    # the same options stay allowed without --streaming
+    parse_args(["--dataset_name", "x/y", "--cv_folds", "3", "--data_cache", "none"])

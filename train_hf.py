@@ -226,6 +226,9 @@ def run(argv: list[str] | None = None) -> dict:
     cv_mode = bool(data_args.cv_folds)
     data = prepare_data(data_args, seed=training_args.seed, need_test=training_args.do_predict,
                         carve_validation=not cv_mode)
+    if data_args.threshold_policy == "shift_floor" and (data.task != "binary" or cv_mode):
+        raise ConfigError("threshold_policy shift_floor is fitted on the validation split of a binary model: "
+                          f"this run is {data.task}{' with --cv_folds' if cv_mode else ''}")
     if data_args.external_dataset and data.task == "multilabel":
         raise DataError("external_dataset is a <LABEL>/<image> folder, one label per film: a multi-label model is "
                         "scored on its dataset's own splits (--do_predict scores a test split)")
@@ -269,6 +272,11 @@ def run(argv: list[str] | None = None) -> dict:
         op = fit_for_task(data, val_logits, val_labels, policy=data_args.threshold_policy,
                           min_sensitivity=data_args.min_sensitivity, fitted_on="the validation split")
     op.scored_in = "bf16" if training_args.bf16 else "fp32"   # the Predictor's "auto" precision follows it
+    if data_args.threshold_policy == "shift_floor":   # issue #25: the threshold chosen under simulated shift
+        from cxr_train.shift_policy import fit_shift_floor
+
+        op = fit_shift_floor(trainer.model, trainer.processing_class, data.splits["validation"], op,
+                             data.positive_id, data_args.min_sensitivity)
     logger.info("operating point: %s", op.describe())
 
     # 6. Scores at the operating point.

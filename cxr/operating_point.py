@@ -41,6 +41,8 @@ POLICIES = {
     "youden": "Youden's J (sensitivity + specificity - 1) maximal",
     "default": "0.5 on the calibrated probability",
     "sensitivity_floor": "the most specific threshold keeping sensitivity >= min_sensitivity",
+    "shift_floor": "the most specific threshold keeping sensitivity >= min_sensitivity clean and under every "
+                   "simulated acquisition change of severity 1-2",
 }
 
 

@@ -59,6 +59,20 @@ def average_state_dicts(files: list[Path]) -> dict:
     return out
 
 
+def _default_seed() -> int:
+    """transformers' default ``--seed`` (run_config.yaml leaves settings at their default out)."""
+    from dataclasses import fields
+
+    from transformers import TrainingArguments
+
+    return next(f.default for f in fields(TrainingArguments) if f.name == "seed")
+
+
+def _with_defaults(run: dict) -> dict:
+    seed = run.get("seed", _default_seed())
+    return {**run, "seed": seed, "data_seed": run.get("data_seed") if run.get("data_seed") is not None else seed}
+
+
 def check_members(members: list[Path]) -> list[dict]:
     """Each member is a finished ``train_hf.py`` folder (weights, config, processor, run_config.yaml),
     all with the same labels and the same start (``SAME_START`` settings); returns their run configs."""
@@ -69,11 +83,11 @@ def check_members(members: list[Path]) -> list[dict]:
         raise SoupError("a member is named twice: " + ", ".join(str(m) for m in members))
     runs, labels = [], []
     for m in members:
-        missing = [f for f in ("model.safetensors", "config.json", "preprocessor_config.json", "run_config.yaml")
+        missing = [f for f in ("model.safetensors", "config.json", "run_config.yaml")
                    if not (m / f).is_file()]
         if missing:
             raise SoupError(f"{m}: not a finished cxr-train folder (missing {', '.join(missing)})")
-        runs.append(yaml.safe_load((m / "run_config.yaml").read_text()) or {})
+        runs.append(_with_defaults(yaml.safe_load((m / "run_config.yaml").read_text()) or {}))
         labels.append(json.loads((m / "config.json").read_text()).get("id2label"))
     if any(lab != labels[0] for lab in labels[1:]):
         raise SoupError("the members have different labels: " + "; ".join(f"{m}: {lab}" for m, lab in zip(members, labels)))
@@ -86,14 +100,15 @@ def check_members(members: list[Path]) -> list[dict]:
 
 
 def write_average(members: list[Path], out: Path) -> Path:
-    """``out``: the averaged weights with the first member's config and image processor."""
+    """``out``: the averaged weights with the first member's config (and image processor file, if any)."""
     from safetensors.torch import save_file
 
     runs = check_members(members)
     weights = average_state_dicts([m / "model.safetensors" for m in members])
     out.mkdir(parents=True, exist_ok=True)
-    for name in ("config.json", "preprocessor_config.json"):
-        shutil.copy(members[0] / name, out / name)
+    for name in ("config.json", "preprocessor_config.json"):   # timm folders keep the processor in config.json
+        if (members[0] / name).is_file():
+            shutil.copy(members[0] / name, out / name)
     save_file(weights, str(out / "model.safetensors"), metadata={"format": "pt"})
     cfg = json.loads((out / "config.json").read_text())
     cfg["cxr_soup"] = soup_record(members, runs)
@@ -103,7 +118,7 @@ def write_average(members: list[Path], out: Path) -> Path:
 
 def soup_record(members: list[Path], runs: list[dict]) -> dict:
     return {"members": [m.name for m in members], "rule": RULE,
-            "data_seeds": [r.get("data_seed") if r.get("data_seed") is not None else r.get("seed") for r in runs],
+            "data_seeds": [r["data_seed"] for r in runs],
             "member_epochs": [r.get("num_train_epochs") for r in runs]}
 
 

@@ -163,7 +163,9 @@ def choose_threshold(y, p, *, policy: str, fitted_on: str, min_sensitivity: floa
     ops = compute_operating_points(y, p, min_sensitivity)
     eer = equal_error_threshold(y, p)
     chosen = {"equal_error": eer, "youden": ops["youden"], "default": 0.5,
-              "sensitivity_floor": ops["high_sensitivity"]}[policy]
+              "sensitivity_floor": ops["high_sensitivity"],
+              # the clean floor; train_hf lowers it to the shifted conditions' (cxr_train.shift_policy)
+              "shift_floor": ops["high_sensitivity"]}[policy]
     source = (f"{POLICIES[policy]} on {fitted_on}".replace("min_sensitivity", f"{min_sensitivity:.0%}"))
     m = compute_threshold_metrics(y, p, chosen)
     fallback = False

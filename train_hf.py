@@ -4,6 +4,7 @@ evaluate it with clinical metrics, and write a Hub-ready model folder.
 
     python train_hf.py --config hub_configs/cxr-resnet-small-scratch.yaml [--field value ...]
     python train_hf.py --config ... --cv_folds 5      # K-fold CV first; operating point on out-of-fold scores
+    python train_hf.py --config ... --dataset_name USER/PARQUET_DATASET --streaming true   # larger than the disk
 
 Research and education only: not a medical device.
 """
@@ -123,18 +124,21 @@ def cross_validate(model_args, data_args, training_args, data: PreparedData, out
     n_classes = len(data.id2label)
     oof = np.full((len(pool), n_classes), np.nan)
     fold_of = np.full(len(pool), -1)
-    main_dir, seconds = training_args.output_dir, 0.0
+    main_dir, seconds, t_start = training_args.output_dir, 0.0, time.time()
+    logger.info("cross-validation: %d folds of %s films (%s patients), grouped by patient", k, f"{len(pool):,}",
+                f"{len(set(pool['patient_id'])):,}")
     try:
         for i, held in enumerate(folds):
             fold = cv_fold(data, held, data_args, training_args.seed)
             check_patient_disjoint(fold.splits)
-            logger.info("CV fold %d/%d: %s", i + 1, k, {s: len(d) for s, d in fold.splits.items()})
+            logger.info(fold_progress(i, k, {s: len(d) for s, d in fold.splits.items()}))
             fold_dir = out_dir / "cv" / f"fold{i}"
             training_args.output_dir = str(fold_dir)
             fitted = train_one(model_args, data_args, training_args, fold, predict=("held_out",))
             oof[held] = fitted.logits["held_out"][0]
             fold_of[held] = i
             seconds += fitted.train_seconds
+            logger.info(fold_progress(i, k, done_seconds=time.time() - t_start))
             if fitted.trainer.is_world_process_zero():  # keep the fold's weights (ensembles), not its checkpoints
                 save_model_folder(merge_for_export(fitted.trainer.model).to(memory_format=torch.contiguous_format),
                                   fitted.trainer.processing_class, fold_dir / "model")
@@ -150,6 +154,22 @@ def cross_validate(model_args, data_args, training_args, data: PreparedData, out
     names = [Path(item.get("path") or "").name for item in pool["image"]]
     return CVResult(k=k, oof_logits=oof, labels=labels, fold=fold_of, names=names,
                     patients=list(pool["patient_id"]), train_seconds=seconds)
+
+
+def fold_progress(i: int, k: int, counts: dict | None = None, done_seconds: float | None = None) -> str:
+    """The CV progress line of fold ``i`` (0-based) of ``k``: its film counts when it starts; when it
+    is done, the time so far and an estimate of what is left (the mean fold time so far)."""
+    if done_seconds is None:
+        c = counts or {}
+        return (f"CV fold {i + 1}/{k}: training on {c.get('train', 0):,} films, validation {c.get('validation', 0):,}, "
+                f"scoring {c.get('held_out', 0):,} held-out films")
+    left = done_seconds / (i + 1) * (k - i - 1)
+
+    def t(sec):
+        return f"{sec / 60:.1f} min" if sec >= 60 else f"{sec:.0f} s"
+
+    return (f"CV fold {i + 1}/{k} done ({i + 1} of {k} folds, {t(done_seconds)} so far"
+            + (f", about {t(left)} left)" if i + 1 < k else "); next: the model to ship, trained on all the data"))
 
 
 def external_films(folder: str, id2label: dict, label_from_filename=None) -> tuple[list[Path], list[str]]:
@@ -224,8 +244,13 @@ def run(argv: list[str] | None = None) -> dict:
     # 2. Data: splits grouped by patient, every image decoded once up front. Nothing is written
     # before the data passed its checks: a wrong dataset, labels or film leaves no output folder.
     cv_mode = bool(data_args.cv_folds)
-    data = prepare_data(data_args, seed=training_args.seed, need_test=training_args.do_predict,
-                        carve_validation=not cv_mode)
+    if data_args.streaming:     # a first pass over labels + patients; films are read as they stream
+        from cxr_train.streaming import prepare_streaming
+
+        data = prepare_streaming(data_args, seed=training_args.seed, need_test=training_args.do_predict)
+    else:
+        data = prepare_data(data_args, seed=training_args.seed, need_test=training_args.do_predict,
+                            carve_validation=not cv_mode)
     if data_args.threshold_policy == "shift_floor" and (data.task != "binary" or cv_mode):
         raise ConfigError("threshold_policy shift_floor is fitted on the validation split of a binary model: "
                           f"this run is {data.task}{' with --cv_folds' if cv_mode else ''}")
@@ -236,9 +261,16 @@ def run(argv: list[str] | None = None) -> dict:
                 f"; uncertain labels: {data.uncertain_labels}" if data.uncertain_labels else "")
     if data_args.external_dataset:      # its labels are the model's: checked before anything is written
         external_films(data_args.external_dataset, data.id2label, data_args.label_from_filename)
-    check_patient_disjoint(data.splits)
-    check_images(data.splits)
-    logger.info("data: %s", {k: len(v) for k, v in data.splits.items()})
+    if data.streamed:   # disjoint by construction (or checked on the first pass); the first films decoded
+        from cxr_train.streaming import check_stream_start
+
+        check_stream_start(data.splits)
+        streaming_steps(data, training_args)
+    else:
+        check_patient_disjoint(data.splits)
+        check_images(data.splits)
+    logger.info("data%s: %s", " (streamed, counted by the first pass)" if data.streamed else "",
+                {k: data.size(k) for k in data.splits})
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -330,7 +362,23 @@ def run(argv: list[str] | None = None) -> dict:
         logger.info("pushed: %s", url)
     return {"output_dir": str(out_dir), "metrics": metrics, "operating_point": op, "cv": cv_scores, "ood": ood,
             "train_seconds": fitted.train_seconds + (cv.train_seconds if cv is not None else 0.0),
-            "pushed": training_args.hub_model_id if push else None}
+            "pushed": training_args.hub_model_id if push else None,
+            "streamed": dict(data.counts) if data.streamed else None}
+
+
+def streaming_steps(data: PreparedData, training_args) -> None:
+    """A stream has no length: the Trainer needs max_steps. Unless given, num_train_epochs passes
+    over the training films the first pass counted."""
+    if training_args.max_steps > 0:
+        return
+    import math
+
+    per_step = (training_args.per_device_train_batch_size * max(1, training_args.world_size)
+                * max(1, training_args.gradient_accumulation_steps))
+    per_epoch = math.ceil(data.size("train") / per_step)
+    training_args.max_steps = max(1, math.ceil(training_args.num_train_epochs * per_epoch))
+    logger.info("streaming: max_steps %d (%s epochs of %s training films, %d steps each)", training_args.max_steps,
+                f"{training_args.num_train_epochs:g}", f"{data.size('train'):,}", per_epoch)
 
 
 def check_output_dir(out_dir: Path) -> None:
@@ -353,15 +401,26 @@ def fit_ood_statistics(model, processor, data: PreparedData, data_args, training
 
     t0 = time.time()
     model = model.to("cpu").eval()    # the exported model; features in fp32, as the Predictor's OOD tap
-    train = data.splits["train"].with_format(None)          # the undecoded films, without the training transform
-    val = data.splits["validation"].with_format(None)
-    logger.info("fitting the OOD statistics on %s training films (at most %d) ...", f"{len(train):,}",
+    if data.streamed:   # a bounded sample: the first films of the shuffled training stream, of the validation stream
+        from cxr_train.streaming import sample_stream
+
+        logger.info("streaming: reading at most %d training and %d validation films for the OOD fit ...",
+                    data_args.ood_max_train, data_args.ood_max_train)
+        train_images, groups = sample_stream(data.splits["train"], data_args.ood_max_train)
+        val_images, _ = sample_stream(data.splits["validation"], data_args.ood_max_train)
+        validation = (f"the first {len(val_images):,} films of the run's own validation stream")
+    else:
+        train = data.splits["train"].with_format(None)          # the undecoded films, without the training transform
+        val = data.splits["validation"].with_format(None)
+        train_images, groups, val_images = train["image"], data.ood_groups(), val["image"]
+        validation = "the run's own validation split"
+    logger.info("fitting the OOD statistics on %s training films (at most %d) ...", f"{len(train_images):,}",
                 data_args.ood_max_train)
     try:
-        scorer = fit_for_run(model, processor, train["image"], data.ood_groups(), val["image"],
+        scorer = fit_for_run(model, processor, train_images, groups, val_images,
                              max_train=data_args.ood_max_train, seed=training_args.seed,
                              progress=not training_args.disable_tqdm, data=Path(str(data_args.dataset_name)).name,
-                             validation="the run's own validation split")
+                             validation=validation)
     except ValueError as e:   # e.g. too few films: the folder is complete and serves without the check
         logger.warning("OOD statistics not written: %s", e)
         return {"error": str(e)}
@@ -412,6 +471,10 @@ def render_summary(result: dict) -> str:
         rows.append(line("test split", metrics["test"]))
     if not metrics:
         rows.append("  no split was scored (--do_eval false)")
+    if result.get("streamed"):
+        c = result["streamed"]
+        rows.append(f"  streamed: {c['train']:,} training and {c['validation']:,} validation films (counted by the "
+                    "first pass; decoded as they streamed, nothing cached)")
     seconds = result.get("train_seconds", 0.0)
     rows.append(f"  training time: {seconds / 60:.1f} min" if seconds >= 60 else f"  training time: {seconds:.0f} s")
     if ood and "error" not in ood:

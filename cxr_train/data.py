@@ -449,6 +449,17 @@ class PreparedData:
     task: str = "binary"          # "binary" | "multiclass" | "multilabel" (cxr_train.labels)
     uncertain_labels: str | None = None     # multi-label: what -1 trains as (ones | zeros | ignore)
     label_from_filename: str | None = None  # the rules that labelled the films, when they were
+    counts: dict | None = None    # streamed splits (no len()): films per split, from the first pass
+
+    def size(self, split: str) -> int:
+        """Films in ``split``: its length, or for a streamed split the count of its first pass."""
+        if self.counts is not None and split in self.counts:
+            return int(self.counts[split])
+        return len(self.splits[split])
+
+    @property
+    def streamed(self) -> bool:
+        return self.counts is not None
 
     @property
     def normal_label(self) -> str | None:

@@ -257,7 +257,7 @@ class CardFacts:
             task=data.task, uncertain_labels=data.uncertain_labels, label_rule=data.label_from_filename,
             strategy=model_args.strategy, strategy_text=strategy_text,
             trainable_text=f"{fitted.trainable:,} of {fitted.total:,} ({100 * fitted.trainable / fitted.total:.1f}%)",
-            n_train=len(data.splits["train"]), n_validation=len(data.splits["validation"]),
+            n_train=data.size("train"), n_validation=data.size("validation"),   # a stream: its first pass's count
             validation_text=("carved out of the training split, stratified and grouped by patient "
                              f"({data_args.validation_fraction:.0%} of patients, seed {training_args.seed})")
             if not data_args.validation_split else f"the dataset's '{data_args.validation_split}' split",

@@ -2,7 +2,7 @@
 
 Out-of-fold scores of a K-fold CV are the scores every choice of the recipe was made on (the
 threshold included), so they flatter the recipe. This carves ~15 % of the patients, stratified
-by label and grouped by patient (scikit-learn ``StratifiedGroupKFold``, fixed seed), writes the
+by label and grouped by patient (``cxr_train.data.split_by_patient``, fixed seed), writes the
 list of held-out patients (``--manifest``, committed, so every study scores the same films) and
 lays out two symlinked image folders for ``train_hf.py``:
 
@@ -19,31 +19,34 @@ import argparse
 import json
 from pathlib import Path
 
-import numpy as np
-
 from cxr.locate import image_files
 
 
 def carve(files: list[Path], fraction: float, seed: int) -> set[str]:
-    """Patient ids of a stratified, patient-grouped hold-out of about ``fraction`` of the films."""
-    from sklearn.model_selection import StratifiedGroupKFold
+    """Patient ids of a stratified, patient-grouped hold-out of about ``fraction`` of the films:
+    the validation side of ``cxr_train.data.split_by_patient`` (the split ``cxr-train`` carves),
+    with the label a film's folder name and the patient its file name's (else the file stem)."""
+    from datasets import Dataset
 
+    from cxr_train.data import split_by_patient
+
+    names = [f.parent.name for f in files]
+    classes = sorted(set(names))       # codes in name order: the strata StratifiedGroupKFold sorts by
+    table = Dataset.from_dict({"label": [classes.index(n) for n in names],
+                               "patient_id": [patient_of(f) for f in files]})
+    return set(split_by_patient(table, fraction, seed)[1]["patient_id"])
+
+
+def patient_of(f: Path) -> str:
     from cxr_train.data import patient_id_from_filename
 
-    labels = np.array([f.parent.name for f in files])
-    groups = np.array([patient_id_from_filename(f.name) or f.stem for f in files])
-    sgkf = StratifiedGroupKFold(n_splits=int(round(1 / fraction)), shuffle=True, random_state=seed)
-    _, held = next(sgkf.split(np.zeros(len(files)), labels, groups))
-    return set(groups[held].tolist())
+    return patient_id_from_filename(f.name) or f.stem
 
 
 def layout(files: list[Path], held: set[str], out: Path) -> dict:
-    from cxr_train.data import patient_id_from_filename
-
     counts: dict = {}
     for f in files:
-        pid = patient_id_from_filename(f.name) or f.stem
-        part = "holdout" if pid in held else "pool/train"
+        part = "holdout" if patient_of(f) in held else "pool/train"
         dst = out / part / f.parent.name / f.name
         dst.parent.mkdir(parents=True, exist_ok=True)
         if not dst.exists():

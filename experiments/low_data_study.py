@@ -31,7 +31,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 
 import train_hf  # noqa: E402
-from cxr_train.data import add_patient_ids, load_raw_dataset  # noqa: E402
+from cxr_train.data import add_patient_ids, load_raw_dataset, split_by_patient  # noqa: E402
 from cxr_train.plots import render_confusions, render_learning_curves, render_roc  # noqa: E402
 
 logger = logging.getLogger("study")
@@ -46,20 +46,20 @@ LEARNING_RATES = {"scratch": 2e-3, "frozen": 2e-3, "partial": 1e-3, "full": 5e-4
 
 
 def build_split_folders(data_dir: Path, out: Path, seed: int, val_fraction: float) -> tuple[Path, Path]:
-    """Symlink folders: pretrain/train (half A) and study/{train,validation} (half B)."""
-    from sklearn.model_selection import StratifiedGroupKFold
+    """Symlink folders: pretrain/train (half A) and study/{train,validation} (half B), both
+    cut by ``split_by_patient`` (stratified, patient-grouped; the split ``cxr-train`` carves)."""
+    from datasets import Dataset
 
     ds = add_patient_ids(load_raw_dataset(str(data_dir)))["train"]
     names = ds.features["label"].names
     labels = np.asarray(ds["label"])
     groups = np.asarray(ds["patient_id"])
     paths = [x["path"] for x in ds["image"]]
-    halves = StratifiedGroupKFold(n_splits=2, shuffle=True, random_state=seed)
-    a_idx, b_idx = next(halves.split(np.zeros(len(labels)), labels, groups))
-    k = max(2, int(round(1 / val_fraction)))
-    inner = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed)
-    tr, va = next(inner.split(np.zeros(len(b_idx)), labels[b_idx], groups[b_idx]))
-    plan = {"pretrain/train": a_idx, "study/train": b_idx[tr], "study/validation": b_idx[va]}
+    rows = Dataset.from_dict({"label": labels, "patient_id": groups, "row": np.arange(len(labels))})
+    half_a, half_b = split_by_patient(rows, 0.5, seed)
+    study_train, study_val = split_by_patient(half_b, val_fraction, seed)
+    plan = {split: np.asarray(part["row"], dtype=int) for split, part in
+            (("pretrain/train", half_a), ("study/train", study_train), ("study/validation", study_val))}
     for split, idx in plan.items():
         for i in idx:
             dst = out / "data" / split / names[labels[i]] / Path(paths[i]).name

@@ -23,7 +23,6 @@ import dataclasses
 import logging
 import math
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 

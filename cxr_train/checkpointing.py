@@ -102,8 +102,9 @@ def resolve_resume(value, output_dir: str | Path, *, model_only: bool = False):
     """``--resume_from_checkpoint`` -> what ``Trainer.train(resume_from_checkpoint=...)`` gets.
 
     ``true`` / ``latest`` / ``last``: the newest complete checkpoint, or ``None`` (train from
-    the start, with a warning) when there is none. A given folder must be complete, else
-    ``ValueError`` naming what is wrong. Anything else (``None``, ``false``) passes through.
+    the start, with a warning) when there is none. ``false`` / ``none`` / empty: ``None``. A
+    given folder must be complete, else ``ValueError`` naming what is wrong; ``None`` and
+    ``False`` pass through.
     """
     if value is True or (isinstance(value, str) and value.lower() in ("true", "latest", "last")):
         found = find_resume_checkpoint(output_dir, model_only=model_only)

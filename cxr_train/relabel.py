@@ -16,7 +16,6 @@ Nothing is written unless every file matches a rule and ``--out`` is new or empt
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil

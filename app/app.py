@@ -83,14 +83,16 @@ def create_demo(predictors: Predictor | list[Predictor]) -> gr.Blocks:
                 notice = gr.HTML(visible=False, elem_id="cxr-notice")
                 film = gr.Image(show_label=False, type="pil", format="jpeg", interactive=False, visible=False,
                                 elem_id="cxr-film", buttons=[], height=360, alt_text=render.film_alt())
-            with gr.Column(scale=3, min_width=300, elem_id="cxr-results"):  # the answers, next to their maps
+            # the answers, next to their maps: three models take more of the width, so that their
+            # panels stay side by side on a 1366-pixel screen
+            with gr.Column(scale=3 if n <= 2 else 4, min_width=300, elem_id="cxr-results"):
                 names = [p.name for p in predictors]
                 chooser = gr.CheckboxGroup(choices=names, value=names, label="Models to show (each one answers; "
                                            "research and education only)", visible=n > 1, elem_id="cxr-models")
                 panel_outputs, choices = [], []
                 with gr.Row(equal_height=False):
                     for i, p in enumerate(predictors):
-                        with gr.Column(min_width=240, elem_classes=["cxr-panel"]):
+                        with gr.Column(min_width=240 if n <= 2 else 220, elem_classes=["cxr-panel"]):
                             card = gr.HTML(visible=False, elem_id=f"cxr-answer-{i}")
                             img = gr.Image(show_label=False, type="pil", format="jpeg", interactive=False,
                                            visible=False, elem_id=f"cxr-overlay-{i}", buttons=[])
@@ -181,6 +183,7 @@ def create_demo(predictors: Predictor | list[Predictor]) -> gr.Blocks:
         predict.__doc__ = handlers.api_predict.__doc__
         gr.api(predict, api_name="predict", concurrency_limit=handlers.INFERENCE_SLOTS, concurrency_id="predict")
         describe_api(demo, "predict", predict)
+        accept_earlier_calls(demo, "predict", predict)
     demo.cxr_predictors = predictors       # launch() serves them over REST too (rest.build_router)
     jan.protect_existing()          # example thumbnails cached at build time
     jan.blocks.append(demo)
@@ -210,6 +213,29 @@ def describe_api(demo: gr.Blocks, api_name: str, fn) -> None:
     for component in block_fn.outputs:
         component.label = "answer"
         component._api_info = schema
+
+
+def accept_earlier_calls(demo: gr.Blocks, api_name: str, fn) -> None:
+    """A call that leaves out trailing optional arguments gets their defaults: raw HTTP callers
+    of ``/gradio_api/call/predict`` written before ``heatmap_class`` was added send
+    ``[file, show_heatmap]`` (the README's curl snippet did), which Gradio refuses ("didn't
+    receive enough input values"); gradio_client fills defaults itself. A call without the
+    required arguments is still refused by Gradio, as before."""
+    import inspect
+
+    block_fn = next(f for f in demo.fns.values() if f.api_name == api_name)
+    params = [p for p in inspect.signature(fn).parameters.values() if p.annotation is not gr.Request
+              and p.name != "request"][:len(block_fn.inputs)]
+    required = sum(p.default is inspect.Parameter.empty for p in params)
+    defaults = [None if p.default is inspect.Parameter.empty else p.default for p in params]
+    validate = demo.validate_inputs
+
+    def validate_inputs(block, inputs):
+        if block is block_fn and isinstance(inputs, list) and required <= len(inputs) < len(defaults):
+            inputs.extend(defaults[len(inputs):])     # the list Gradio goes on to preprocess
+        return validate(block, inputs)
+
+    demo.validate_inputs = validate_inputs
 
 
 def launch(demo: gr.Blocks, **kwargs):

@@ -273,8 +273,9 @@ def _panel_updates(state: dict | None, show_map: bool, opacity: float, n: int, *
         if r.get("task", "binary") != "binary" and not r["out_of_distribution"] and r.get("heatmap_class"):
             r = render.map_view(r, label or r["heatmap_class"])     # caption and alt text: the map's class
         card = gr.update(visible=True, value=render.answer_html([items[i][0]], show_model=n > 1)) if cards else gr.skip()
+        value = label or r.get("heatmap_class")
         choice = (gr.update(visible=len(maps) > 1 and not r["out_of_distribution"], choices=list(maps),
-                            value=label or r.get("heatmap_class")) if cards else gr.skip())
+                            value=value if value in maps else None) if cards else gr.skip())
         if r["out_of_distribution"]:
             updates += [card, gr.update(visible=False, value=None), gr.update(visible=False, value=""), choice]
         elif show_map and heat is not None:

@@ -101,6 +101,14 @@ CSS = """
 .cxr-panel img {max-height: 420px; object-fit: contain;}
 #cxr-examples .grid-wrap {overflow: visible !important; height: auto !important; min-height: 0 !important;
                           max-height: none !important;}
+/* the gallery's label takes its own room: on a phone it wraps to three lines and, floating, covered the
+   first row of films */
+#cxr-examples [data-testid=block-label] {position: static;}
+/* result files keep their whole names (Gradio cuts them to "cxr-overl....png" on a phone: the models'
+   overlays could not be told apart) */
+#cxr-download .filename {flex-wrap: wrap;}
+#cxr-download .filename .stem {min-width: 0; white-space: normal; overflow: visible; text-overflow: clip;
+                               overflow-wrap: anywhere;}
 @media (max-width: 700px) {
   #cxr-film img, .cxr-panel img {max-height: 260px; object-fit: contain;}
   .cxr-panel .cxr-card {min-height: 0;}

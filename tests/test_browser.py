@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -117,6 +118,27 @@ def assert_nothing_clipped(page, where: str):
         assert page.evaluate("el => el.scrollHeight <= el.clientHeight + 1", upload_text.element_handle()), where
 
 
+THUMBS_COVERED_JS = """() => { const gallery = document.querySelector('#cxr-examples');
+  const labels = [...gallery.querySelectorAll('[data-testid=block-label]')].filter(e => e.offsetWidth > 0);
+  return [...gallery.querySelectorAll('img')].flatMap((img, i) => {
+    const r = img.getBoundingClientRect();
+    const hit = [0.1, 0.5].map(fy => document.elementFromPoint(r.left + r.width / 2, r.top + fy * r.height))
+      .filter(e => e !== img).map(e => `film ${i + 1} under ${e.tagName} "${(e.textContent || '').trim().slice(0, 30)}"`);
+    // the label lets the pointer through (pointer-events: none), so its box is compared too
+    const over = labels.filter(l => { const b = l.getBoundingClientRect();
+      return Math.min(r.right, b.right) - Math.max(r.left, b.left) > 2 && Math.min(r.bottom, b.bottom) - Math.max(r.top, b.top) > 2; })
+      .map(l => `film ${i + 1} under the label "${l.textContent.trim().slice(0, 30)}"`);
+    return [...hit, ...over]; }); }"""
+
+
+def assert_examples_uncovered(page, where: str):
+    """Nothing (the gallery's label, a caption) lies over the top or the middle of an example film."""
+    page.locator("#cxr-examples").scroll_into_view_if_needed()
+    page.wait_for_timeout(200)
+    covered = page.evaluate(THUMBS_COVERED_JS)
+    assert not covered, f"{where}: {covered}"
+
+
 UNCOVERED_JS = """img => { const r = img.getBoundingClientRect(); const pts = [];
   for (const fy of [0.02, 0.08, 0.15, 0.5]) for (const fx of [0.05, 0.25, 0.5, 0.75, 0.95])
     pts.push([r.left + fx * r.width, r.top + fy * r.height]);
@@ -171,6 +193,7 @@ def test_first_load_nothing_clipped_and_the_width_is_used(app_url, browser, shot
             assert result_col["x"] > film_col["x"] + film_col["width"] and result_col["width"] > 0.45 * w
             assert page.locator("#cxr-examples").bounding_box()["y"] < h       # the examples on the first screen
         page.screenshot(path=str(shots / f"{name}-first-load.png"))
+        assert_examples_uncovered(page, f"{name} first load")
         assert not page.errors, page.errors
         page.context.close()
 
@@ -458,7 +481,209 @@ def test_phone_keeps_answer_and_map_together(app_url, browser, tmp_path, shots):
     expect(page.locator("#cxr-film")).to_be_hidden()             # the map panel shows the film; no duplicate
     assert chroma(overlay) > 30
     assert_nothing_clipped(page, "phone after the answer")
+    assert_results_whole(page, "phone after the answer")
     page.screenshot(path=str(shots / "phone-answer.png"))
     page.screenshot(path=str(shots / "phone-answer-full-page.png"), full_page=True)
     assert not page.errors, page.errors
     page.context.close()
+
+
+# ------------------------------------------------------------------ three shipped models (issue #29)
+# The layout a checkout will serve once the lead adds the three-class model: the shipped default
+# (binary) first, then every other models/ folder by name - a second binary model and the
+# NORMAL/BACTERIAL/VIRAL one - chosen by the app's own rule (app.shipped_models), under the real
+# folder names (long ones: the chooser and the cards must hold them). Tiny models, so no figure of
+# a shipped model is pinned here.
+
+DEFAULT = "efficientnet-lite0-imagenet-full"
+SHIPPED3 = (DEFAULT, "cxr-resnet-small-scratch", "efficientnet-lite0-imagenet-3class")
+
+
+@pytest.fixture(scope="module")
+def three_url(tmp_path_factory):
+    import cxr.locate
+    from app import app as app_module
+    from tests.test_label_sets_serving import LOGITS3, THREE, make_label_set_folder, multiclass_op
+
+    models = tmp_path_factory.mktemp("shipped") / "models"
+    make_model_folder(models / SHIPPED3[0], p_positive=0.52, threshold=0.5, name_seed=1)
+    make_model_folder(models / SHIPPED3[1], p_positive=0.01, threshold=0.5, name_seed=2)
+    make_label_set_folder(models / SHIPPED3[2], THREE, multiclass_op(), logits=LOGITS3,
+                          problem_type="single_label_classification")
+    with pytest.MonkeyPatch.context() as mp:
+        for var in (*cxr.locate.MODEL_ENV, app_module.SHIPPED_ENV):
+            mp.delenv(var, raising=False)
+        mp.setattr(cxr.locate, "resolve_model", lambda *a, **k: str(models / DEFAULT))
+        specs = app_module.shipped_models()
+    assert specs == [None, str(models / SHIPPED3[1]), str(models / SHIPPED3[2])]   # the default first
+    demo = app_module.create_demo([Predictor.from_pretrained(s or models / DEFAULT, precision="fp32")
+                                   for s in specs])
+    _, url, _ = app_module.launch(demo, server_name="127.0.0.1", server_port=None, prevent_thread_lock=True,
+                                  quiet=True)
+    yield url.rstrip("/")
+    demo.close()
+
+
+def assert_results_whole(page, where: str):
+    """The model chooser and every shown card, map and caption lie inside their boxes; no
+    card's text runs past its card."""
+    clipped = page.evaluate(CLIPPED_JS, "#cxr-models, #cxr-results")
+    assert not clipped, f"{where}: {clipped}"
+    over = page.evaluate("""() => [...document.querySelectorAll('.cxr-card')].filter(c => c.offsetWidth > 0)
+        .filter(c => c.scrollWidth > c.clientWidth + 1 || [...c.querySelectorAll('*')].some(e => {
+            const r = e.getBoundingClientRect(), b = c.getBoundingClientRect();
+            return r.width > 0 && (r.left < b.left - 1 || r.right > b.right + 1); }))
+        .map(c => c.querySelector('.cxr-model')?.textContent)""")
+    assert not over, f"{where}: text runs out of the card of {over}"
+
+
+def predict_film(page, tmp_path, name="film.png", size=160):
+    from playwright.sync_api import expect
+
+    xray = tmp_path / name
+    make_xray(7, True, size=size).save(xray)
+    upload(page, xray)
+    expect(page.locator("#cxr-predict")).to_be_enabled()
+    page.locator("#cxr-predict").click()
+    expect(page.get_by_test_id("cxr-card")).to_have_count(3)
+
+
+def test_three_models_chooser_default_first_and_a_multiclass_card(three_url, browser, tmp_path, shots):
+    from playwright.sync_api import expect
+
+    page = open_page(browser, three_url)
+    chooser = page.locator("#cxr-models")
+    expect(chooser).to_be_visible()
+    boxes = chooser.locator("input[type=checkbox]")
+    expect(boxes).to_have_count(3)
+    assert [" ".join(t.split()) for t in chooser.locator("label").all_inner_texts()][-3:] == list(SHIPPED3)
+    assert all(boxes.nth(i).is_checked() for i in range(3))           # every model shown at first
+    expect(page.locator("#cxr-header")).to_contain_text("not a medical device")
+    expect(page.locator("#cxr-header h1")).to_contain_text("3 models side by side")
+    assert_nothing_clipped(page, "desktop, 3 models, first load")
+    assert_results_whole(page, "desktop, 3 models, first load")
+
+    predict_film(page, tmp_path)
+    cards = page.get_by_test_id("cxr-card")
+    for i, name in enumerate(SHIPPED3):                                # cards in the chooser's order
+        expect(cards.nth(i).locator(".cxr-model")).to_have_text(name)
+    expect(cards.nth(0).get_by_test_id("cxr-headline")).to_have_text("PNEUMONIAborderline")
+    expect(cards.nth(1).get_by_test_id("cxr-headline")).to_have_text("NORMAL")
+    three = cards.nth(2)
+    expect(three).to_have_attribute("data-task", "multiclass")
+    expect(three.get_by_test_id("cxr-headline")).to_have_text("BACTERIAL")
+    rows = three.get_by_test_id("cxr-finding")
+    expect(rows).to_have_count(3)                                      # every class, its probability
+    assert [rows.nth(i).get_attribute("data-label") for i in range(3)] == ["NORMAL", "BACTERIAL", "VIRAL"]
+    probs = [float(rows.nth(i).locator("span").last.inner_text()) for i in range(3)]
+    assert abs(sum(probs) - 1) <= 0.02 and max(probs) == probs[1]
+    assert [rows.nth(i).get_attribute("data-present") for i in range(3)] == ["false", "true", "false"]
+    for i in range(3):                                                  # each bar as long as its probability
+        bar, fill = rows.nth(i).locator(".cxr-minibar").bounding_box(), rows.nth(i).locator(".cxr-fill").bounding_box()
+        assert abs(fill["width"] / bar["width"] - probs[i]) < 0.03
+    expect(three.get_by_test_id("cxr-screening")).to_contain_text("abnormal")
+    expect(three).to_contain_text("The class with the highest probability decides")
+    for i in range(3):                                                  # a map under every answer, none covered
+        expect(page.locator(f"#cxr-overlay-{i} img")).to_be_visible()
+        assert_film_uncovered(page, f"#cxr-overlay-{i}")
+        card, img = cards.nth(i).bounding_box(), page.locator(f"#cxr-overlay-{i} img").bounding_box()
+        assert 0 <= img["y"] - (card["y"] + card["height"]) < 60         # the map right under its own answer
+        assert card["x"] <= img["x"] + img["width"] / 2 <= card["x"] + card["width"]
+    page.screenshot(path=str(shots / "desktop-3-models-answer.png"))
+    page.screenshot(path=str(shots / "desktop-3-models-answer-full-page.png"), full_page=True)
+    tops = [cards.nth(i).bounding_box()["y"] for i in range(3)]
+    assert max(tops) - min(tops) < 2, "the three answers are not side by side on the desktop"
+    assert page.locator("#cxr-map-class-0").is_hidden() and page.locator("#cxr-map-class-1").is_hidden()
+    assert_nothing_clipped(page, "desktop, 3 models, answer")
+    assert_results_whole(page, "desktop, 3 models, answer")
+
+    # the three-class model's map, class by class: drawn again from the stored maps
+    caption, overlay = page.locator("#cxr-caption-2"), page.locator("#cxr-overlay-2 img")
+    expect(caption).to_contain_text("for BACTERIAL, drawn at full strength")
+    choice = page.locator("#cxr-map-class-2")
+    expect(choice).to_be_visible()
+    before = overlay.evaluate(PIXELS_JS)
+    choice.locator("input").click()
+    page.get_by_role("option", name="VIRAL").click()
+    expect(caption).to_contain_text("for VIRAL")
+    expect(caption).to_contain_text("% strength: the probability of VIRAL")
+    expect(overlay).to_have_attribute("alt", re.compile("heat map for VIRAL"))
+    page.wait_for_timeout(500)
+    assert overlay.evaluate(PIXELS_JS) != before                       # another map is drawn
+    expect(three.get_by_test_id("cxr-headline")).to_have_text("BACTERIAL")   # the answer stays
+    assert_results_whole(page, "desktop, 3 models, VIRAL map")
+
+    # the chooser hides a model's panel and brings it back, no new prediction
+    boxes.nth(1).uncheck()
+    expect(page.get_by_test_id("cxr-card")).to_have_count(2)
+    expect(page.locator("#cxr-overlay-1 img")).to_have_count(0)
+    expect(page.get_by_test_id("cxr-card").nth(1)).to_have_attribute("data-task", "multiclass")
+    assert_results_whole(page, "desktop, 2 of 3 models")
+    boxes.nth(1).check()
+    expect(page.get_by_test_id("cxr-card")).to_have_count(3)
+    expect(page.get_by_test_id("cxr-card").nth(1).locator(".cxr-model")).to_have_text(SHIPPED3[1])
+    assert not page.errors, page.errors
+    page.context.close()
+
+
+def test_three_models_on_the_phone_and_in_the_dark(three_url, browser, tmp_path, shots):
+    from playwright.sync_api import expect
+
+    page = open_page(browser, three_url, *PHONE)
+    assert_nothing_clipped(page, "phone, 3 models, first load")
+    assert_results_whole(page, "phone, 3 models, first load")
+    assert_examples_uncovered(page, "phone, 3 models, first load")
+    predict_film(page, tmp_path, size=400)
+    headline = page.get_by_test_id("cxr-headline").first
+    overlay = page.locator("#cxr-overlay-0 img")
+    expect(overlay).to_be_visible()
+    page.wait_for_timeout(800)                                   # the page brings the first answer into view
+    assert in_view(page, headline) and in_view(page, overlay), "answer and map are not on one phone screen"
+    assert_results_whole(page, "phone, 3 models, answer")
+    assert_nothing_clipped(page, "phone, 3 models, answer")
+    page.screenshot(path=str(shots / "phone-3-models-answer.png"))
+    three = page.get_by_test_id("cxr-card").nth(2)
+    three.scroll_into_view_if_needed()
+    expect(three.get_by_test_id("cxr-finding")).to_have_count(3)
+    map3 = page.locator("#cxr-overlay-2 img")
+    map3.scroll_into_view_if_needed()
+    box, card = map3.bounding_box(), three.bounding_box()
+    assert box["y"] + min(box["height"], 200) <= PHONE[1] and card["y"] + card["height"] >= 0, \
+        "the three-class answer and its map are not together"
+    assert_film_uncovered(page, "#cxr-overlay-2")
+    page.screenshot(path=str(shots / "phone-3-models-multiclass.png"))
+    page.screenshot(path=str(shots / "phone-3-models-answer-full-page.png"), full_page=True)
+    assert not page.errors, page.errors
+    page.context.close()
+
+    page = open_page(browser, three_url, dark=True)
+    predict_film(page, tmp_path, name="dark3.png")
+    three = page.get_by_test_id("cxr-card").nth(2)
+    for el in (three.get_by_test_id("cxr-headline"), three.get_by_test_id("cxr-finding").nth(0),
+               three.get_by_test_id("cxr-screening"), page.locator("#cxr-caption-2")):
+        assert contrast(page, el, text=True) >= 4.5, f"{el} is hard to read on the dark page"
+    for i in range(3):                                           # every bar's fill stands out from its track
+        assert contrast(page, three.locator(".cxr-fill").nth(i), against=".cxr-minibar") >= 1.4
+    assert contrast(page, page.get_by_test_id("cxr-threshold").first) >= 4.5
+    page.screenshot(path=str(shots / "desktop-dark-3-models-answer.png"))
+    assert not page.errors, page.errors
+    page.context.close()
+
+
+CONTRAST_JS = """([el, text, against]) => { const rgb = c => c.match(/[\\d.]+/g).map(Number);
+  const lum = c => rgb(c).slice(0, 3).map(v => v / 255)
+      .map(v => v <= 0.03928 ? v / 12.92 : ((v + 0.055) / 1.055) ** 2.4)
+      .reduce((s, v, i) => s + v * [0.2126, 0.7152, 0.0722][i], 0);
+  const opaque = c => c && c !== 'transparent' && !(rgb(c).length > 3 && rgb(c)[3] === 0);
+  let bg = null;
+  for (let e = against ? el.closest(against) : el.parentElement; e; e = e.parentElement) {
+    const c = getComputedStyle(e).backgroundColor; if (opaque(c)) { bg = c; break; } }
+  const fg = text ? getComputedStyle(el).color : getComputedStyle(el).backgroundColor;
+  const a = lum(fg), b = lum(bg || 'rgb(255, 255, 255)');
+  return (Math.max(a, b) + 0.05) / (Math.min(a, b) + 0.05); }"""
+
+
+def contrast(page, locator, *, text: bool = False, against: str | None = None) -> float:
+    """WCAG contrast of an element's text colour (``text``) or background against the first
+    opaque background behind it (``against``: from that ancestor up)."""
+    return page.evaluate(CONTRAST_JS, [locator.element_handle(), text, against])

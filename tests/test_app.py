@@ -318,6 +318,43 @@ def test_api_refuses_a_path_that_was_not_uploaded(server):
     assert "event: complete" not in body and "root:" not in body
 
 
+def raw_call(http, url, data: list, film_path=None) -> tuple[str, list | None]:
+    """One raw HTTP call of /predict (as the README's curl snippet makes it), the uploaded film
+    first in ``data`` when given: (the event stream's last event, its data)."""
+    if film_path is not None:
+        path = upload(url, (film_path.name, film_path.read_bytes(), "image/png")).json()[0]
+        data = [{"path": path, "meta": {"_type": "gradio.FileData"}}, *data]
+    r = http.post("/gradio_api/call/predict", json={"data": data})
+    if r.status_code != 200:
+        return f"HTTP {r.status_code}", None
+    body = http.get(f"/gradio_api/call/predict/{r.json()['event_id']}").text
+    events = re.findall(r"event: (\w+)\ndata: (.*)", body)
+    event, payload = events[-1]
+    return event, json.loads(payload) if event == "complete" else None
+
+
+@pytest.mark.slow
+def test_raw_http_calls_may_leave_out_the_optional_arguments(server, tmp_path):
+    """/predict's raw HTTP body: [file, show_heatmap] as written before heatmap_class was added
+    (the README's curl snippet), [file] alone, and the full [file, show_heatmap, heatmap_class]
+    all answer; a map class a model lacks, or no file, is refused with nothing answered."""
+    url, _, _ = server
+    path = film(tmp_path)
+    with httpx.Client(base_url=url, timeout=120) as http:
+        event, data = raw_call(http, url, [True], path)
+        assert event == "complete" and data[0]["decision"] == "PNEUMONIA" and data[0]["heatmap"]["url"]
+        assert data[0]["heatmap_class"] == "PNEUMONIA"
+        event, data = raw_call(http, url, [False], path)
+        assert event == "complete" and data[0]["heatmap"] is None
+        event, data = raw_call(http, url, [], path)                       # show_heatmap's default: True
+        assert event == "complete" and data[0]["heatmap"]["url"]
+        event, data = raw_call(http, url, [False, "NORMAL"], path)        # a chosen class implies a map
+        assert event == "complete" and [m["heatmap_class"] for m in data[0]["models"]] == ["NORMAL", "NORMAL"]
+        assert data[0]["decision"] == "PNEUMONIA" and data[0]["heatmap"]["url"]
+        assert raw_call(http, url, [True, "VIRAL"], path)[0] == "error"
+        assert raw_call(http, url, [])[0] in ("error", "HTTP 422")        # no file at all
+
+
 # ------------------------------------------------------------------ load and queue policy
 
 @pytest.mark.slow
@@ -564,28 +601,59 @@ def test_model_facts_in_visitor_words(model_folders, trained_folder):
     assert "transfer learning" in render.TEACHING.lower()
 
 
-def test_shipped_default_facts_name_the_hold_out_and_the_new_site_figure():
+def test_shipped_default_facts_name_the_hold_out_and_every_figure_it_has():
+    """The shipped default's facts panel names the films each of its figures was measured on and
+    shows the figures its folder holds - read from the folder, not pinned here: the default's
+    weights and threshold are replaced from time to time (tests/test_shipped_pins.py pins them)."""
     from app import render
+    from cxr.api import model_info
 
-    default = ROOT / "models" / "efficientnet-lite0-imagenet-full"
-    facts = render.model_facts(Predictor.from_pretrained(default, precision="fp32"))
+    predictor = Predictor.from_pretrained(ROOT / "models" / "efficientnet-lite0-imagenet-full", precision="fp32")
+    facts = render.model_facts(predictor)
     rows = dict(line.strip("|").split("|", 1) for line in facts.splitlines() if line.startswith("| "))
     rows = {k.strip(): v.strip() for k, v in rows.items()}
+    figures = model_info(predictor)["figures"]
+    held = figures["external"]["metrics"]
+    assert held, "the shipped default has no hold-out figures"
     assert "hold-out" in rows["Set-aside films"] and "same hospital" in rows["Set-aside films"]
-    assert "specificity 0.979" in rows["Set-aside films"] and "External" not in facts
-    assert rows["Cross-validated"].startswith("5 folds; AUROC 0.997 ± 0.002")
-    assert "specificity about 0.79" in rows["Another hospital's films"]
-    assert "one normal film in five" in rows["Another hospital's films"] and "cxr-calibrate" in facts
-    assert "issue #25" in rows["Another hospital's films"]
-    assert "timm_wrapper" not in facts and "| pool |" not in facts and "EfficientNet" in rows["Network"]
+    for key, name in (("specificity", "specificity"), ("sensitivity", "sensitivity"), ("roc_auc", "AUROC")):
+        if key in held:
+            assert f"{name} {held[key]:.3f}" in rows["Set-aside films"], key
+    if "n" in held:
+        assert f"{held['n']} films" in rows["Set-aside films"]
+    cv = figures["cross_validated"]["metrics"]
+    if cv:
+        auc = cv["roc_auc"]
+        assert rows["Cross-validated"].startswith(f"{cv['k']} folds; AUROC {auc['mean']:.3f} ± {auc['sd']:.3f}")
+    else:
+        assert rows["Cross-validated"] == "not measured for this model"
+    other = figures.get("independent")
+    if other:
+        assert f"specificity about {other['metrics']['specificity']:.2f}" in rows["Another hospital's films"]
+        assert "is called PNEUMONIA" in rows["Another hospital's films"]
+    else:
+        assert rows["Another hospital's films"].startswith("not measured for this model: expect lower specificity")
+    assert "cxr-calibrate" in rows["Another hospital's films"]
+    assert f"{predictor.operating_point.threshold:.3f}: PNEUMONIA" in rows["Decision threshold"]
+    assert "External" not in facts and "timm_wrapper" not in facts and "| pool |" not in facts
+    assert "EfficientNet" in rows["Network"]
 
 
-def test_plain_app_serves_both_shipped_models(monkeypatch):
-    from app.app import shipped_models
+def test_plain_app_serves_every_shipped_model_default_first(monkeypatch):
+    """A plain ``cxr-app`` in this checkout serves the default first, then every other complete
+    model folder in models/ by name (whatever the lead ships there: two binary models, a
+    three-class one, ...); CXR_SHIPPED_MODELS narrows it; a Hub model in MODEL_ID serves alone."""
+    from app.app import SHIPPED_ENV, is_shipped_folder, shipped_models
 
-    for var in ("CXR_MODEL", "MODEL_ID"):
+    for var in ("CXR_MODEL", "MODEL_ID", SHIPPED_ENV):
         monkeypatch.delenv(var, raising=False)
-    assert shipped_models() == [None, str(ROOT / "models" / "cxr-resnet-small-scratch")]
+    models = ROOT / "models"
+    others = sorted(str(p) for p in models.iterdir()
+                    if p.name != "efficientnet-lite0-imagenet-full" and is_shipped_folder(p))
+    assert str(models / "cxr-resnet-small-scratch") in others
+    assert shipped_models() == [None, *others]
+    monkeypatch.setenv(SHIPPED_ENV, "cxr-resnet-small-scratch")
+    assert shipped_models() == [None, str(models / "cxr-resnet-small-scratch")]
     monkeypatch.setenv("MODEL_ID", "someone/model")
     assert shipped_models() == [None]
 

@@ -169,7 +169,8 @@ def create_demo(predictors: Predictor | list[Predictor]) -> gr.Blocks:
                        concurrency_id="predict").success(None, js=show_result_js, api_visibility="private")
         chooser.change(functools.partial(handlers.show_models, n_models=n), inputs=[chooser, show, opacity, state],
                        outputs=[state] + panel_outputs, api_visibility="private", show_progress="hidden",
-                       queue=False)
+                       queue=False).then(handlers.refresh_downloads, inputs=[opacity, state], outputs=downloads,
+                                         api_visibility="private", show_progress="hidden", queue=False)
         for i, choice in enumerate(choices):      # a multi-class / multi-label model's map, class by class
             choice.input(functools.partial(handlers.choose_map, i, n_models=n),
                          inputs=[choice, show, opacity, state], outputs=panel_outputs, api_visibility="private",

@@ -310,6 +310,21 @@ def show_models(names, show_map: bool, opacity: float, state, *, n_models: int):
     return [state] + _panel_updates(state, show_map, opacity, n_models)
 
 
+def refresh_downloads(opacity: float, state):
+    """After the visitor's choice of models changed: the result files again, of the models now
+    shown (as Predict writes them); no prediction yet, or none stored: nothing changes."""
+    if not state or state.get("results") is None:
+        return gr.skip()
+    if state.get("shown") is not None and not set(state["shown"]) & {r["model"] for r, _ in state["results"]}:
+        return gr.update(value=None, visible=False)           # no model shown: nothing to download
+    where = str(state.get("path") or "")
+    label = None
+    if where.startswith("example:"):
+        index = int(where.split(":", 1)[1])
+        label = example_label(example_paths()[index]) if 0 <= index < len(example_paths()) else None
+    return _downloads(state, opacity, state.get("name") or "film", label)
+
+
 def _analyse_page(image: Image.Image, predictors: list[Predictor]) -> tuple[list, list]:
     """The page's analysis: ([(answer, map)], [per-class maps]) in panel order."""
     done = _analyse(image, predictors, explain=True, per_class=True)

@@ -587,6 +587,35 @@ def test_predict_button_uses_the_film_decoded_on_upload(model_folders, tmp_path,
     assert all(str(p).startswith(str(files.janitor().root)) for p in got.values())   # swept like uploads
 
 
+def test_choosing_models_after_the_answer_rewrites_the_result_files(model_folders, tmp_path):
+    """The result to download follows the visitor's choice of models (the chooser's chained
+    event): a hidden model's overlay and section leave the report and the JSON; an example
+    film keeps its label; no model shown: nothing to download; no answer yet: nothing changes."""
+    import gradio as gr
+
+    from app import handlers
+
+    predictors = [Predictor.from_pretrained(f, precision="fp32") for f in model_folders]
+    film(tmp_path, "h.png")
+    out = handlers.predict_ui(_stored_upload(tmp_path, "h.png"), True, 0.6, None, predictors=predictors)
+    state = out[5]
+    assert {Path(p).name for p in out[4]["value"]} >= {"cxr-overlay-edge.png", "cxr-overlay-sure-normal.png"}
+    state = handlers.show_models(["sure-normal"], True, 0.6, state, n_models=2)[0]
+    got = {Path(p).name: Path(p) for p in handlers.refresh_downloads(0.6, state)["value"]}
+    assert set(got) == {"cxr-overlay-sure-normal.png", "cxr-report.md", "cxr-answer.json"}
+    report = got["cxr-report.md"].read_text()
+    assert "## sure-normal" in report and "## edge" not in report and "h.png" in report
+    assert [m["model"] for m in json.loads(got["cxr-answer.json"].read_text())["models"]] == ["sure-normal"]
+    state = handlers.show_models([], True, 0.6, state, n_models=2)[0]
+    assert handlers.refresh_downloads(0.6, state) == gr.update(value=None, visible=False)
+    assert isinstance(handlers.refresh_downloads(0.6, None), type(gr.skip()))
+    example = handlers.predict_example(0, True, 0.6, predictors=predictors)[5]
+    example = handlers.show_models(["edge"], True, 0.6, example, n_models=2)[0]
+    answer = next(Path(p) for p in handlers.refresh_downloads(0.6, example)["value"] if p.endswith(".json"))
+    label = handlers.example_label(handlers.example_paths()[0])
+    assert label and json.loads(answer.read_text())["label_in_data_set"] == label
+
+
 def test_model_facts_in_visitor_words(model_folders, trained_folder):
     from app import render
 

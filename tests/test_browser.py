@@ -375,7 +375,9 @@ def test_api_page_lists_every_field(app_url, browser):
     field of the answer."""
     from playwright.sync_api import expect
 
-    from cxr.api import FIELDS
+    from app.handlers import api_predict
+    from cxr.api import FIELDS, FINDING_FIELDS, SCREENING_FIELDS
+    from gradio.utils import get_function_description
 
     page = open_page(browser, app_url)
     href = page.locator("#cxr-api-links a", has_text="the API page").get_attribute("href")
@@ -384,8 +386,14 @@ def test_api_page_lists_every_field(app_url, browser):
     expect(page.get_by_text("handle_file").first).to_be_visible()
     body = " ".join(page.locator("body").inner_text().split())
     assert "/predict" in body and "show_heatmap" in body
-    for name, description in FIELDS.items():
+    for name, description in (*FIELDS.items(), *FINDING_FIELDS.items(), *SCREENING_FIELDS.items()):
         assert f"{name}:" in body and " ".join(description.split())[:40] in body, name
+    _, params, _ = get_function_description(api_predict)     # every argument, heatmap_class (#29) too
+    assert list(params)[:3] == ["file", "show_heatmap", "heatmap_class"]
+    for name in ("file", "show_heatmap", "heatmap_class"):
+        assert name in body and " ".join(params[name].split())[:50] in body, name
+    assert "Accepts 3 parameters" in body and "heatmap_class=None" in body
+    assert "Research and education only: not a medical device. A plain-HTTP alternative" in body   # its own words
     page.context.close()
 
 
@@ -614,8 +622,12 @@ def test_three_models_chooser_default_first_and_a_multiclass_card(three_url, bro
     assert_results_whole(page, "desktop, 3 models, VIRAL map")
 
     # the chooser hides a model's panel and brings it back, no new prediction
+    files = page.locator("#cxr-download a[download]")
+    expect(files).to_have_count(5)                                      # 3 overlays, the report, the answer
     boxes.nth(1).uncheck()
     expect(page.get_by_test_id("cxr-card")).to_have_count(2)
+    expect(files).to_have_count(4)                                      # the result files follow the choice
+    assert f"cxr-overlay-{SHIPPED3[1]}.png" not in [files.nth(i).get_attribute("download") for i in range(4)]
     expect(page.locator("#cxr-overlay-1 img")).to_have_count(0)
     expect(page.get_by_test_id("cxr-card").nth(1)).to_have_attribute("data-task", "multiclass")
     assert_results_whole(page, "desktop, 2 of 3 models")

@@ -2,7 +2,10 @@
 Two tiny models side by side ('edge': every film borderline PNEUMONIA, P ~0.52 at threshold
 0.5; 'sure-normal': P ~0.01), on a 1366x900 desktop and a 390x844 phone, light and dark.
 Screenshots are kept beside this test, in tests/screenshots/ (git-ignored; CXR_SCREENSHOTS
-moves them): desktop-answer.png and phone-answer.png show the page after a prediction."""
+moves them): desktop-answer.png and phone-answer.png show the page after a prediction.
+A second page serves three tiny models laid out as a checkout's models/ will be (the default
+first, a second binary model, a NORMAL/BACTERIAL/VIRAL one): desktop-3-models-answer.png,
+phone-3-models-answer.png, phone-3-models-multiclass.png, desktop-dark-3-models-answer.png."""
 
 from __future__ import annotations
 

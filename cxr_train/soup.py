@@ -143,8 +143,12 @@ def main(argv: list[str] | None = None) -> int:
                                  epilog="Everything after -- goes to cxr-train (give it --config and --output_dir).")
     ap.add_argument("--members", nargs="+", required=True, help="finished cxr-train folders of the same recipe")
     a = ap.parse_args(own)
-    if "--output_dir" not in rest:
-        ap.error("give cxr-train's --output_dir after --")
+    if "--output_dir" not in rest:      # the recipe's own output_dir
+        config = rest[rest.index("--config") + 1] if "--config" in rest[:-1] else None
+        out_dir = (yaml.safe_load(Path(config).read_text()) or {}).get("output_dir") if config and Path(config).is_file() else None
+        if not out_dir:
+            ap.error("give cxr-train's --config (with an output_dir) or --output_dir after --")
+        rest = [*rest, "--output_dir", str(out_dir)]
     out = Path(rest[rest.index("--output_dir") + 1])
     members = [Path(m) for m in a.members]
     try:
@@ -159,14 +163,62 @@ def main(argv: list[str] | None = None) -> int:
         return rc
     from cxr_train.hub import with_card_section
 
-    record = json.loads((average / "config.json").read_text())["cxr_soup"]
+    runs = check_members(members)
+    record = {**json.loads((average / "config.json").read_text())["cxr_soup"],
+              "base_model": runs[0].get("model_name_or_path"),
+              "member_train_minutes": [_train_minutes(m) for m in members]}
     cfg = json.loads((out / "config.json").read_text())
     cfg["cxr_soup"] = record
+    if isinstance(cfg.get("cxr_training"), dict):     # the members' start, not the averaged folder
+        cfg["cxr_training"]["base_model"] = record["base_model"]
     (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
     card = out / "README.md"
-    card.write_text(with_card_section(card.read_text(), card_section(record), before="## Evaluation"))
+    text = soup_card(card.read_text(), record, str(average), [str(m) for m in members], rest)
+    card.write_text(with_card_section(text, card_section(record), before="## Evaluation"))
     print(f"soup of {len(members)} runs: {out}")
     return 0
+
+
+def _train_minutes(member: Path) -> float | None:
+    f = member / "train_results.json"
+    if not f.is_file():
+        return None
+    return round(json.loads(f.read_text()).get("train_runtime", 0.0) / 60, 1)
+
+
+def soup_card(card: str, record: dict, average: str, members: list[str], train_argv: list[str]) -> str:
+    """The card ``cxr-train --do_train false`` wrote, told the truth about a soup: the members' base
+    model (not the averaged folder), their epochs and training time, the commands that make it, and
+    no "0 epochs: a smoke run" warning (the members were trained; the average is not trained further)."""
+    import re
+
+    base = str(record.get("base_model"))
+    lines = []
+    for line in card.splitlines():
+        if line.startswith("> **Warning: not a usable model.**") and "0 epoch" in line:
+            body = line.split("**", 2)[2].replace("Do not publish or rely on it.", "").strip().rstrip(".")
+            kept = [w.strip() for w in body.split(";") if w.strip() and "0 epoch" not in w]
+            if not kept:
+                continue
+            line = f"> **Warning: not a usable model.** {'; '.join(kept)}. Do not publish or rely on it."
+        if line.startswith("base_model: "):
+            line = f"base_model: {base}"
+        line = line.replace(f"| base model | {average} |", f"| base model | {base} |")
+        minutes = [m for m in record.get("member_train_minutes", []) if m is not None]
+        if line.startswith("| epochs / steps | 0 / 0"):
+            line = f"| epochs / steps | {', '.join(str(e) for e in record['member_epochs'])} (each member run) |"
+        if line.startswith("| training time | 0.0 min") and minutes:
+            line = ("| training time | " + " + ".join(f"{m}" for m in minutes)
+                    + f" = {sum(minutes):.1f} min (the members' `train_runtime`); the average is not trained further |")
+        lines.append(line)
+    text = "\n".join(lines) + "\n"
+    config = next((train_argv[i + 1] for i, a in enumerate(train_argv[:-1]) if a == "--config"), "<the recipe>.yaml")
+    out_dir = next((train_argv[i + 1] for i, a in enumerate(train_argv[:-1]) if a == "--output_dir"), "OUT")
+    reproduce = ("```bash\n# each member: the recipe with another data order (--data_seed), e.g.\n"
+                 f"cxr-train --config {config} --output_dir <member> --ood_fit false [--data_seed N]\n"
+                 f"cxr-soup --members {' '.join(members)} -- --config {config} --output_dir {out_dir}\n```")
+    return re.sub(r"Reproduce with:\n\n```bash\n.*?```", lambda m: "Reproduce with:\n\n" + reproduce, text,
+                  count=1, flags=re.S)
 
 
 if __name__ == "__main__":

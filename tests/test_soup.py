@@ -95,6 +95,10 @@ def test_soup_of_two_runs_is_a_complete_served_folder(kermany_folder, tmp_path):
     assert (soup / "ood.safetensors").is_file()                 # complete: the OOD check of the soup itself
     card = (soup / "README.md").read_text()
     assert "## Weight soup" in card and card.index("## Weight soup") < card.index("## Evaluation")
+    assert "0 epoch" not in card, [l for l in card.splitlines() if "0 epoch" in l]   # the members were trained
+    assert "-average" not in card, [l for l in card.splitlines() if "-average" in l]   # their start, not the average
+    assert "| base model | tiny-resnet-scratch |" in card and "cxr-soup --members" in card
+    assert cfg["cxr_training"]["base_model"] == cfg["cxr_soup"]["base_model"] == "tiny-resnet-scratch"
     pred = Predictor.from_pretrained(str(soup))
     assert pred.ood is not None                                  # the Predictor uses the soup's own OOD check
     r = pred.predict(xrays([3], size=96)[0])

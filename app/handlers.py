@@ -10,7 +10,6 @@ Uploads are deleted once read (files.janitor).
 from __future__ import annotations
 
 import html
-import json
 import logging
 import re
 import threading

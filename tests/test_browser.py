@@ -20,7 +20,7 @@ import pytest
 from PIL import Image
 
 from cxr.inference import Predictor
-from tests.helpers import ROOT, greyscale_photo, make_dicom, make_model_folder, make_xray
+from tests.helpers import greyscale_photo, make_dicom, make_model_folder, make_xray
 
 CHROMIUM = Path("/usr/bin/chromium")
 TIMEOUT_MS = 60_000

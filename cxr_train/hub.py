@@ -234,7 +234,8 @@ class CardFacts:
         preset = is_preset(model_args.model_name_or_path)
         dataset = data_args.dataset_name
         local = Path(dataset).exists()
-        is_kermany = "chest_xray" in dataset.lower() or "kermany" in dataset.lower()
+        is_kermany = ("chest_xray" in dataset.lower() or "kermany" in dataset.lower()
+                      or getattr(data_args, "label_from_filename", None) == "kermany3")   # Kermany's own file names
         strategy_text = {
             "frozen": "frozen backbone, classification head trained",
             "partial": f"last {model_args.partial_stages} backbone stage(s) and the head fine-tuned",

@@ -36,7 +36,29 @@ def multilabel_op(**kw) -> OperatingPoint:
 
 
 # ------------------------------------------------------------------ binary stays binary
-@pytest.mark.parametrize("folder", sorted(p.name for p in (ROOT / "models").iterdir() if (p / "config.json").exists()))
+def _shipped(task: str) -> list[str]:
+    out = []
+    for p in sorted((ROOT / "models").iterdir()):
+        if (p / "config.json").exists():
+            op = json.loads((p / "config.json").read_text()).get(CONFIG_KEY, {})
+            if op.get("task", "binary") == task:
+                out.append(p.name)
+    return out
+
+
+def test_the_shipped_three_class_model_is_multiclass_with_a_screening_point():
+    assert _shipped("multiclass") == ["efficientnet-lite0-imagenet-3class"]
+    cfg = json.loads((ROOT / "models" / "efficientnet-lite0-imagenet-3class" / "config.json").read_text())
+    op = OperatingPoint.from_config(cfg)
+    assert cfg["problem_type"] == "single_label_classification" and cfg["label_names"] == ["NORMAL", "BACTERIAL", "VIRAL"]
+    assert op.task == "multiclass" and op.normal_label == "NORMAL" and 0 < op.threshold < 1
+    d = op.apply(np.array([[3.0, 0.0, 0.0], [0.0, 0.5, 2.0]]), labels=cfg["label_names"])
+    assert d.screening and d.screening_threshold == op.threshold
+    assert d.positive.tolist() == [False, True]                    # abnormal = 1 - P(NORMAL) >= threshold
+    assert d.label_ids.tolist() == [0, 2]                          # the arg-max class: NORMAL, VIRAL
+
+
+@pytest.mark.parametrize("folder", _shipped("binary"))
 def test_shipped_binary_configs_load_unchanged(folder):
     """Every shipped config.json (no task key) is a binary operating point; writing it back adds
     no key, and its decision is the temperature-scaled softmax against the threshold."""

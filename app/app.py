@@ -271,14 +271,36 @@ def launch(demo: gr.Blocks, **kwargs):
     return demo.launch(**settings)
 
 
-def stop_on_signals() -> None:
-    """SIGTERM (how containers and Spaces stop a process) and SIGHUP end the app as Ctrl-C does:
-    Gradio's main-thread loop closes the server, then :func:`main` removes the upload cache and
-    stops the decode workers. Main thread only (Python delivers signals there)."""
+SHUTDOWN_GRACE_S = 10.0    # after a stop signal, the longest the server may take to close
+
+
+def stop_on_signals(grace_s: float = SHUTDOWN_GRACE_S) -> None:
+    """SIGTERM (how containers and Spaces stop a process), SIGHUP and SIGINT end the app as Ctrl-C
+    does: Gradio's main-thread loop closes the server, then :func:`main` removes the upload cache and
+    stops the decode workers. Should closing the server hang (a CI run once saw Gradio's close take
+    more than 30 s after SIGINT), a watchdog armed by the first signal does the same cleanup after
+    ``grace_s`` and ends the process (exit status 128 + signal). Main thread only (Python delivers
+    signals there)."""
+    import threading
+
+    def force_exit(signum: int) -> None:
+        logging.getLogger("cxr.app").warning("the server did not close within %.0f s of %s: cleaning up and "
+                                             "exiting", grace_s, signal.Signals(signum).name)
+        try:
+            files.janitor().shutdown()
+            close_default_pool()
+        finally:
+            os._exit(128 + signum)
+
     def interrupt(signum, frame):
+        if not getattr(interrupt, "armed", False):
+            interrupt.armed = True
+            watchdog = threading.Timer(grace_s, force_exit, args=(signum,))
+            watchdog.daemon = True              # a clean close exits at once; only a hang meets it
+            watchdog.start()
         raise KeyboardInterrupt(signal.Signals(signum).name)
 
-    for sig in (signal.SIGTERM, signal.SIGHUP):
+    for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
         signal.signal(sig, interrupt)
 
 

@@ -142,3 +142,15 @@ def make_model_folder(out: Path, *, p_positive: float | None = None, threshold: 
                          images_ood=[synthetic_ct_slice(s) for s in range(4)] + [synthetic_photo(s) for s in range(4)])
         scorer.save(out)
     return out
+
+
+def stored_upload(tmp_path, name: str) -> str:
+    """A file as the upload route stores it: in the app's cache folder, registered (files.uploaded_path)."""
+    from app import files
+
+    jan = files.janitor()
+    folder = jan.root / f"test-{name}"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / name).write_bytes((tmp_path / name).read_bytes())
+    jan.register_upload([str(folder / name)])
+    return str(folder / name)

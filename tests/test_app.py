@@ -22,6 +22,7 @@ from PIL import Image
 
 from cxr.inference import DISCLAIMER, Predictor
 from tests.helpers import PHI, ROOT, greyscale_photo, make_dicom, make_model_folder, make_xray
+from tests.helpers import stored_upload as _stored_upload
 
 # Tiers on the tests themselves: tests that start a Gradio server, a client or a subprocess are
 # slow; rendering and handlers called as plain functions (tiny models) are in the fast tier.
@@ -532,16 +533,6 @@ def test_example_labels_come_from_the_attribution():
     assert [lab.split()[0] for lab in labels] == ["NORMAL", "PNEUMONIA"] * 3
 
 
-def _stored_upload(tmp_path, name: str) -> str:
-    """A file as the upload route stores it: in the app's cache folder, registered (files.uploaded_path)."""
-    from app import files
-
-    jan = files.janitor()
-    folder = jan.root / f"test-{name}"
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / name).write_bytes((tmp_path / name).read_bytes())
-    jan.register_upload([str(folder / name)])
-    return str(folder / name)
 
 
 def test_show_film_and_predict_button(model_folders, tmp_path):

@@ -16,6 +16,7 @@ import pytest
 
 from cxr.operating_point import (CONFIG_KEY, OperatingPoint, find_normal_label, label_list, sigmoid,
                                  softmax)
+from tests.helpers import stored_upload as _stored_upload
 
 ROOT = Path(__file__).resolve().parents[1]
 THREE = ["NORMAL", "BACTERIAL", "VIRAL"]
@@ -457,15 +458,6 @@ def page_predictors(label_set_folders, tmp_path_factory):
     return [Predictor.from_pretrained(f, precision="fp32") for f in (binary, *label_set_folders)]
 
 
-def _stored_upload(tmp_path, name: str) -> str:
-    from app import files
-
-    jan = files.janitor()
-    folder = jan.root / f"test-{name}"
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / name).write_bytes((tmp_path / name).read_bytes())
-    jan.register_upload([str(folder / name)])
-    return str(folder / name)
 
 
 def test_page_shows_every_class_every_finding_and_a_map_per_finding(page_predictors, tmp_path):

@@ -250,6 +250,35 @@ def test_signal_stops_the_app_cleanly(sig, model_folder, tmp_path):
                    for w in workers)
 
 
+@pytest.mark.slow
+def test_a_server_that_hangs_on_close_is_ended_by_the_watchdog(tmp_path):
+    """A stop signal arms a watchdog: if closing hangs past the grace period, the upload cache is
+    removed and the process exits with 128 + signal (CI once saw Gradio's close hang after SIGINT)."""
+    code = (
+        "import sys, time\n"
+        "sys.path.insert(0, 'app')\n"
+        "import app, files\n"
+        "root = files.janitor().root\n"
+        "print(root, flush=True)\n"
+        "app.stop_on_signals(grace_s=0.5)\n"
+        "try:\n"
+        "    while True: time.sleep(0.05)\n"
+        "except KeyboardInterrupt:\n"
+        "    while True: time.sleep(0.05)      # a close that never returns\n")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
+                            env=subprocess_env(), cwd=ROOT)
+    try:
+        cache = Path(proc.stdout.readline().strip())
+        assert cache.is_dir()
+        time.sleep(0.5)
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=20) == 128 + signal.SIGINT
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert not cache.exists()
+
+
 # ------------------------------------------------------------------ memory of the app process
 
 @pytest.fixture(scope="module")

@@ -67,7 +67,16 @@ def compute_threshold_metrics(y_true, y_score, threshold: float = 0.5) -> dict:
 def compute_reliability(y_true, y_score, n_bins: int = 10) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The reliability diagram's points: for each non-empty equal-width bin of the positive
     score, (mean predicted score, observed fraction positive, films in the bin). The one binning
-    the ECE (:func:`compute_calibration`) and the plot (``plots.render_calibration``) share."""
+    the ECE (:func:`compute_calibration`), the multi-class top-label ECE and the plot
+    (``plots.render_calibration``) share.
+
+    Not scikit-learn's ``calibration_curve``, on purpose: away from the bin edges its
+    ``strategy="uniform"`` points are these (a test checks it), but it returns no counts, which
+    the ECE weights each bin by, and its bins are closed on the right, (k/n, (k+1)/n], where
+    these are closed on the left, [k/n, (k+1)/n): a score of exactly 0.5 (two equal logits)
+    falls in the bin above 0.5 here and below it there. Counting its bins again here would write
+    its binning a second time; switching would move every edge score and the ECE figures
+    already published."""
     y_true, y_score = _check(y_true, y_score)
     bins = np.minimum((y_score * n_bins).astype(int), n_bins - 1)
     count = np.bincount(bins, minlength=n_bins)
@@ -78,8 +87,8 @@ def compute_reliability(y_true, y_score, n_bins: int = 10) -> tuple[np.ndarray, 
 
 
 def compute_calibration(y_true, y_score, n_bins: int = 10) -> dict:
-    """Brier score (scikit-learn's ``brier_score_loss``) and expected calibration error over
-    :func:`compute_reliability`'s bins."""
+    """Brier score (scikit-learn's ``brier_score_loss``) and expected calibration error: the
+    films-weighted mean gap between predicted and observed over :func:`compute_reliability`'s bins."""
     y_true, y_score = _check(y_true, y_score)
     predicted, observed, count = compute_reliability(y_true, y_score, n_bins)
     ece = float(np.sum(count / y_true.size * np.abs(predicted - observed)))
@@ -253,19 +262,15 @@ def compute_multiclass_metrics(y_true, probs, names, *, normal_id: int | None = 
 
 
 def compute_calibration_multiclass(y_true, probs) -> dict:
-    """Multi-class Brier score (mean squared error of the probability vector, /C-free form: sum over
-    classes, averaged over films) and top-label ECE (10 bins of the called class's probability)."""
+    """Multi-class Brier score (scikit-learn's ``brier_score_loss`` unhalved: the squared error of
+    the probability vector summed over classes, averaged over films) and top-label ECE (the binary
+    ECE of "the called class is right" against the called class's probability, 10 bins)."""
     y = np.asarray(y_true).astype(int)
     probs = np.asarray(probs, dtype=np.float64)
-    onehot = np.eye(probs.shape[1])[y]
     conf = probs.max(axis=1)
-    correct = (probs.argmax(axis=1) == y).astype(float)
-    bins = np.minimum((conf * 10).astype(int), 9)
-    ece = 0.0
-    for b in np.unique(bins):
-        m = bins == b
-        ece += m.mean() * abs(conf[m].mean() - correct[m].mean())
-    return {"brier": float(((probs - onehot) ** 2).sum(axis=1).mean()), "ece": float(ece)}
+    correct = (probs.argmax(axis=1) == y).astype(int)
+    brier = brier_score_loss(y, probs, labels=np.arange(probs.shape[1]), scale_by_half=False)
+    return {"brier": float(brier), "ece": compute_calibration(correct, conf)["ece"]}
 
 
 def compute_multilabel_metrics(y_true, probs, names, thresholds) -> dict:
@@ -305,7 +310,7 @@ def compute_multilabel_metrics(y_true, probs, names, thresholds) -> dict:
         "accuracy": float((yy == cc).mean()),                                # per-label (Hamming) accuracy
         "exact_match": float((((probs >= thr[None, :]) == (y == 1)) | ~known)[exact].all(axis=1).mean())
         if exact.any() else float("nan"),
-        "brier": float(np.mean((sc - yy) ** 2)),
+        "brier": float(brier_score_loss(yy, sc)) if yy.size else float("nan"),
         "per_class": per,
         "labels": list(names),
     }

@@ -184,3 +184,67 @@ def test_reliability_bins_are_the_eces_and_the_plots():
     expected_ece = (0.05 + 0.15 + 2 * 0.05 + 0.15 + 0.05) / 6
     got = compute_calibration(y, s)
     assert got["ece"] == pytest.approx(expected_ece) and got["brier"] == pytest.approx(np.mean((s - y) ** 2))
+
+
+# ------------------------------------------- calibration figures pinned (issue #27 item 4)
+# The figures below were computed by the code before scikit-learn's brier_score_loss replaced the
+# hand-written multi-class and multi-label Brier scores and the top-label ECE reused the binary
+# binning (it had its own loop); they must not move beyond floating-point noise.
+
+def _binary_scores():
+    rng = np.random.default_rng(27)
+    s = rng.beta(0.7, 0.7, 200)
+    y = (rng.random(200) < s ** 1.5).astype(int)
+    # then scores on bin edges (0.2, 0.5, 0.7) and at the ends
+    return np.concatenate([y, [0, 1, 0, 1, 0, 1]]), np.concatenate([s, [0.0, 0.5, 0.5, 1.0, 0.2, 0.7]])
+
+
+def _three_class_probs():
+    rng = np.random.default_rng(29)
+    z = rng.normal(0, 2, (90, 3))
+    y = rng.integers(0, 3, 90)
+    z[np.arange(90), y] += 1.5
+    return y, compute_softmax(z)
+
+
+def test_calibration_figures_are_the_pinned_ones():
+    from cxr_train.metrics import compute_calibration_multiclass, compute_multilabel_metrics, compute_reliability
+
+    y, s = _binary_scores()
+    predicted, observed, count = compute_reliability(y, s)
+    assert predicted == pytest.approx([0.033727344979799546, 0.15733583235589524, 0.2505915680785941,
+                                       0.3518626181816215, 0.4573893246053546, 0.5507135734447499,
+                                       0.6619742583210495, 0.7531783271675461, 0.8525370996853403,
+                                       0.9628686270937578], abs=1e-12)
+    assert observed == pytest.approx([0.0, 0.05, 0.15, 0.3333333333333333, 0.38461538461538464, 0.5625, 0.6,
+                                      0.7692307692307693, 0.8, 0.9090909090909091], abs=1e-12)
+    assert count.tolist() == [41, 20, 20, 21, 13, 16, 15, 13, 25, 22]
+    assert compute_calibration(y, s) == pytest.approx({"brier": 0.133023808629446, "ece": 0.05194155868574298},
+                                                      abs=1e-12)
+    _, _, count5 = compute_reliability(y, s, n_bins=5)
+    assert count5.tolist() == [61, 41, 29, 28, 47]
+
+    ym, p = _three_class_probs()
+    assert compute_calibration_multiclass(ym, p) == pytest.approx({"brier": 0.682331793473814,
+                                                                   "ece": 0.2397169744134443}, abs=1e-12)
+    yl = (np.random.default_rng(3).random((90, 3)) < p).astype(float)
+    yl[::7, 1] = np.nan                                                     # unknown entries left out
+    got = compute_multilabel_metrics(yl, p, ["a", "b", "c"], [0.3, 0.5, 0.4])["brier"]
+    assert got == pytest.approx(0.07996840548288035, abs=1e-12)
+
+
+def test_reliability_points_are_scikit_learns_calibration_curve_off_the_edges():
+    """compute_reliability keeps its own binning (its docstring says why); away from the bin edges
+    its points are scikit-learn's, and on an edge its bins are closed on the left, sklearn's on the right."""
+    from sklearn.calibration import calibration_curve
+
+    from cxr_train.metrics import compute_reliability
+
+    y, s = _binary_scores()
+    y, s = y[:200], s[:200]                                                 # no score on an edge
+    observed_sk, predicted_sk = calibration_curve(y, s, n_bins=10, strategy="uniform")
+    predicted, observed, _ = compute_reliability(y, s)
+    assert predicted == pytest.approx(predicted_sk, abs=1e-12) and observed == pytest.approx(observed_sk, abs=1e-12)
+    # on an edge: 0.5 shares [0.5, 0.6) with 0.55 here; scikit-learn puts it in (0.4, 0.5], apart
+    assert compute_reliability([1, 1], [0.5, 0.55])[2].tolist() == [2]
+    assert len(calibration_curve([1, 1], [0.5, 0.55], n_bins=10)[1]) == 2

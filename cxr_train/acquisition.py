@@ -82,53 +82,33 @@ def _grey_field(shape: tuple, values: np.ndarray) -> np.ndarray:
 
 # ---------------------------------------------------------------- exposure and window
 
-@_corruption("gamma_up", "exposure", "gamma exponent", (1.0, 1.2, 1.45, 1.75))
-def _gamma_up(image, gamma, rng):
-    """Darker mid-tones (under-exposed film / another detector response curve): out = in ** gamma
-    (``torchvision`` ``adjust_gamma``). MedMNIST-C pneumonia: 1.1-1.6."""
-    from torchvision.transforms.v2 import functional as F
+def _torchvision_adjust(op: str) -> Callable:
+    """(image, value, rng) -> ``torchvision.transforms.v2.functional.<op>(image, value)``."""
+    def apply(image, value, rng):
+        from torchvision.transforms.v2 import functional as F
 
-    return F.adjust_gamma(image, gamma)
-
-
-@_corruption("gamma_down", "exposure", "gamma exponent", (1.0, 1 / 1.2, 1 / 1.45, 1 / 1.75))
-def _gamma_down(image, gamma, rng):
-    """Brighter mid-tones (over-exposed film): out = in ** gamma with gamma < 1 (``adjust_gamma``)."""
-    from torchvision.transforms.v2 import functional as F
-
-    return F.adjust_gamma(image, gamma)
+        return getattr(F, op)(image, value)
+    return apply
 
 
-@_corruption("brightness_up", "window level", "brightness factor", (1.0, 1.1, 1.2, 1.35))
-def _brightness_up(image, factor, rng):
-    """Window level moved down (whole film brighter, whites clipped): ``adjust_brightness``."""
-    from torchvision.transforms.v2 import functional as F
-
-    return F.adjust_brightness(image, factor)
-
-
-@_corruption("brightness_down", "window level", "brightness factor", (1.0, 0.9, 0.8, 0.65))
-def _brightness_down(image, factor, rng):
-    """Window level moved up (whole film darker): ``adjust_brightness``."""
-    from torchvision.transforms.v2 import functional as F
-
-    return F.adjust_brightness(image, factor)
-
-
-@_corruption("contrast_up", "window width", "contrast factor", (1.0, 1.2, 1.4, 1.7))
-def _contrast_up(image, factor, rng):
-    """Narrower window (more contrast about the film's mean grey, lungs and bone clipped): ``adjust_contrast``."""
-    from torchvision.transforms.v2 import functional as F
-
-    return F.adjust_contrast(image, factor)
-
-
-@_corruption("contrast_down", "window width", "contrast factor", (1.0, 0.83, 0.7, 0.55))
-def _contrast_down(image, factor, rng):
-    """Wider window (washed-out, flat film): ``adjust_contrast`` with a factor below 1."""
-    from torchvision.transforms.v2 import functional as F
-
-    return F.adjust_contrast(image, factor)
+for _name, _group, _parameter, _levels, _op, _doc in (
+    ("gamma_up", "exposure", "gamma exponent", (1.0, 1.2, 1.45, 1.75), "adjust_gamma",
+     "Darker mid-tones (under-exposed film / another detector response curve): out = in ** gamma "
+     "(``torchvision`` ``adjust_gamma``). MedMNIST-C pneumonia: 1.1-1.6."),
+    ("gamma_down", "exposure", "gamma exponent", (1.0, 1 / 1.2, 1 / 1.45, 1 / 1.75), "adjust_gamma",
+     "Brighter mid-tones (over-exposed film): out = in ** gamma with gamma < 1 (``adjust_gamma``)."),
+    ("brightness_up", "window level", "brightness factor", (1.0, 1.1, 1.2, 1.35), "adjust_brightness",
+     "Window level moved down (whole film brighter, whites clipped): ``adjust_brightness``."),
+    ("brightness_down", "window level", "brightness factor", (1.0, 0.9, 0.8, 0.65), "adjust_brightness",
+     "Window level moved up (whole film darker): ``adjust_brightness``."),
+    ("contrast_up", "window width", "contrast factor", (1.0, 1.2, 1.4, 1.7), "adjust_contrast",
+     "Narrower window (more contrast about the film's mean grey, lungs and bone clipped): ``adjust_contrast``."),
+    ("contrast_down", "window width", "contrast factor", (1.0, 0.83, 0.7, 0.55), "adjust_contrast",
+     "Wider window (washed-out, flat film): ``adjust_contrast`` with a factor below 1."),
+):
+    _apply = _torchvision_adjust(_op)
+    _apply.__doc__ = _doc
+    _corruption(_name, _group, _parameter, _levels)(_apply)
 
 
 # ---------------------------------------------------------------- detector noise

@@ -310,8 +310,6 @@ def _labels_from_filenames(ds: DatasetDict, img_col: str, labeler) -> DatasetDic
 
 def _sequence_labels(ds: DatasetDict) -> Labelled:
     """A list-of-labels column (Sequence(ClassLabel), or lists of names) -> K codes per film."""
-    from datasets import List, Value
-
     feature = ds[next(iter(ds))].features["label"]
     inner = getattr(feature, "feature", None)
     if isinstance(inner, ClassLabel):
@@ -483,33 +481,42 @@ def labelled_from_args(data_args) -> Labelled:
                          label_from_filename=getattr(data_args, "label_from_filename", None) or None)
 
 
-def prepare_data(data_args, seed: int = 42, need_test: bool = False, carve_validation: bool = True) -> PreparedData:
-    """The splits to train on. ``carve_validation=False`` (cross-validation) returns the whole
-    training split as 'train': :func:`cv_fold` carves each fold's own validation."""
-    from .labels import LabelError, task_of
+def check_label_names(names: list[str], multilabel: bool, data_args) -> str:
+    """The training split's label names against the arguments (enough classes, ``class_names``,
+    ``positive_label``), for a local dataset and a stream alike; returns the task."""
+    from .labels import task_of
 
-    labelled = labelled_from_args(data_args)
-    ds, names, multilabel = labelled.ds, labelled.names, labelled.multilabel
-    if data_args.train_split not in ds:
-        raise DataError(f"no '{data_args.train_split}' split in {data_args.dataset_name}; it has {list(ds)}")
     if len(names) < (1 if multilabel else 2):
         raise DataError(f"only one class ({names[0] if names else 'none'}) in {data_args.dataset_name}: "
                         "need at least two (e.g. NORMAL and PNEUMONIA)")
     if data_args.class_names is not None and list(data_args.class_names) != list(names):
         unknown = sorted(set(names) ^ set(data_args.class_names))
         raise DataError(f"label names differ from the data: expected {list(data_args.class_names)}, "
-                        f"data has {names} (unknown label(s): {', '.join(unknown)})")
+                        f"data has {list(names)} (unknown label(s): {', '.join(unknown)})")
+    task = task_of(len(names), multilabel)
+    if data_args.positive_label is not None and data_args.positive_label not in names:
+        raise DataError(f"positive_label '{data_args.positive_label}' is not one of {list(names)}")
+    if data_args.positive_label is not None and task != "binary":
+        raise DataError(f"positive_label is for binary tasks; this one is {task} ({', '.join(names)}): each class "
+                        "is scored one-vs-rest, and the screening question uses the NORMAL / No Finding class")
+    return task
+
+
+def prepare_data(data_args, seed: int = 42, need_test: bool = False, carve_validation: bool = True) -> PreparedData:
+    """The splits to train on. ``carve_validation=False`` (cross-validation) returns the whole
+    training split as 'train': :func:`cv_fold` carves each fold's own validation."""
+    from .labels import LabelError
+
+    labelled = labelled_from_args(data_args)
+    ds, names, multilabel = labelled.ds, labelled.names, labelled.multilabel
+    if data_args.train_split not in ds:
+        raise DataError(f"no '{data_args.train_split}' split in {data_args.dataset_name}; it has {list(ds)}")
+    task = check_label_names(names, multilabel, data_args)
     if not multilabel:
         for split in ds:
             if ds[split].features["label"].names != names:
                 raise DataError(f"split '{split}' has labels {ds[split].features['label'].names}, train has {names}")
     id2label = dict(enumerate(names))
-    task = task_of(len(names), multilabel)
-    if data_args.positive_label is not None and data_args.positive_label not in names:
-        raise DataError(f"positive_label '{data_args.positive_label}' is not one of {names}")
-    if data_args.positive_label is not None and task != "binary":
-        raise DataError(f"positive_label is for binary tasks; this one is {task} ({', '.join(names)}): each class "
-                        "is scored one-vs-rest, and the screening question uses the NORMAL / No Finding class")
     uncertain = getattr(data_args, "uncertain_labels", None)
     if uncertain is not None and not multilabel:
         raise DataError(f"--uncertain_labels is for multi-label data; {data_args.dataset_name} has one label per "

@@ -49,7 +49,7 @@ import numpy as np
 import torch
 
 from .data import (
-    IMAGE_COLUMNS, LABEL_COLUMNS, VALIDATION_NAMES, DataError, PreparedData, class_weights,
+    IMAGE_COLUMNS, LABEL_COLUMNS, VALIDATION_NAMES, DataError, PreparedData, check_label_names, class_weights,
     patient_id_from_filename, patient_id_from_path, split_by_patient,
 )
 
@@ -153,8 +153,6 @@ def prepare_streaming(data_args, seed: int = 42, need_test: bool = False,
 
     from cxr.operating_point import positive_class_id
 
-    from .labels import task_of
-
     if shuffle_buffer is None:
         shuffle_buffer = int(getattr(data_args, "streaming_shuffle_buffer", SHUFFLE_BUFFER) or SHUFFLE_BUFFER)
     ds = _load(data_args.dataset_name, data_args.dataset_config_name, data_args.dataset_revision)
@@ -194,17 +192,8 @@ def prepare_streaming(data_args, seed: int = 42, need_test: bool = False,
         return np.asarray([lookup[str(v)] for v in values], dtype=np.int64)
 
     y = encode(labels, data_args.train_split)
-    if len(names) < 2:
-        raise DataError(f"only one class ({names[0] if names else 'none'}) in {data_args.dataset_name}: "
-                        "need at least two (e.g. NORMAL and PNEUMONIA)")
-    if data_args.class_names is not None and list(data_args.class_names) != names:
-        raise DataError(f"label names differ from the data: expected {list(data_args.class_names)}, data has {names}")
+    task = check_label_names(names, False, data_args)
     id2label = dict(enumerate(names))
-    task = task_of(len(names), False)
-    if data_args.positive_label is not None and data_args.positive_label not in names:
-        raise DataError(f"positive_label '{data_args.positive_label}' is not one of {names}")
-    if data_args.positive_label is not None and task != "binary":
-        raise DataError(f"positive_label is for binary tasks; this one is {task} ({', '.join(names)})")
 
     def standardise(stream, split):
         f = stream.features[label_col] if stream.features and label_col in stream.features else None

@@ -137,24 +137,23 @@ def _summary(y: np.ndarray, p: np.ndarray, threshold: float, clean: dict | None,
 
 def run(predictor, films: list[tuple[Path, str]], *, quick: bool, seed: int, batch_size: int,
         progress: bool = True) -> tuple[list[dict], dict]:
-    """Score every condition; returns (rows, per-class counts)."""
-    from tqdm.auto import tqdm
-
+    """Score every condition; returns (rows, per-class counts). Bars count the films decoded and
+    scored (on a terminal, unless ``progress`` is False or CXR_PROGRESS=0; cxr_train.progress)."""
     from cxr.imaging import ImageLoadError, load_image
+    from cxr_train.progress import bar as progress_bar
 
     positive = predictor.id2label[predictor.positive_id]
     y = np.array([int(label == positive) for _, label in films])
     names = [f.name for f, _ in films]
     clean_images = []
-    for f, _ in films:   # decoded once, exactly as the server decodes an upload
-        clean_images.append(load_image(f))
+    for f, _ in progress_bar(films, desc="decoding", unit="film", enabled=progress):
+        clean_images.append(load_image(f))   # decoded once, exactly as the server decodes an upload
     clean_arrays = [np.asarray(im, dtype=np.int16) for im in clean_images]
 
     plan = conditions(quick)
     rows, clean = [], None
     chunk = batch_size * max(1, predictor_workers())
-    bar = tqdm(total=len(plan) * len(films), unit="film", disable=not progress, dynamic_ncols=True,
-               desc="shift", file=sys.stderr)
+    bar = progress_bar(total=len(plan) * len(films), desc="shift", unit="film", enabled=progress)
     try:
         for name, severity in plan:
             bar.set_postfix_str(f"{name} s{severity}")

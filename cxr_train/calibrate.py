@@ -192,13 +192,17 @@ def load_site_sample(folder: str | os.PathLike, id2label: dict, name: str | None
 
 def score_sample(predictor, sample: SiteSample, batch_size: int = 16) -> tuple[np.ndarray, np.ndarray]:
     """(logits (N, C), out-of-distribution flags (N,)) of every film, through the serving
-    ``Predictor.predict_batch`` (its decoder, checks, preprocessing, precision and OOD guard).
+    ``Predictor.predict_batch`` (its decoder, checks, preprocessing, precision and OOD guard),
+    a progress bar counting the films on a terminal (:mod:`.progress`).
 
     The logits are recovered from the calibrated probabilities as ``temperature * log p``:
     equal to the logits up to a per-row constant, which softmax (and every later step) ignores."""
     from cxr.imaging import ImageLoadError
 
-    results = predictor.predict_batch([str(f) for f in sample.files], batch_size=batch_size)
+    from .progress import predict_batch
+
+    results = predict_batch(predictor, [str(f) for f in sample.files], batch_size=batch_size,
+                            desc=f"scoring {sample.folder.name}")
     bad = [(f, r) for f, r in zip(sample.files, results) if isinstance(r, ImageLoadError)]
     if bad:
         listed = "; ".join(f"{f.parent.name}/{f.name}: {e}" for f, e in bad[:MAX_LISTED])

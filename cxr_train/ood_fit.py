@@ -44,12 +44,12 @@ def _decode(item):
 def compute_features(model, processor, images, batch_size: int = 32, desc: str | None = None) -> np.ndarray:
     """Penultimate features of ``images`` (PIL, arrays, paths, bytes or datasets image dicts),
     decoded one batch at a time (a few thousand films never sit in memory at once); a
-    progress bar named ``desc`` (none when ``desc`` is None)."""
-    from tqdm.auto import tqdm
+    progress bar named ``desc`` counting images (none when ``desc`` is None; :mod:`.progress`)."""
+    from .progress import in_chunks
 
     out = []
-    for i in tqdm(range(0, len(images), batch_size), desc=desc, unit="batch", disable=desc is None):
-        out.append(extract_features(model, processor, [_decode(x) for x in images[i:i + batch_size]], batch_size))
+    for chunk in in_chunks(images, batch_size, desc=desc, unit="image", enabled=desc is not None):
+        out.append(extract_features(model, processor, [_decode(x) for x in chunk], batch_size))
     return np.concatenate(out) if out else extract_features(model, processor, [], batch_size)
 
 

@@ -47,10 +47,11 @@ def _films(folder: Path) -> tuple[list[Path], np.ndarray]:
 
 def _predict(model_dir: Path, files: list[Path]) -> tuple[np.ndarray, float]:
     from cxr.inference import Predictor
+    from cxr_train.progress import predict_batch
 
     pred = Predictor.from_pretrained(str(model_dir), precision="fp32")
     pred.ood = None                       # the lever runs have no OOD file; the default's is not what is measured
-    res = pred.predict_batch([str(f) for f in files])
+    res = predict_batch(pred, [str(f) for f in files], desc=model_dir.name)
     return np.array([r.positive_probability for r in res]), float(pred.threshold)
 
 

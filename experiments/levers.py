@@ -46,7 +46,9 @@ def done(run: Path) -> bool:
 
 
 def run(levers: list[str], extra: dict[str, list[str]] | None = None) -> None:
-    for name in levers:
+    from cxr_train.progress import bar
+
+    for name in bar(levers, desc="levers", unit="run"):
         args = (extra or {}).get(name, LEVERS.get(name))
         if args is None:
             raise SystemExit(f"unknown lever {name!r}: {sorted(LEVERS)}")

@@ -33,6 +33,7 @@ ROOT = Path(__file__).resolve().parent.parent
 import train_hf  # noqa: E402
 from cxr_train.data import add_patient_ids, load_raw_dataset, split_by_patient  # noqa: E402
 from cxr_train.plots import render_confusions, render_learning_curves, render_roc  # noqa: E402
+from cxr_train.progress import bar  # noqa: E402
 
 logger = logging.getLogger("study")
 ARMS = {  # name -> (init, strategy)
@@ -111,35 +112,35 @@ def main(argv: list[str] | None = None) -> int:
             pretrain_minutes = (time.time() - t0) / 60
 
     rows = []
-    for size in args.sizes:
-        for arm in args.arms:
-            init, strategy = ARMS[arm]
-            run_dir = out / "runs" / f"{arm}-{size}"
-            if not (run_dir / "eval_results.json").is_file():
-                a = ["--model_name_or_path", args.preset if init == "preset" else checkpoint,
-                     "--strategy", strategy, "--dataset_name", str(study_dir), "--output_dir", str(run_dir),
-                     "--max_steps", str(args.max_steps), "--learning_rate", str(LEARNING_RATES[arm]),
-                     "--eval_strategy", "steps", "--eval_steps", str(max(1, args.max_steps // 4)),
-                     "--save_strategy", "steps", "--save_steps", str(max(1, args.max_steps // 4)), *common]
-                if init == "checkpoint":
-                    a += ["--reinit_head", "True"]
-                if size != "all":
-                    a += ["--max_samples_per_class", size]
-                t0 = time.time()
-                run(a)
-                (run_dir / "wall_seconds.txt").write_text(f"{time.time() - t0:.1f}\n")
-            ev = json.loads((run_dir / "eval_results.json").read_text())
-            tr = json.loads((run_dir / "train_results.json").read_text())
-            n_train = json.loads((run_dir / "trainer_state.json").read_text()).get("train_batch_size")
-            n_pc = int(size) if size != "all" else None
-            rows.append({
-                "arm": arm, "size": size, "n_per_class": n_pc,
-                "roc_auc": ev["eval_roc_auc"], "roc_auc_ci": ev.get("eval_ci", {}).get("roc_auc"),
-                "accuracy": ev["eval_accuracy"], "sensitivity": ev["eval_sensitivity"],
-                "specificity": ev["eval_specificity"], "confusion": ev["eval_confusion_matrix"],
-                "train_seconds": tr.get("train_runtime"), "batch": n_train,
-            })
-            logger.info("%s/%s: AUROC %.4f", arm, size, ev["eval_roc_auc"])
+    plan = [(size, arm) for size in args.sizes for arm in args.arms]
+    for size, arm in bar(plan, desc="study runs", unit="run"):
+        init, strategy = ARMS[arm]
+        run_dir = out / "runs" / f"{arm}-{size}"
+        if not (run_dir / "eval_results.json").is_file():
+            a = ["--model_name_or_path", args.preset if init == "preset" else checkpoint,
+                 "--strategy", strategy, "--dataset_name", str(study_dir), "--output_dir", str(run_dir),
+                 "--max_steps", str(args.max_steps), "--learning_rate", str(LEARNING_RATES[arm]),
+                 "--eval_strategy", "steps", "--eval_steps", str(max(1, args.max_steps // 4)),
+                 "--save_strategy", "steps", "--save_steps", str(max(1, args.max_steps // 4)), *common]
+            if init == "checkpoint":
+                a += ["--reinit_head", "True"]
+            if size != "all":
+                a += ["--max_samples_per_class", size]
+            t0 = time.time()
+            run(a)
+            (run_dir / "wall_seconds.txt").write_text(f"{time.time() - t0:.1f}\n")
+        ev = json.loads((run_dir / "eval_results.json").read_text())
+        tr = json.loads((run_dir / "train_results.json").read_text())
+        n_train = json.loads((run_dir / "trainer_state.json").read_text()).get("train_batch_size")
+        n_pc = int(size) if size != "all" else None
+        rows.append({
+            "arm": arm, "size": size, "n_per_class": n_pc,
+            "roc_auc": ev["eval_roc_auc"], "roc_auc_ci": ev.get("eval_ci", {}).get("roc_auc"),
+            "accuracy": ev["eval_accuracy"], "sensitivity": ev["eval_sensitivity"],
+            "specificity": ev["eval_specificity"], "confusion": ev["eval_confusion_matrix"],
+            "train_seconds": tr.get("train_runtime"), "batch": n_train,
+        })
+        logger.info("%s/%s: AUROC %.4f", arm, size, ev["eval_roc_auc"])
     write_outputs(rows, out, args, checkpoint, pretrain_minutes, time.time() - t_start)
     return 0
 

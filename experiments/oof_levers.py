@@ -33,6 +33,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from cxr_train.progress import bar
+
 VARIANTS = ("base", "res192", "res224", "tta_shift", "tta_zoom")
 
 
@@ -78,10 +80,11 @@ def _views(x: torch.Tensor, variant: str) -> list[torch.Tensor]:
 @torch.inference_mode()
 def _score(model, proc, images: list[Image.Image], variant: str, positive_id: int, batch: int = 64) -> np.ndarray:
     from cxr.preprocessing import pixel_values
+    from cxr_train.progress import in_chunks
 
     out = []
-    for i in range(0, len(images), batch):
-        x = pixel_values(proc, images[i:i + batch]).contiguous(memory_format=torch.channels_last)
+    for chunk in in_chunks(images, batch, desc=f"scoring ({variant})", unit="film"):
+        x = pixel_values(proc, chunk).contiguous(memory_format=torch.channels_last)
         probs = [torch.softmax(model(pixel_values=v).logits.float(), -1)[:, positive_id] for v in _views(x, variant)]
         out.append(torch.stack(probs).mean(0).numpy())
     return np.concatenate(out)
@@ -134,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
         idx = np.flatnonzero(fold == k)
         if args.max_per_fold and len(idx) > args.max_per_fold:   # a random subset, both classes
             idx = np.sort(np.random.default_rng(k).choice(idx, args.max_per_fold, replace=False))
-        images = [load_image(files[i]) for i in idx]
+        images = [load_image(files[i]) for i in bar(idx, desc=f"fold {k}: decoding", unit="film")]
         y_all.append((np.asarray(oof["labels"])[idx] == pos_id).astype(int))
         saved_all.append(np.asarray(oof["scores"])[idx])
         for v in args.variants:
@@ -157,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
 
         ext = image_files(args.external)
         ye = np.array([int(p.parent.name.upper() == positive.upper()) for p in ext])
-        images = [load_image(p) for p in ext]
+        images = [load_image(p) for p in bar(ext, desc="external: decoding", unit="film")]
         proc = _processor(run, None)
         def ext_scores(folder: Path) -> np.ndarray:
             m = AutoModelForImageClassification.from_pretrained(folder).eval().to(memory_format=torch.channels_last)

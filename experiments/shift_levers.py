@@ -29,6 +29,7 @@ import json
 import sys
 from pathlib import Path
 
+from cxr_train.progress import bar as progress_bar, predict_batch
 from cxr_train.soup import average_state_dicts  # noqa: F401  (the soup's rule, one definition)
 from experiments import levers
 
@@ -96,7 +97,8 @@ def make_soup(members: list[Path], out: Path, precision: str = "auto") -> Path:
     files, labels = validation_films()
     pred = Predictor.from_pretrained(str(out), precision=precision)
     pred.ood = None
-    p = np.clip([r.positive_probability for r in pred.predict_batch(files)], 1e-7, 1 - 1e-7)
+    p = np.clip([r.positive_probability for r in predict_batch(pred, files, desc=f"{out.name}: validation")],
+                1e-7, 1 - 1e-7)
     logits = np.stack([np.zeros_like(p), np.log(p / (1 - p))], axis=1)        # softmax-equivalent 2-class logits
     pos = pred.positive_id
     if pos == 0:
@@ -160,10 +162,10 @@ def score_model(name: str, folder: Path, out: Path, precision: str = "auto", see
     films = sorted(holdout_films(DATA, load_holdout_patients(DEFAULT_HOLDOUT)))
     t0 = time.perf_counter()
 
-    def probs(images):
-        return [round(r.positive_probability, 5) for r in pred.predict_batch(images, batch_size=32)]
+    def probs(images, desc=None):
+        return [round(r.positive_probability, 5) for r in predict_batch(pred, images, batch_size=32, desc=desc)]
 
-    images = {f.name: load_image(f) for f, _ in films}
+    images = {f.name: load_image(f) for f, _ in progress_bar(films, desc=f"{name}: decoding", unit="film")}
     if cached is not None:            # an older cache: score only the conditions it lacks (e.g. severity 3)
         res = cached
         sub = [(f, lab) for f, lab in films if f.name in set(res["shift"]["files"])]
@@ -172,7 +174,7 @@ def score_model(name: str, folder: Path, out: Path, precision: str = "auto", see
     res = {"model": name, "folder": str(folder), "threshold": pred.threshold, "positive": positive,
            "precision": "bf16" if pred.autocast_dtype is not None else "fp32", "seed": seed,
            "holdout": {"files": [f.name for f, _ in films], "y": [int(lab == positive) for _, lab in films],
-                       "p": probs([images[f.name] for f, _ in films])}}
+                       "p": probs([images[f.name] for f, _ in films], desc=f"{name}: hold-out")}}
     ext = sorted(p for p in EXTERNAL.glob("*/*") if p.suffix.lower() in (".png", ".jpg", ".jpeg"))
     res["external16"] = {"files": [f.name for f in ext], "y": [int(f.parent.name == positive) for f in ext],
                          "p": probs([str(f) for f in ext])}
@@ -191,14 +193,17 @@ def _score_conditions(res, sub, images, probs, wanted, seed, name, t0, out) -> d
 
     from benchmarks.shift import corrupt, film_rng
 
-    for key in wanted:
-        if key in res["shift"]["conditions"]:
-            continue
-        cname, s = key.rsplit("@", 1)
-        s = int(s)
-        batch = [corrupt(images[f.name], cname, s, film_rng(seed, cname, s, f.name)) for f, _ in sub]
-        res["shift"]["conditions"][key] = probs(batch)
-        print(f"{name}: {key} done ({time.perf_counter() - t0:.0f} s)", flush=True)
+    todo = [key for key in wanted if key not in res["shift"]["conditions"]]
+    with progress_bar(total=len(todo) * len(sub), desc=f"{name}: shift", unit="film") as bar:
+        for key in todo:
+            cname, s = key.rsplit("@", 1)
+            s = int(s)
+            bar.set_postfix_str(key)
+            batch = [corrupt(images[f.name], cname, s, film_rng(seed, cname, s, f.name)) for f, _ in sub]
+            res["shift"]["conditions"][key] = probs(batch)
+            bar.update(len(batch))
+            bar.write(f"{name}: {key} done ({time.perf_counter() - t0:.0f} s)")   # stdout, above the bar
+            sys.stdout.flush()
     res["scoring_seconds"] = round(res.get("scoring_seconds", 0) + time.perf_counter() - t0, 1)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(res) + "\n")

@@ -92,6 +92,7 @@ def fmt(r: dict) -> str:
 def main(argv=None) -> dict:
     from cxr.inference import Predictor
     from cxr_train.calibrate import fit_site_operating_point, main as calibrate_main, score_sample, SiteSample
+    from cxr_train.progress import predict_batch
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="models/efficientnet-lite0-imagenet-full")
@@ -126,7 +127,7 @@ def main(argv=None) -> dict:
         everyone = SiteSample(folder=Path(a.data), name="all", files=files,
                               labels=np.array([label2id[x] for x in labels]), id2label=old.id2label)
         logits, ood = score_sample(old, everyone)       # every film once, old operating point
-        rest_preds = new.predict_batch([str(files[i]) for i in rest])
+        rest_preds = predict_batch(new, [str(files[i]) for i in rest], desc="scoring half B (site point)")
         y_all = (everyone.labels == old.positive_id).astype(int)
         y_rest = y_all[rest]
         p_new = np.array([r.positive_probability for r in rest_preds])

@@ -33,6 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
+from cxr_train.progress import bar
 from experiments.low_data_study import build_split_folders, run
 
 logger = logging.getLogger("transfer_study")
@@ -104,32 +105,31 @@ def main(argv: list[str] | None = None) -> int:
         starts["indomain"] = str(indomain)
 
     rows = []
-    for size in args.sizes:
-        for seed in args.seeds:
-            for arm in args.arms:
-                start, strategy, lr = ARMS[arm]
-                run_dir = out / "runs" / f"{arm}-{size}-s{seed}"
-                if not (run_dir / "eval_results.json").is_file():
-                    a = ["--model_name_or_path", starts[start], "--strategy", strategy, "--reinit_head", "True",
-                         "--dataset_name", str(study_dir), "--output_dir", str(run_dir), "--seed", str(seed),
-                         "--max_steps", str(args.max_steps), "--learning_rate", str(lr),
-                         "--eval_strategy", "steps", "--eval_steps", str(max(1, args.max_steps // 3)),
-                         "--save_strategy", "steps", "--save_steps", str(max(1, args.max_steps // 3)), *common]
-                    if size != "all":
-                        a += ["--max_samples_per_class", size]
-                    t0 = time.time()
-                    run(a)
-                    (run_dir / "wall_seconds.txt").write_text(f"{time.time() - t0:.1f}\n")
-                ev = json.loads((run_dir / "eval_results.json").read_text())
-                cfg_text = (run_dir / "README.md").read_text()
-                trainable = next((ln.split("|")[2].strip() for ln in cfg_text.splitlines()
-                                  if ln.startswith("| trainable parameters")), "")
-                rows.append({"arm": arm, "size": size, "seed": seed, "trainable": trainable,
-                             "wall_seconds": float((run_dir / "wall_seconds.txt").read_text()),
-                             "roc_auc_ci": (ev.get("eval_ci") or {}).get("roc_auc"),
-                             **{m: ev[f"eval_{m}"] for m in METRICS}})
-                logger.info("%s/%s/seed %d: AUROC %.4f", arm, size, seed, ev["eval_roc_auc"])
-                write_outputs(rows, out, args, pretrain_minutes, time.time() - t_start)
+    plan = [(size, seed, arm) for size in args.sizes for seed in args.seeds for arm in args.arms]
+    for size, seed, arm in bar(plan, desc="study runs", unit="run"):
+        start, strategy, lr = ARMS[arm]
+        run_dir = out / "runs" / f"{arm}-{size}-s{seed}"
+        if not (run_dir / "eval_results.json").is_file():
+            a = ["--model_name_or_path", starts[start], "--strategy", strategy, "--reinit_head", "True",
+                 "--dataset_name", str(study_dir), "--output_dir", str(run_dir), "--seed", str(seed),
+                 "--max_steps", str(args.max_steps), "--learning_rate", str(lr),
+                 "--eval_strategy", "steps", "--eval_steps", str(max(1, args.max_steps // 3)),
+                 "--save_strategy", "steps", "--save_steps", str(max(1, args.max_steps // 3)), *common]
+            if size != "all":
+                a += ["--max_samples_per_class", size]
+            t0 = time.time()
+            run(a)
+            (run_dir / "wall_seconds.txt").write_text(f"{time.time() - t0:.1f}\n")
+        ev = json.loads((run_dir / "eval_results.json").read_text())
+        cfg_text = (run_dir / "README.md").read_text()
+        trainable = next((ln.split("|")[2].strip() for ln in cfg_text.splitlines()
+                          if ln.startswith("| trainable parameters")), "")
+        rows.append({"arm": arm, "size": size, "seed": seed, "trainable": trainable,
+                     "wall_seconds": float((run_dir / "wall_seconds.txt").read_text()),
+                     "roc_auc_ci": (ev.get("eval_ci") or {}).get("roc_auc"),
+                     **{m: ev[f"eval_{m}"] for m in METRICS}})
+        logger.info("%s/%s/seed %d: AUROC %.4f", arm, size, seed, ev["eval_roc_auc"])
+        write_outputs(rows, out, args, pretrain_minutes, time.time() - t_start)
     return 0
 
 

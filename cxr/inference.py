@@ -492,6 +492,17 @@ class Predictor:
 
     # ------------------------------------------------------------ explanations
     @property
+    def single_pass_maps(self) -> bool:
+        """Whether ``predict(explain=True)`` reads the map off the prediction's own forward pass
+        (closed-form Grad-CAM of a ``Linear(average pool)`` CNN head, attention rollout of a
+        transformers ViT: no second pass, no ``pytorch_grad_cam``). False: the map comes from the
+        separate explainer (:meth:`explain_tensor`: Grad-CAM's backward pass, a timm ViT's rollout
+        forward), or the architecture has no map."""
+        if self.explainer_kind == "attention-rollout":
+            return self.config.model_type != "timm_wrapper"
+        return self.explainer_kind is not None and self._cam_head is not None
+
+    @property
     def explainer(self):
         with self._explainer_lock:
             return self._build_explainer()

@@ -92,7 +92,10 @@ def test_heatmaps(predictor, trained_vit_folder, kermany_folder):
     assert r.explainer == "grad-cam"
     assert r.heatmap.shape == (64, 64) and 0.0 <= r.heatmap.min() and r.heatmap.max() <= 1.0
     vit = Predictor.from_pretrained(trained_vit_folder, precision="fp32")
-    assert vit.model.config._attn_implementation == "eager"
+    with torch.inference_mode():                  # loaded so that the model returns its attention maps
+        out = vit.model(pixel_values=vit.preprocess([Image.open(path)]), output_attentions=True)
+    assert len(out.attentions) == vit.model.config.num_hidden_layers
+    assert torch.allclose(out.attentions[0].sum(-1), torch.ones(()), atol=1e-4)
     r = vit.predict(path, explain=True)
     assert r.explainer == "attention-rollout"
     assert r.heatmap.shape == (32, 32) and 0.8 < r.heatmap.max() <= 1.0
@@ -210,7 +213,7 @@ def test_single_pass_maps_equal_the_library_explainers(predictor, trained_vit_fo
     from cxr.imaging import load_image
 
     vit = Predictor.from_pretrained(trained_vit_folder, precision="fp32")
-    assert predictor._cam_head is not None          # the closed-form Grad-CAM path is taken
+    assert predictor.single_pass_maps and vit.single_pass_maps   # the closed-form Grad-CAM / rollout paths
     for p in (predictor, vit):
         peaks = []
         for f in sorted((kermany_folder / "test" / "PNEUMONIA").iterdir())[:3]:
@@ -233,7 +236,7 @@ def test_timm_cnn_map_from_the_prediction_pass_equals_grad_cam(tmp_path, arch, c
     pass); it equals pytorch_grad_cam.GradCAM on the same layer. ConvNeXt (a norm after the
     pooling) is detected and left to the library."""
     p = Predictor.from_pretrained(tiny_timm_folder(tmp_path, arch), precision="fp32")
-    assert (p._cam_head is not None) == closed_form
+    assert p.single_pass_maps == closed_form
     image = make_xray(3, True, size=96).convert("RGB")
     x = p.preprocess([image])
     peaks = []

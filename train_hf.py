@@ -6,18 +6,22 @@ evaluate it with clinical metrics, and write a Hub-ready model folder.
     python train_hf.py --config ... --cv_folds 5      # K-fold CV first; operating point on out-of-fold scores
     python train_hf.py --config ... --dataset_name USER/PARQUET_DATASET --streaming true   # larger than the disk
 
+A run is a short sequence of stages over typed values (cxr_train.report): arguments -> data ->
+(cross-validation) -> train -> operating point -> export -> scores -> facts -> folder -> push.
+
 Research and education only: not a medical device.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
 import shutil
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -25,36 +29,27 @@ import torch
 import yaml
 
 from cxr.architecture import CNN, family
-from cxr.operating_point import CONFIG_KEY
+from cxr.operating_point import CONFIG_KEY, OperatingPoint
 from cxr_train.batches import build_inputs
 from cxr_train.checkpointing import resolve_resume
-from cxr_train.config import ConfigError, parse_args, resolved_config
+from cxr_train.config import ConfigError, ExtraTrainingArguments, RunArguments, parse_run_args
 from cxr_train.data import (
-    DataError, ImageTransform, PreparedData, check_images, check_patient_disjoint, cv_fold, cv_folds, fold_overlaps,
-    prepare_data,
+    DataError, PreparedData, check_images, check_patient_disjoint, cv_fold, cv_folds, fold_overlaps, prepare_data,
 )
-from cxr_train.hub import CardFacts, PushError, check_push_access, push_folder, render_model_card
+from cxr_train.hub import PushError, check_push_access, push_folder, render_model_card
+from cxr_train.labels import problem_type
 from cxr_train.modeling import (
     ModelError, apply_strategy, build_model, count_parameters, merge_for_export, save_model_folder,
 )
-from cxr_train.report import CVResult, RunReport
-from cxr_train.labels import problem_type
+from cxr_train.report import (  # noqa: F401 (Fitted re-exported: train_hf.Fitted)
+    CVResult, CVScores, Fitted, RunData, RunEnvironment, RunReport, card_facts, serving_facts,
+)
 from cxr_train.training import (
     binary_labels, fit_for_task, loss_for, metrics_for, prefixed, score_for_task, score_split,
 )
 
 logger = logging.getLogger("train_hf")
 USER_ERRORS = (ConfigError, DataError, ModelError, PushError)
-
-
-@dataclass
-class Fitted:
-    """One trained model and the logits of the splits it was asked to predict."""
-    trainer: object
-    logits: dict            # split -> (logits, labels)
-    trainable: int
-    total: int
-    train_seconds: float
 
 
 def _predict(trainer, dataset):
@@ -67,9 +62,12 @@ def _write_json(path: Path, obj) -> None:
     path.write_text(json.dumps(obj, indent=2, default=float) + "\n")
 
 
-def train_one(model_args, data_args, training_args, data: PreparedData, predict: tuple[str, ...]) -> Fitted:
+def train_one(model_args, data_args, training_args, data: PreparedData, predict: tuple[str, ...],
+              extra: ExtraTrainingArguments | None = None) -> Fitted:
     """Build the model, apply the strategy, train with the Trainer on data.splits['train']
-    (early stopping and checkpoint choice on 'validation'), and predict the named splits."""
+    (early stopping and checkpoint choice on 'validation', ``extra``'s patience), and predict the
+    named splits."""
+    extra = extra or ExtraTrainingArguments()
     from transformers import EarlyStoppingCallback, Trainer
 
     model, processor = build_model(model_args.model_name_or_path, data.id2label, model_args.image_size,
@@ -89,8 +87,8 @@ def train_one(model_args, data_args, training_args, data: PreparedData, predict:
     data, collator = build_inputs(model, processor, data, data_args, training_args.dataloader_num_workers)
 
     callbacks = []
-    if data_args.early_stopping_patience and training_args.eval_strategy != "no" and training_args.load_best_model_at_end:
-        callbacks.append(EarlyStoppingCallback(early_stopping_patience=data_args.early_stopping_patience))
+    if extra.early_stopping_patience and training_args.eval_strategy != "no" and training_args.load_best_model_at_end:
+        callbacks.append(EarlyStoppingCallback(early_stopping_patience=extra.early_stopping_patience))
     trainer = Trainer(
         model=model, args=training_args,
         train_dataset=data.splits["train"], eval_dataset=data.splits["validation"],
@@ -112,48 +110,46 @@ def train_one(model_args, data_args, training_args, data: PreparedData, predict:
         trainer.save_metrics("train", result.metrics)
         trainer.save_state()
     logits = {split: _predict(trainer, data.splits[split]) for split in predict}
-    return Fitted(trainer, logits, trainable, total, seconds)
+    return Fitted(trainer, logits, trainable, total, seconds, epochs=trainer.state.epoch or 0,
+                  steps=trainer.state.global_step)
 
 
-def cross_validate(model_args, data_args, training_args, data: PreparedData, out_dir: Path) -> CVResult:
+def cross_validate(args: RunArguments, pool: PreparedData, out_dir: Path) -> CVResult:
     """K models, each trained on the other folds' patients and scoring its own fold once:
-    out-of-fold (OOF) logits for every training image, and per-fold metrics."""
-    k = data_args.cv_folds
-    pool = data.splits["train"]
-    folds = cv_folds(pool, k, training_args.seed)
-    n_classes = len(data.id2label)
-    oof = np.full((len(pool), n_classes), np.nan)
-    fold_of = np.full(len(pool), -1)
-    main_dir, seconds, t_start = training_args.output_dir, 0.0, time.time()
-    logger.info("cross-validation: %d folds of %s films (%s patients), grouped by patient", k, f"{len(pool):,}",
-                f"{len(set(pool['patient_id'])):,}")
-    try:
-        for i, held in enumerate(folds):
-            fold = cv_fold(data, held, data_args, training_args.seed)
-            check_patient_disjoint(fold.splits)
-            logger.info(fold_progress(i, k, {s: len(d) for s, d in fold.splits.items()}))
-            fold_dir = out_dir / "cv" / f"fold{i}"
-            training_args.output_dir = str(fold_dir)
-            fitted = train_one(model_args, data_args, training_args, fold, predict=("held_out",))
-            oof[held] = fitted.logits["held_out"][0]
-            fold_of[held] = i
-            seconds += fitted.train_seconds
-            logger.info(fold_progress(i, k, done_seconds=time.time() - t_start))
-            if fitted.trainer.is_world_process_zero():  # keep the fold's weights (ensembles), not its checkpoints
-                save_model_folder(merge_for_export(fitted.trainer.model).to(memory_format=torch.contiguous_format),
-                                  fitted.trainer.processing_class, fold_dir / "model")
-                for ckpt in fold_dir.glob("checkpoint-*"):
-                    shutil.rmtree(ckpt, ignore_errors=True)
-            del fitted
-    finally:
-        training_args.output_dir = main_dir
-    overlaps = fold_overlaps(pool["patient_id"], fold_of)
+    out-of-fold (OOF) logits for every training image, and per-fold metrics. Each fold trains with
+    its own copy of the training arguments (its output folder ``cv/fold<i>``)."""
+    k, seed = args.evaluation.cv_folds, args.training.seed
+    train = pool.splits["train"]
+    folds = cv_folds(train, k, seed)
+    oof = np.full((len(train), len(pool.id2label)), np.nan)
+    fold_of = np.full(len(train), -1)
+    seconds, t_start = 0.0, time.time()
+    logger.info("cross-validation: %d folds of %s films (%s patients), grouped by patient", k, f"{len(train):,}",
+                f"{len(set(train['patient_id'])):,}")
+    for i, held in enumerate(folds):
+        fold = cv_fold(pool, held, args.data, seed)
+        check_patient_disjoint(fold.splits)
+        logger.info(fold_progress(i, k, {s: len(d) for s, d in fold.splits.items()}))
+        fold_dir = out_dir / "cv" / f"fold{i}"
+        fold_args = copy.deepcopy(args.training)
+        fold_args.output_dir = str(fold_dir)
+        fitted = train_one(args.model, args.data, fold_args, fold, predict=("held_out",), extra=args.extra)
+        oof[held] = fitted.logits["held_out"][0]
+        fold_of[held] = i
+        seconds += fitted.train_seconds
+        logger.info(fold_progress(i, k, done_seconds=time.time() - t_start))
+        if fitted.trainer.is_world_process_zero():  # keep the fold's weights (ensembles), not its checkpoints
+            save_model_folder(merge_for_export(fitted.trainer.model).to(memory_format=torch.contiguous_format),
+                              fitted.trainer.processing_class, fold_dir / "model")
+            for ckpt in fold_dir.glob("checkpoint-*"):
+                shutil.rmtree(ckpt, ignore_errors=True)
+        del fitted
+    overlaps = fold_overlaps(train["patient_id"], fold_of)
     if overlaps:  # cannot happen with StratifiedGroupKFold; checked because every CV figure rests on it
         raise DataError(f"cross-validation folds share patients: {overlaps}")
-    labels = np.asarray(pool["label"])
-    names = [Path(item.get("path") or "").name for item in pool["image"]]
-    return CVResult(k=k, oof_logits=oof, labels=labels, fold=fold_of, names=names,
-                    patients=list(pool["patient_id"]), train_seconds=seconds)
+    names = [Path(item.get("path") or "").name for item in train["image"]]
+    return CVResult(k=k, oof_logits=oof, labels=np.asarray(train["label"]), fold=fold_of, names=names,
+                    patients=list(train["patient_id"]), train_seconds=seconds)
 
 
 def fold_progress(i: int, k: int, counts: dict | None = None, done_seconds: float | None = None) -> str:
@@ -228,30 +224,66 @@ def score_external(folder: str, predictor, id2label: dict, label_from_filename=N
 
 
 def run(argv: list[str] | None = None) -> dict:
+    """One training run, stage by stage; returns what the end-of-run summary shows."""
+    args, env, push_to = parse_stage(argv)
+    data = data_stage(args)
+    out_dir = start_folder(args)
+    cv = cross_validate(args, data.pool, out_dir) if data.pool is not None else None
+    fitted = train_stage(args, data.data)
+    op = operating_point_stage(args, env, data.data, fitted, cv)
+    if not fitted.trainer.is_world_process_zero():  # under accelerate launch, one process scores and writes
+        return {"output_dir": str(out_dir), "operating_point": op}
+    model = export_stage(args, data.data, fitted, op, out_dir)
+    metrics, cv_scores = score_stage(args, data.data, fitted, op, cv, model)
+    figures = write_results(args, data.data, fitted, op, cv, metrics, cv_scores, out_dir)
+    report = RunReport(args=args, env=env, data=data.data, fitted=fitted,
+                       image_size=_image_size(fitted.trainer.processing_class), operating_point=op,
+                       metrics=metrics, cv=cv_scores, figures=figures)
+    ood = folder_stage(report, model, out_dir)
+    push_stage(args, push_to, out_dir)
+    return {"output_dir": str(out_dir), "metrics": metrics, "operating_point": op, "cv": cv_scores, "ood": ood,
+            "train_seconds": fitted.train_seconds + (cv.train_seconds if cv is not None else 0.0),
+            "pushed": push_to, "streamed": dict(data.data.counts) if data.data.streamed else None}
+
+
+def parse_stage(argv: list[str] | None) -> tuple[RunArguments, RunEnvironment, str | None]:
+    """Arguments (YAML defaults, command-line overrides), the Hub access and the output folder,
+    all checked before any work; the run's environment captured once. Returns the Hub repo to push
+    to at the end (None: no push; the Trainer itself never pushes)."""
     from transformers import set_seed
 
-    # 1. Arguments: YAML defaults, command-line overrides, checked before any work.
-    model_args, data_args, training_args = parse_args(argv)
-    if training_args.push_to_hub:  # token, network and write access checked before any work
-        check_push_access(training_args.hub_model_id, token=training_args.hub_token)
-    out_dir = Path(training_args.output_dir)
-    check_output_dir(out_dir)
-    if data_args.external_dataset and not Path(data_args.external_dataset).is_dir():
-        raise ConfigError(f"external_dataset folder not found: {data_args.external_dataset}")
-    set_seed(training_args.seed)
-    logger.info("precision: %s", "bf16 autocast" if training_args.bf16 else "fp32")
+    args = parse_run_args(argv)
+    if args.training.push_to_hub:  # token, network and write access checked before any work
+        check_push_access(args.training.hub_model_id, token=args.training.hub_token)
+    check_output_dir(Path(args.training.output_dir))
+    external = args.data.external_dataset
+    if external and not Path(external).is_dir():
+        raise ConfigError(f"external_dataset folder not found: {external}")
+    push_to = args.training.hub_model_id if args.training.push_to_hub else None
+    args.training.push_to_hub = False      # our push, once the folder is complete
+    set_seed(args.training.seed)
+    env = RunEnvironment.capture(args)
+    logger.info("precision: %s", env.precision_text)
+    return args, env, push_to
 
-    # 2. Data: splits grouped by patient, every image decoded once up front. Nothing is written
-    # before the data passed its checks: a wrong dataset, labels or film leaves no output folder.
-    cv_mode = bool(data_args.cv_folds)
+
+def data_stage(args: RunArguments) -> RunData:
+    """Splits grouped by patient, prepared and checked once, before anything is written: a wrong
+    dataset, labels or film leaves no output folder. With --cv_folds the pool the folds are cut
+    from is prepared too (the shipped model's validation split as without CV)."""
+    data_args, training_args, evaluation = args.data, args.training, args.evaluation
+    cv_mode = bool(evaluation.cv_folds)
+    pool = None
     if data_args.streaming:     # a first pass over labels + patients; films are read as they stream
         from cxr_train.streaming import prepare_streaming
 
         data = prepare_streaming(data_args, seed=training_args.seed, need_test=training_args.do_predict)
     else:
-        data = prepare_data(data_args, seed=training_args.seed, need_test=training_args.do_predict,
-                            carve_validation=not cv_mode)
-    if data_args.threshold_policy == "shift_floor" and (data.task != "binary" or cv_mode):
+        if cv_mode:
+            pool = prepare_data(data_args, seed=training_args.seed, need_test=training_args.do_predict,
+                                carve_validation=False)
+        data = prepare_data(data_args, seed=training_args.seed, need_test=training_args.do_predict)
+    if evaluation.threshold_policy == "shift_floor" and (data.task != "binary" or cv_mode):
         raise ConfigError("threshold_policy shift_floor is fitted on the validation split of a binary model: "
                           f"this run is {data.task}{' with --cv_folds' if cv_mode else ''}")
     if data_args.external_dataset and data.task == "multilabel":
@@ -266,70 +298,66 @@ def run(argv: list[str] | None = None) -> dict:
 
         check_stream_start(data.splits)
         streaming_steps(data, training_args)
-    else:
-        check_patient_disjoint(data.splits)
-        check_images(data.splits)
+    else:   # every film decoded once; each prepared set of splits checked once
+        for prepared in filter(None, (pool, data)):
+            check_patient_disjoint(prepared.splits)
+        check_images((pool or data).splits)
+    shown = pool or data
     logger.info("data%s: %s", " (streamed, counted by the first pass)" if data.streamed else "",
-                {k: data.size(k) for k in data.splits})
+                {k: shown.size(k) for k in shown.splits})
+    return RunData(data=data, pool=pool)
+
+
+def start_folder(args: RunArguments) -> Path:
+    """The output folder, with ``run_config.yaml`` (every setting; it can be passed back as --config)."""
+    out_dir = Path(args.training.output_dir)
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise ConfigError(f"cannot create output_dir '{out_dir.name}': {e.strerror or type(e).__name__}") from None
-    config = resolved_config(model_args, data_args, training_args)
-    (out_dir / "run_config.yaml").write_text(yaml.safe_dump(config, sort_keys=True))
+    (out_dir / "run_config.yaml").write_text(yaml.safe_dump(args.resolved(), sort_keys=True))
+    return out_dir
 
-    # 3. Cross-validation (optional): K models, out-of-fold scores of every training image.
-    push, training_args.push_to_hub = training_args.push_to_hub, False  # our push, once the folder is complete
-    cv = cv_scores = None
-    if cv_mode:
-        cv = cross_validate(model_args, data_args, training_args, data, out_dir)
-        data = prepare_data(data_args, seed=training_args.seed, need_test=training_args.do_predict)
-        check_patient_disjoint(data.splits)
+
+def train_stage(args: RunArguments, data: PreparedData) -> Fitted:
+    """The model to ship: trained on the training split, validation for early stopping; its logits
+    on validation (and test with --do_predict)."""
+    from transformers import set_seed
+
     logger.info("class weights: %s", [round(w, 3) for w in data.class_weights])
+    predict = ("validation",) + (("test",) if args.training.do_predict else ())
+    set_seed(args.training.seed)
+    return train_one(args.model, args.data, args.training, data, predict, extra=args.extra)
 
-    # 4. The model to ship: trained on the training split, validation for early stopping.
-    predict = ("validation",) + (("test",) if training_args.do_predict else ())
-    set_seed(training_args.seed)
-    fitted = train_one(model_args, data_args, training_args, data, predict)
-    trainer = fitted.trainer
-    val_logits, val_labels = fitted.logits["validation"]
 
-    # 5. Operating point + temperature: on out-of-fold scores with CV, else on validation.
+def operating_point_stage(args: RunArguments, env: RunEnvironment, data: PreparedData, fitted: Fitted,
+                          cv: CVResult | None) -> OperatingPoint:
+    """Temperature and threshold by the run's policy: on the out-of-fold scores with CV, else on
+    validation; recorded with the precision its scores were computed in (the Predictor's "auto"
+    follows it); shift_floor then lowered to the simulated acquisition changes' floor."""
+    evaluation = args.evaluation
     if cv is not None:
-        op = fit_for_task(data, cv.oof_logits, cv.labels, policy=data_args.threshold_policy,
-                          min_sensitivity=data_args.min_sensitivity,
-                          fitted_on=f"out-of-fold scores ({cv.k} folds, {len(cv.labels):,} images)")
-        cv_scores = cv.score(op, data.positive_id, training_args.seed, id2label=data.id2label)
+        logits, labels = cv.oof_logits, cv.labels
+        fitted_on = f"out-of-fold scores ({cv.k} folds, {len(cv.labels):,} images)"
     else:
-        op = fit_for_task(data, val_logits, val_labels, policy=data_args.threshold_policy,
-                          min_sensitivity=data_args.min_sensitivity, fitted_on="the validation split")
-    op.scored_in = "bf16" if training_args.bf16 else "fp32"   # the Predictor's "auto" precision follows it
-    if data_args.threshold_policy == "shift_floor":   # issue #25: the threshold chosen under simulated shift
+        (logits, labels), fitted_on = fitted.logits["validation"], "the validation split"
+    op = fit_for_task(data, logits, labels, policy=evaluation.threshold_policy,
+                      min_sensitivity=evaluation.min_sensitivity, fitted_on=fitted_on)
+    op = replace(op, scored_in=env.precision)
+    if evaluation.threshold_policy == "shift_floor":   # issue #25: the threshold chosen under simulated shift
         from cxr_train.shift_policy import fit_shift_floor
 
-        op = fit_shift_floor(trainer.model, trainer.processing_class, data.splits["validation"], op,
-                             data.positive_id, data_args.min_sensitivity)
+        op = fit_shift_floor(fitted.trainer.model, fitted.trainer.processing_class, data.splits["validation"], op,
+                             data.positive_id, evaluation.min_sensitivity)
     logger.info("operating point: %s", op.describe())
+    return op
 
-    # 6. Scores at the operating point.
-    metrics: dict[str, dict] = {}
-    if training_args.do_eval:
-        metrics["validation"] = score_for_task(val_logits, val_labels, data, op, seed=training_args.seed)
-        trainer.save_metrics("eval", prefixed(metrics["validation"], "eval"), combined=False)
-        _write_json(out_dir / "eval_scores.json", _scores(val_logits, val_labels, data, op))
-    if training_args.do_predict:
-        test_logits, test_labels = fitted.logits["test"]
-        metrics["test"] = score_for_task(test_logits, test_labels, data, op, seed=training_args.seed)
-        trainer.save_metrics("test", prefixed(metrics["test"], "test"), combined=False)
-        _write_json(out_dir / "test_scores.json", _scores(test_logits, test_labels, data, op))
-    if cv_scores is not None:
-        _write_json(out_dir / "cv_results.json", cv_scores.to_json())
-        _write_json(out_dir / "oof_scores.json", cv.oof_json(op, data.positive_id, id2label=data.id2label))
-    # 7. Export: merged weights (safetensors), processor, adapter beside them, card.
-    if not trainer.is_world_process_zero():  # under accelerate launch, one process writes
-        return {"output_dir": str(out_dir), "metrics": metrics, "operating_point": op, "cv": cv_scores}
-    model = trainer.model
-    if model_args.strategy == "lora":
+
+def export_stage(args: RunArguments, data: PreparedData, fitted: Fitted, op: OperatingPoint, out_dir: Path):
+    """The model as it ships: LoRA adapter saved beside it, merged weights, contiguous, with the
+    operating point in its config (checked against its labels and problem_type)."""
+    model = fitted.trainer.model
+    if args.model.strategy == "lora":
         model.save_pretrained(out_dir / "adapter", safe_serialization=True)
     model = merge_for_export(model).to(memory_format=torch.contiguous_format)
     try:   # the operating point fits the labels and problem_type it is saved with (docs/label_sets.md)
@@ -337,33 +365,74 @@ def run(argv: list[str] | None = None) -> dict:
     except ValueError as e:
         raise DataError(f"the fitted operating point does not fit the model: {e}") from None
     setattr(model.config, CONFIG_KEY, op.to_config())
-    if data_args.external_dataset:  # the shipped weights, through the serving Predictor
+    return model
+
+
+def score_stage(args: RunArguments, data: PreparedData, fitted: Fitted, op: OperatingPoint, cv: CVResult | None,
+                model) -> tuple[dict[str, dict], CVScores | None]:
+    """Every scored split at the operating point: validation and test from the shipped model's logits,
+    the external folder through the serving Predictor on the exported model, CV's out-of-fold scores."""
+    seed, metrics = args.training.seed, {}
+    if args.training.do_eval:
+        metrics["validation"] = score_for_task(*fitted.logits["validation"], data, op, seed=seed)
+    if args.training.do_predict:
+        metrics["test"] = score_for_task(*fitted.logits["test"], data, op, seed=seed)
+    if args.data.external_dataset:  # the shipped weights, through the serving Predictor
         from cxr.inference import Predictor
 
-        predictor = Predictor(model, trainer.processing_class, name=out_dir.name)
-        metrics["external"] = score_external(data_args.external_dataset, predictor, data.id2label,
-                                             label_from_filename=data_args.label_from_filename, data=data)
-        _write_json(out_dir / "external_results.json", metrics["external"])
-        model = predictor.model.to(memory_format=torch.contiguous_format)
-    report = RunReport(argv=argv, model_args=model_args, data_args=data_args, training_args=training_args,
-                       data=data, fitted=fitted, operating_point=op, metrics=metrics, cv=cv_scores)
-    facts = CardFacts.from_report(report)
-    model.config.cxr_training = facts.config_summary()
-    save_model_folder(model, trainer.processing_class, out_dir)
-    facts.figures = _figures(out_dir, val_logits, val_labels, data, op, cv) if training_args.do_eval else {}
-    render_model_card(facts).save(out_dir / "README.md")
-    ood = fit_ood_statistics(model, trainer.processing_class, data, data_args, training_args, out_dir)
-    logger.info("model folder ready: %s", out_dir)
+        predictor = Predictor(model, fitted.trainer.processing_class, name=Path(args.training.output_dir).name)
+        metrics["external"] = score_external(args.data.external_dataset, predictor, data.id2label,
+                                             label_from_filename=args.data.label_from_filename, data=data)
+        model.to(memory_format=torch.contiguous_format)    # the Predictor runs a CNN channels_last
+    cv_scores = cv.score(op, data.positive_id, seed, id2label=data.id2label) if cv is not None else None
+    return metrics, cv_scores
 
-    # 8. Push (the local folder is complete whatever happens here).
-    if push:
-        url = push_folder(out_dir, training_args.hub_model_id, private=data_args.hub_private,
-                          token=training_args.hub_token)
+
+def write_results(args: RunArguments, data: PreparedData, fitted: Fitted, op: OperatingPoint, cv: CVResult | None,
+                  metrics: dict[str, dict], cv_scores: CVScores | None, out_dir: Path) -> dict[str, str]:
+    """The result files (``*_results.json``, per-image scores, CV) and the card's figures; returns
+    the figures' files."""
+    trainer = fitted.trainer
+    for split, prefix in (("validation", "eval"), ("test", "test")):
+        if split in metrics:
+            trainer.save_metrics(prefix, prefixed(metrics[split], prefix), combined=False)
+            _write_json(out_dir / f"{prefix}_scores.json", _scores(*fitted.logits[split], data, op))
+    if cv_scores is not None:
+        _write_json(out_dir / "cv_results.json", cv_scores.to_json())
+        _write_json(out_dir / "oof_scores.json", cv.oof_json(op, data.positive_id, id2label=data.id2label))
+    if "external" in metrics:
+        _write_json(out_dir / "external_results.json", metrics["external"])
+    if not args.training.do_eval:
+        return {}
+    return _figures(out_dir, *fitted.logits["validation"], data, op, cv)
+
+
+def folder_stage(report: RunReport, model, out_dir: Path) -> dict | None:
+    """The model folder: weights and processor, config.json with the serving contract
+    (``cxr_operating_point``, ``cxr_training``), the model card, the OOD statistics."""
+    facts = card_facts(report)
+    model.config.cxr_training = serving_facts(
+        strategy=facts.strategy, base_model=facts.base_model or facts.base_model_text, dataset=facts.dataset_id,
+        image_size=facts.image_size, metrics=facts.metrics, cv=facts.cv)
+    processor = report.fitted.trainer.processing_class
+    save_model_folder(model, processor, out_dir)
+    render_model_card(facts).save(out_dir / "README.md")
+    ood = fit_ood_statistics(model, processor, report.data, report.args, out_dir)
+    logger.info("model folder ready: %s", out_dir)
+    return ood
+
+
+def push_stage(args: RunArguments, push_to: str | None, out_dir: Path) -> None:
+    """The finished folder to the Hub (the local folder is complete whatever happens here)."""
+    if push_to:
+        url = push_folder(out_dir, push_to, private=args.export.hub_private, token=args.training.hub_token)
         logger.info("pushed: %s", url)
-    return {"output_dir": str(out_dir), "metrics": metrics, "operating_point": op, "cv": cv_scores, "ood": ood,
-            "train_seconds": fitted.train_seconds + (cv.train_seconds if cv is not None else 0.0),
-            "pushed": training_args.hub_model_id if push else None,
-            "streamed": dict(data.counts) if data.streamed else None}
+
+
+def _image_size(processor) -> int:
+    from cxr_train.data import processor_size
+
+    return processor_size(processor)[0]
 
 
 def streaming_steps(data: PreparedData, training_args) -> None:
@@ -390,11 +459,12 @@ def check_output_dir(out_dir: Path) -> None:
         raise ConfigError(f"cannot create output_dir '{out_dir.name}': {parent or out_dir} is not a writable folder")
 
 
-def fit_ood_statistics(model, processor, data: PreparedData, data_args, training_args, out_dir: Path) -> dict | None:
+def fit_ood_statistics(model, processor, data: PreparedData, args: RunArguments, out_dir: Path) -> dict | None:
     """``ood.safetensors`` (+ ``ood_fit.json``) in the model folder: the out-of-distribution score
     fitted on the model's own training films, its threshold on its validation films and the
     reference non-X-ray images (cxr_train.ood_fit). None when --ood_fit false."""
-    if not data_args.ood_fit:
+    export, training_args = args.export, args.training
+    if not export.ood_fit:
         logger.info("OOD statistics skipped (--ood_fit false): the folder serves without the OOD check")
         return None
     from cxr_train.ood_fit import fit_for_run, save_fit
@@ -405,9 +475,9 @@ def fit_ood_statistics(model, processor, data: PreparedData, data_args, training
         from cxr_train.streaming import sample_stream
 
         logger.info("streaming: reading at most %d training and %d validation films for the OOD fit ...",
-                    data_args.ood_max_train, data_args.ood_max_train)
-        train_images, groups = sample_stream(data.splits["train"], data_args.ood_max_train)
-        val_images, _ = sample_stream(data.splits["validation"], data_args.ood_max_train)
+                    export.ood_max_train, export.ood_max_train)
+        train_images, groups = sample_stream(data.splits["train"], export.ood_max_train)
+        val_images, _ = sample_stream(data.splits["validation"], export.ood_max_train)
         validation = (f"the first {len(val_images):,} films of the run's own validation stream")
     else:
         train = data.splits["train"].with_format(None)          # the undecoded films, without the training transform
@@ -415,11 +485,11 @@ def fit_ood_statistics(model, processor, data: PreparedData, data_args, training
         train_images, groups, val_images = train["image"], data.ood_groups(), val["image"]
         validation = "the run's own validation split"
     logger.info("fitting the OOD statistics on %s training films (at most %d) ...", f"{len(train_images):,}",
-                data_args.ood_max_train)
+                export.ood_max_train)
     try:
         scorer = fit_for_run(model, processor, train_images, groups, val_images,
-                             max_train=data_args.ood_max_train, seed=training_args.seed,
-                             progress=not training_args.disable_tqdm, data=Path(str(data_args.dataset_name)).name,
+                             max_train=export.ood_max_train, seed=training_args.seed,
+                             progress=not training_args.disable_tqdm, data=Path(str(args.data.dataset_name)).name,
                              validation=validation)
     except ValueError as e:   # e.g. too few films: the folder is complete and serves without the check
         logger.warning("OOD statistics not written: %s", e)

@@ -119,36 +119,9 @@ class DataArguments:
                                        "stress test (noise, blur, down-sampling, JPEG, sharpening, grid lines, "
                                        "equalisation, borders, zoom; cxr_train.acquisition) at a severity in [0, 2]; "
                                        "0 = off. Needs --data_cache memmap."})
-    cv_folds: int = field(
-        default=0, metadata={"help": "K >= 2: patient-grouped, stratified K-fold cross-validation first (K models, "
-                                     "per-fold and mean ± sd metrics, out-of-fold scores of every training image); "
-                                     "the operating point is then fitted on the out-of-fold scores and the shipped "
-                                     "model is trained on all the data. 0 = off."})
-    threshold_policy: str = field(
-        default="equal_error", metadata={"help": "How the decision threshold is chosen on the fitting scores "
-                                                 "(out-of-fold with --cv_folds, else validation): equal_error "
-                                                 "(sensitivity = specificity), youden, sensitivity_floor (the most "
-                                                 "specific threshold keeping sensitivity >= --min_sensitivity), "
-                                                 "or default (0.5)."})
-    min_sensitivity: float = field(
-        default=0.95, metadata={"help": "Sensitivity the high-sensitivity threshold (and the sensitivity_floor "
-                                        "policy) keeps on the fitting scores."})
     external_dataset: str | None = field(
         default=None, metadata={"help": "A local image folder <LABEL>/<image> of other patients, scored once with "
                                         "the final model at its saved operating point (reported, never tuned on)."})
-    ood_fit: bool = field(
-        default=True, metadata={"help": "Fit the out-of-distribution score on the model's own training films "
-                                        "(threshold on its validation films and reference non-X-ray images) and "
-                                        "save it as ood.safetensors in the model folder, which the Predictor and "
-                                        "the Space use to flag films unlike the training data (cxr/ood.py). "
-                                        "False: skip it (the folder then serves without the OOD check)."})
-    ood_max_train: int = field(
-        default=3000, metadata={"help": "The OOD fit reads at most this many training films (a random sample, seeded)."})
-    early_stopping_patience: int = field(
-        default=5, metadata={"help": "Evaluations without AUROC improvement before stopping (0 = off)."})
-    precision: str = field(
-        default="auto", metadata={"help": "auto (bf16 where the CPU/GPU supports it), bf16, or fp32."})
-    hub_private: bool = field(default=False, metadata={"help": "Create the Hub repo as private."})
     data_cache: str = field(
         default="memmap", metadata={"help": "memmap: decode each film once into an on-disk uint8 store (resized by the "
                                             "model's processor; reused by folds, epochs and later runs) and convert, "
@@ -170,6 +143,55 @@ class DataArguments:
     streaming_shuffle_buffer: int = field(
         default=1000, metadata={"help": "--streaming: films held in the shuffle buffer of the training stream "
                                         "(its shards are shuffled too, again every epoch)."})
+
+
+def _choices(names) -> str:
+    """"a, b or c": the one way a list of choices is written in help and errors."""
+    names = list(names)
+    return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} or {names[-1]}"
+
+
+@dataclass
+class EvaluationArguments:
+    """How the trained model is judged and its operating point chosen (not what it is trained on)."""
+    cv_folds: int = field(
+        default=0, metadata={"help": "K >= 2: patient-grouped, stratified K-fold cross-validation first (K models, "
+                                     "per-fold and mean ± sd metrics, out-of-fold scores of every training image); "
+                                     "the operating point is then fitted on the out-of-fold scores and the shipped "
+                                     "model is trained as without CV (its validation split for early stopping). "
+                                     "0 = off."})
+    threshold_policy: str = field(
+        default="equal_error", metadata={"help": "How the decision threshold is chosen on the fitting scores "
+                                                 "(out-of-fold with --cv_folds, else validation): "
+                                                 + "; ".join(f"{k}: {v}" for k, v in POLICIES.items())
+                                                 .replace("min_sensitivity", "--min_sensitivity") + "."})
+    min_sensitivity: float = field(
+        default=0.95, metadata={"help": "Sensitivity the high-sensitivity threshold (and the sensitivity_floor "
+                                        "and shift_floor policies) keeps on the fitting scores."})
+
+
+@dataclass
+class ExportArguments:
+    """What goes into the model folder beside the weights, and where it is published."""
+    ood_fit: bool = field(
+        default=True, metadata={"help": "Fit the out-of-distribution score on the model's own training films "
+                                        "(threshold on its validation films and reference non-X-ray images) and "
+                                        "save it as ood.safetensors in the model folder, which the Predictor and "
+                                        "the Space use to flag films unlike the training data (cxr/ood.py). "
+                                        "False: skip it (the folder then serves without the OOD check)."})
+    ood_max_train: int = field(
+        default=3000, metadata={"help": "The OOD fit reads at most this many training films (a random sample, seeded)."})
+    hub_private: bool = field(default=False, metadata={"help": "Create the Hub repo as private."})
+
+
+@dataclass
+class ExtraTrainingArguments:
+    """The project's training settings beside transformers.TrainingArguments."""
+    precision: str = field(
+        default="auto", metadata={"help": f"{_choices(PRECISIONS)}: auto is bf16 where the CPU/GPU supports it "
+                                          "(sets TrainingArguments.bf16)."})
+    early_stopping_patience: int = field(
+        default=5, metadata={"help": "Evaluations without AUROC improvement before stopping (0 = off)."})
 
 
 DEFAULT_TRAINING = {
@@ -197,7 +219,24 @@ DEFAULT_TRAINING = {
     "do_eval": True,
 }
 
-ALL_ARGS = (ModelArguments, DataArguments, TrainingArguments)
+PROJECT_ARGS = (ModelArguments, DataArguments, EvaluationArguments, ExportArguments, ExtraTrainingArguments)
+ALL_ARGS = (*PROJECT_ARGS, TrainingArguments)
+
+
+@dataclass
+class RunArguments:
+    """Every argument of one ``cxr-train`` run, by concern; ``argv`` is the command line as given."""
+    model: ModelArguments
+    data: DataArguments
+    evaluation: EvaluationArguments
+    export: ExportArguments
+    extra: ExtraTrainingArguments
+    training: TrainingArguments
+    argv: list[str]
+
+    def resolved(self) -> dict:
+        """``run_config.yaml``: :func:`resolved_config` of every group."""
+        return resolved_config(self.model, self.data, self.evaluation, self.export, self.extra, self.training)
 
 
 def _field_names() -> dict[str, type]:
@@ -253,31 +292,30 @@ def _split_config_flag(argv: list[str]) -> tuple[str | None, list[str]]:
     return cfg, rest
 
 
-def parse_args(argv: list[str] | None = None):
-    """argv -> (ModelArguments, DataArguments, TrainingArguments); :func:`resolved_config`
-    gives the resolved dict that is saved with the run."""
+def parse_run_args(argv: list[str] | None = None) -> RunArguments:
+    """argv (default: ``sys.argv[1:]``) -> :class:`RunArguments`: YAML defaults (``--config``), then
+    the command line; every value checked (:func:`validate_args`) before any work."""
     import sys
 
     argv = list(sys.argv[1:] if argv is None else argv)
-    cfg_path, argv = _split_config_flag(argv)
+    cfg_path, rest = _split_config_flag(argv)
     values = dict(DEFAULT_TRAINING)
     if cfg_path:
         values.update(load_yaml_config(cfg_path))
-    if "-h" in argv or "--help" in argv:  # the project's fields first, then TrainingArguments; exits
+    if "-h" in rest or "--help" in rest:  # the project's fields first, then TrainingArguments; exits
         help_parser().print_help()
         raise SystemExit(0)
     known = _field_names()
-    for a in argv:  # unknown command-line flags: name them and suggest the nearest one
+    for a in rest:  # unknown command-line flags: name them and suggest the nearest one
         if a.startswith("--"):
             key = a[2:].split("=", 1)[0]
             if key.replace("-", "_") not in known:
                 raise ConfigError(f"unknown argument: --{key}{_suggest(key, [*known, 'config'])}")
-    flags = _to_flags(values) + argv
+    flags = _to_flags(values) + rest
     # Precision and device must be settled before the one TrainingArguments is built: its
     # __post_init__ fixes mixed precision and the (process-wide) accelerate state.
-    pre = _Parser((ModelArguments, DataArguments)).parse_known_args(flags)[0]
-    if pre.precision not in PRECISIONS:
-        raise ConfigError(f"unknown precision '{pre.precision}': choose auto, bf16 or fp32")
+    pre = _Parser(PROJECT_ARGS).parse_known_args(flags)[0]
+    check_precision(pre.precision)
     import torch
 
     extra = []
@@ -286,9 +324,23 @@ def parse_args(argv: list[str] | None = None):
         extra += ["--use_cpu", "True"]
     if pre.precision != "auto" or resolve_bf16("auto"):
         extra += ["--bf16", str(resolve_bf16(pre.precision))]
-    model_args, data_args, training_args = _parse(_Parser(ALL_ARGS), extra + flags)
-    validate_args(model_args, data_args, training_args)
-    return model_args, data_args, training_args
+    model, data, evaluation, export, more, training = _parse(_Parser(ALL_ARGS), extra + flags)
+    args = RunArguments(model, data, evaluation, export, more, training, argv)
+    validate_args(args)
+    return args
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataArguments, TrainingArguments]:
+    """argv -> (ModelArguments, DataArguments, TrainingArguments), checked as :func:`parse_run_args`
+    checks them: the three groups that preparing data and building a model need (the evaluation,
+    export and extra training groups: :func:`parse_run_args`)."""
+    args = parse_run_args(argv)
+    return args.model, args.data, args.training
+
+
+def check_precision(precision: str) -> None:
+    if precision not in PRECISIONS:
+        raise ConfigError(f"unknown precision '{precision}': choose {_choices(PRECISIONS)}")
 
 
 def _parse(parser, flags):
@@ -301,8 +353,8 @@ def _parse(parser, flags):
 
 
 def help_parser() -> HfArgumentParser:
-    """The parser ``--help`` prints: --config, then the project's own fields (model, data),
-    then the ~150 fields of transformers.TrainingArguments."""
+    """The parser ``--help`` prints: --config, then the project's own fields (model, data,
+    evaluation, export, precision), then the ~150 fields of transformers.TrainingArguments."""
 
     @dataclass
     class _Config:
@@ -311,35 +363,35 @@ def help_parser() -> HfArgumentParser:
             "help": "YAML file of defaults (any field below); the command line overrides it. "
                     "A run's run_config.yaml can be passed back here."})
 
-    class _Model(ModelArguments):
-        _argument_group_name = "model (this project)"
+    def group(cls, title):
+        return type(f"_{cls.__name__}", (cls,), {"_argument_group_name": title})
 
-    class _Data(DataArguments):
-        _argument_group_name = "data, evaluation and precision (this project)"
-
-    class _Training(TrainingArguments):
-        _argument_group_name = "training (transformers.TrainingArguments, usual names)"
-
-    return HfArgumentParser((_Config, _Model, _Data, _Training), usage=USAGE,
+    groups = [group(ModelArguments, "model (this project)"), group(DataArguments, "data (this project)"),
+              group(EvaluationArguments, "evaluation and operating point (this project)"),
+              group(ExportArguments, "model folder and Hub (this project)"),
+              group(ExtraTrainingArguments, "training: precision and early stopping (this project)"),
+              group(TrainingArguments, "training (transformers.TrainingArguments, usual names)")]
+    return HfArgumentParser((_Config, *groups), usage=USAGE,
                             description="Train a chest X-ray classifier and write a Hub-ready model folder. "
                                         "Research and education only: not a medical device.")
 
 
-def validate_args(model_args: ModelArguments, data_args: DataArguments, training_args) -> None:
+def validate_args(args: RunArguments) -> None:
+    """Every value checked before any work: a bad one is one ConfigError naming it."""
+    model_args, data_args, evaluation, export = args.model, args.data, args.evaluation, args.export
+    training_args = args.training
     if model_args.strategy not in STRATEGIES:
         raise ConfigError(f"unknown strategy '{model_args.strategy}': choose one of {', '.join(STRATEGIES)}")
     if not data_args.dataset_name:
         raise ConfigError("dataset_name is required (a Hub dataset id or a local folder)")
     if not 0.0 < data_args.validation_fraction < 1.0:
         raise ConfigError("validation_fraction must be between 0 and 1")
-    if data_args.precision not in PRECISIONS:
-        raise ConfigError(f"unknown precision '{data_args.precision}': choose auto, bf16 or fp32")
-    if data_args.cv_folds == 1 or data_args.cv_folds < 0:
+    if evaluation.cv_folds == 1 or evaluation.cv_folds < 0:
         raise ConfigError("cv_folds must be 0 (off) or at least 2")
-    if data_args.threshold_policy not in POLICIES:
-        raise ConfigError(f"unknown threshold_policy '{data_args.threshold_policy}': choose "
+    if evaluation.threshold_policy not in POLICIES:
+        raise ConfigError(f"unknown threshold_policy '{evaluation.threshold_policy}': choose "
                           f"{', '.join(POLICIES)}")
-    if not 0.5 <= data_args.min_sensitivity < 1.0:
+    if not 0.5 <= evaluation.min_sensitivity < 1.0:
         raise ConfigError("min_sensitivity must be in [0.5, 1)")
     if data_args.data_cache not in ("memmap", "none"):
         raise ConfigError(f"unknown data_cache '{data_args.data_cache}': choose memmap or none")
@@ -358,7 +410,7 @@ def validate_args(model_args: ModelArguments, data_args: DataArguments, training
         raise ConfigError("partial_stages must be >= 1")
     if model_args.image_size is not None and model_args.image_size < 32:
         raise ConfigError("image_size must be at least 32")
-    if data_args.ood_max_train < 2:
+    if export.ood_max_train < 2:
         raise ConfigError("ood_max_train must be at least 2")
     if data_args.uncertain_labels is not None and data_args.uncertain_labels not in UNCERTAIN_POLICIES:
         raise ConfigError(f"unknown uncertain_labels '{data_args.uncertain_labels}': choose "
@@ -378,7 +430,7 @@ def validate_args(model_args: ModelArguments, data_args: DataArguments, training
     if training_args.push_to_hub and not training_args.hub_model_id:
         raise ConfigError("push_to_hub needs hub_model_id (user/name)")
     if data_args.streaming:
-        check_streaming(data_args, training_args)
+        check_streaming(args)
     elif data_args.streaming_shuffle_buffer < 1:
         raise ConfigError("streaming_shuffle_buffer must be at least 1")
 
@@ -403,10 +455,11 @@ STREAMING_CONFLICTS = (
 )
 
 
-def check_streaming(data_args, training_args) -> None:
+def check_streaming(args: RunArguments) -> None:
     """--streaming true: the options it cannot be combined with, each a ConfigError naming why."""
+    data_args, training_args = args.data, args.training
     for name, conflicts, why in STREAMING_CONFLICTS:
-        value = getattr(data_args, name, None)
+        value = next(getattr(g, name) for g in (args.data, args.evaluation) if hasattr(g, name))
         if conflicts(value):
             shown = " ".join(value) if isinstance(value, list) else value
             raise ConfigError(f"--streaming true cannot be combined with --{name} {shown}: {why}")
@@ -416,13 +469,17 @@ def check_streaming(data_args, training_args) -> None:
         raise ConfigError("--streaming true needs --max_steps or a positive --num_train_epochs")
 
 
-def resolved_config(model_args, data_args, training_args) -> dict:
-    """Everything needed to re-run, JSON-serialisable (saved as ``run_config.yaml`` in the output
-    folder; it can be passed back as ``--config``)."""
+def resolved_config(*groups) -> dict:
+    """The settings of the given argument groups (the project's dataclasses, and
+    TrainingArguments where it is one of them; :meth:`RunArguments.resolved`: all of them),
+    JSON-serialisable: ``run_config.yaml`` in the output folder, which can be passed back as
+    ``--config``."""
     out = {}
-    out.update(dataclasses.asdict(model_args))
-    out.update(dataclasses.asdict(data_args))
-    ta = training_args.to_dict()
+    training = [g for g in groups if isinstance(g, TrainingArguments)]
+    for g in groups:
+        if not isinstance(g, TrainingArguments):
+            out.update(dataclasses.asdict(g))
+    ta = training[0].to_dict() if training else {}
     for k in ("push_to_hub_token", "hub_token"):
         ta.pop(k, None)
     defaults = {f.name: f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default

@@ -1,17 +1,21 @@
-"""Model card rendering (huggingface_hub ModelCard + the Jinja template model_card.md)
-and pushes to the Hub."""
+"""Model card rendering (huggingface_hub ModelCard + the Jinja template model_card.md) and
+pushes to the Hub. The card's facts are built from a run's report by
+:func:`cxr_train.report.card_facts`; config.json's serving contract (``cxr_training``) is written
+by the run's folder stage (:func:`cxr_train.report.serving_facts`), not here."""
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData
 
-from cxr.facts import HEADLINE, SCHEMA, TrainingFacts
+from cxr.operating_point import OperatingPoint
 
-from .report import CVScores, RunReport
+if TYPE_CHECKING:
+    from .report import CVScores
 
 logger = logging.getLogger(__name__)
 
@@ -131,7 +135,8 @@ MAX_CARD_FILMS = 50   # a per-film external table for a handful of films only
 
 @dataclass
 class CardFacts:
-    """What a run's model card and config.json say about it (typed; rendered by model_card.md)."""
+    """What a run's model card says about it (typed; rendered by model_card.md; built from a run by
+    :func:`cxr_train.report.card_facts`)."""
     model_name: str
     repo_id: str
     dataset_id: str                 # Hub id, or the local folder's name
@@ -140,7 +145,7 @@ class CardFacts:
     dataset_note: str
     base_model: str | None
     base_model_text: str
-    labels: list
+    labels: list[str]
     positive_label: str
     strategy: str
     strategy_text: str
@@ -153,13 +158,13 @@ class CardFacts:
     steps: int
     batch_size: int
     learning_rate: float
-    class_weights: list
+    class_weights: list[float]
     precision: str
     augmentation: str
     train_time: str
     hardware: str
     command: str
-    operating_point: object          # OperatingPoint
+    operating_point: OperatingPoint
     metrics: dict                    # split -> plain-named metrics (validation, test, external)
     cv: CVScores | None = None
     task: str = "binary"            # "binary" | "multiclass" | "multilabel"
@@ -167,7 +172,7 @@ class CardFacts:
     label_rule: str | None = None   # --label_from_filename, when the labels came from the file names
     is_kermany: bool = False
     license: str = "cc-by-4.0"
-    figures: dict = field(default_factory=dict)
+    figures: dict[str, str] = field(default_factory=dict)   # figure -> file in the folder
 
     def warnings(self) -> list[str]:
         """Reasons this run is not a usable model, said loudly at the top of the card."""
@@ -183,21 +188,6 @@ class CardFacts:
         if self.operating_point.fallback:   # set by fit_operating_point, not guessed from the source text
             out.append(f"no informative operating point could be fitted ({self.operating_point.source})")
         return out
-
-    def config_summary(self) -> dict:
-        """config.json's cxr_training: what serving (the app's facts panel) shows, read back by
-        :func:`cxr.facts.read_training_facts` (versioned)."""
-        pick = lambda m: {k: round(float(m[k]), 4) for k in HEADLINE if m.get(k) is not None and m[k] == m[k]}  # noqa: E731
-        facts = TrainingFacts(strategy=self.strategy, base_model=self.base_model or self.base_model_text,
-                              dataset=self.dataset_id, image_size=self.image_size)
-        if self.metrics.get("validation"):
-            facts.validation_metrics = pick(self.metrics["validation"])
-        if self.cv:
-            facts.cv_metrics = {"k": self.cv.k, **{k: {"mean": round(v["mean"], 4), "sd": round(v["sd"], 4)}
-                                                   for k, v in self.cv.summary.items() if k in HEADLINE}}
-        if self.metrics.get("external"):
-            facts.external_metrics = {"n": self.metrics["external"]["n_samples"], **pick(self.metrics["external"])}
-        return {"schema": SCHEMA, **facts.to_dict()}
 
     def template_kwargs(self) -> dict:
         kw = {f.name: getattr(self, f.name) for f in fields(self)}
@@ -215,67 +205,6 @@ class CardFacts:
         # a per-film table for a handful of films; a large folder (a hold-out) stays in external_results.json
         kw["external_images"] = per_image if len(per_image) <= MAX_CARD_FILMS and self.task == "binary" else None
         return kw
-
-    @classmethod
-    def from_report(cls, report: RunReport) -> "CardFacts":
-        """Facts of a train_hf.py run (arguments, data, trainer state, scores) for the card."""
-        import os
-        import platform
-        import shlex
-        import sys
-
-        import torch
-
-        from .data import describe_augmentation, processor_size
-        from .modeling import is_preset
-
-        model_args, data_args, training_args = report.model_args, report.data_args, report.training_args
-        data, fitted, op, cv, argv = report.data, report.fitted, report.operating_point, report.cv, report.argv
-        preset = is_preset(model_args.model_name_or_path)
-        dataset = data_args.dataset_name
-        local = Path(dataset).exists()
-        is_kermany = ("chest_xray" in dataset.lower() or "kermany" in dataset.lower()
-                      or getattr(data_args, "label_from_filename", None) == "kermany3")   # Kermany's own file names
-        strategy_text = {
-            "frozen": "frozen backbone, classification head trained",
-            "partial": f"last {model_args.partial_stages} backbone stage(s) and the head fine-tuned",
-            "full": "all weights trained" + (" from random initialisation" if preset else ", fine-tuned"),
-            "lora": f"LoRA (r={model_args.lora_r}, alpha={model_args.lora_alpha}) merged into the base weights",
-        }[model_args.strategy]
-        trainer = fitted.trainer
-        args_str = " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
-        return cls(
-            model_name=training_args.hub_model_id or Path(training_args.output_dir).name,
-            repo_id=training_args.hub_model_id or training_args.output_dir,
-            dataset_id=Path(dataset).name if local else dataset, dataset_is_hub=not local,
-            dataset_name="Kermany 2018 paediatric chest X-ray" if is_kermany else Path(dataset).name,
-            dataset_note=KERMANY_NOTE if is_kermany else "",
-            base_model=None if preset else model_args.model_name_or_path,
-            base_model_text=f"none: {model_args.model_name_or_path} preset, random init" if preset
-            else model_args.model_name_or_path,
-            labels=list(data.id2label.values()),
-            positive_label=data.id2label[data.positive_id] if data.task == "binary" else "",
-            task=data.task, uncertain_labels=data.uncertain_labels, label_rule=data.label_from_filename,
-            strategy=model_args.strategy, strategy_text=strategy_text,
-            trainable_text=f"{fitted.trainable:,} of {fitted.total:,} ({100 * fitted.trainable / fitted.total:.1f}%)",
-            n_train=data.size("train"), n_validation=data.size("validation"),   # a stream: its first pass's count
-            validation_text=("carved out of the training split, stratified and grouped by patient "
-                             f"({data_args.validation_fraction:.0%} of patients, seed {training_args.seed})")
-            if not data_args.validation_split else f"the dataset's '{data_args.validation_split}' split",
-            image_size=processor_size(trainer.processing_class)[0],
-            epochs=round(trainer.state.epoch or 0, 2), steps=trainer.state.global_step,
-            batch_size=training_args.per_device_train_batch_size * max(1, training_args.world_size),
-            learning_rate=training_args.learning_rate,
-            class_weights=[round(w, 3) for w in data.class_weights],
-            precision="bf16 autocast" if training_args.bf16 else "fp32",
-            augmentation=describe_augmentation(data_args.augment_strength) if data_args.augment else "none",
-            train_time=f"{fitted.train_seconds / 60:.1f} min" + (f" (+ {cv.minutes} for {cv.k}-fold CV)" if cv else ""),
-            hardware=torch.cuda.get_device_name() if torch.cuda.is_available()
-            else f"{os.cpu_count()} CPU cores ({platform.machine()})",
-            command=f"python train_hf.py {args_str}".strip(),
-            operating_point=op, metrics=report.metrics, cv=cv, is_kermany=is_kermany,
-        )
-
 
 
 SITE_SECTION = "## Site calibration"

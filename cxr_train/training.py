@@ -1,5 +1,6 @@
-"""Pieces of the training recipe that train_hf.py wires together: precision, loss,
-Trainer metrics, and the post-training scoring (operating point, calibration, CIs)."""
+"""Pieces of the training recipe that train_hf.py wires together: the losses, the Trainer's
+metrics, and the post-training scoring (operating point by a threshold policy of
+:data:`cxr.operating_point.POLICIES`, calibration, bootstrap CIs)."""
 
 from __future__ import annotations
 
@@ -131,12 +132,14 @@ def fit_operating_point(logits, labels, positive_id: int, id2label: dict, *, pol
                         fitted_on: str = "the validation split", min_sensitivity: float = 0.95) -> OperatingPoint:
     """Temperature scaling (NLL), then the decision threshold by ``policy``, on the given scores.
 
-    Policies: ``equal_error`` (sensitivity = specificity: errors balanced, the threshold sits
-    between the two classes' score distributions rather than at the edge of the negatives'
-    as Youden's J tends to on an easy split), ``youden``, ``default`` (0.5), ``sensitivity_floor``
-    (the highest threshold whose sensitivity is still >= ``min_sensitivity``: fewest false alarms
-    on NORMAL films, which is where new patients' scores shift; issue #19). The
-    high-sensitivity threshold (sensitivity >= ``min_sensitivity``) is kept beside it.
+    Policies (:data:`cxr.operating_point.POLICIES`): ``equal_error`` (sensitivity = specificity:
+    errors balanced, the threshold sits between the two classes' score distributions rather than
+    at the edge of the negatives' as Youden's J tends to on an easy split), ``youden``, ``default``
+    (0.5), ``sensitivity_floor`` (the highest threshold whose sensitivity is still >=
+    ``min_sensitivity``: fewest false alarms on NORMAL films, which is where new patients' scores
+    shift; issue #19), ``shift_floor`` (here the clean floor, which train_hf then lowers to the
+    simulated acquisition changes' with :mod:`cxr_train.shift_policy`). The high-sensitivity
+    threshold (sensitivity >= ``min_sensitivity``) is kept beside it.
 
     Where no informative threshold exists (one class only, or sensitivity + specificity - 1 <= 0
     at the chosen one) it falls back to 0.5 and says so in ``fallback`` (the card warns on it; a
@@ -160,6 +163,8 @@ def choose_threshold(y, p, *, policy: str, fitted_on: str, min_sensitivity: floa
     ``youden_threshold``, ``equal_error_threshold``, ``high_sensitivity_threshold``,
     ``min_sensitivity``, ``fallback``. One rule for binary models, the screening question of a
     multi-class model and every finding of a multi-label model."""
+    if policy not in POLICIES:
+        raise ValueError(f"unknown threshold policy '{policy}': choose {', '.join(POLICIES)}")
     ops = compute_operating_points(y, p, min_sensitivity)
     eer = equal_error_threshold(y, p)
     chosen = {"equal_error": eer, "youden": ops["youden"], "default": 0.5,

@@ -1,4 +1,4 @@
-"""config.json's cxr_training: written by CardFacts.config_summary, read back by the one
+"""config.json's cxr_training: written by cxr_train.report.serving_facts, read back by the one
 versioned reader (cxr.facts) that the Predictor and the app use."""
 
 import json
@@ -22,17 +22,13 @@ def test_shipped_default_facts_read_as_written():
 
 
 def test_card_facts_round_trip_through_the_reader():
-    from types import SimpleNamespace
-
-    from cxr_train.hub import CardFacts
-    from cxr_train.report import CVScores
+    from cxr_train.report import CVScores, serving_facts
 
     cv = CVScores(k=5, per_fold=[], summary={"roc_auc": {"mean": 0.97, "sd": 0.01}, "brier": {"mean": 0.1, "sd": 0}},
                   pooled={}, train_seconds=60.0)
-    facts = SimpleNamespace(strategy="full", base_model="b", base_model_text="b", dataset_id="d", image_size=224,
+    written = serving_facts(strategy="full", base_model="b", dataset="d", image_size=224,
                             metrics={"validation": {"roc_auc": 0.9, "accuracy": float("nan")},
                                      "external": {"n_samples": 16, "sensitivity": 1.0}}, cv=cv)
-    written = CardFacts.config_summary(facts)
     assert written["schema"] == SCHEMA
     back = read_training_facts({"cxr_training": json.loads(json.dumps(written))})
     assert back.validation_metrics == {"roc_auc": 0.9}                 # NaN (undefined) is not written

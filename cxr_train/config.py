@@ -404,6 +404,9 @@ def validate_args(args: RunArguments) -> None:
         raise ConfigError("acquisition_augment is a probability: 0 (off) to 1")
     if data_args.acquisition_augment and data_args.data_cache == "none":
         raise ConfigError("acquisition_augment needs the film store: --data_cache memmap")
+    from .tracking import check_report_to
+
+    check_report_to(training_args.report_to)    # a missing tracker named with its extra, before any work
     if not 0.0 <= training_args.label_smoothing_factor < 1.0:
         raise ConfigError("label_smoothing_factor must be in [0, 1)")
     if model_args.partial_stages < 1:

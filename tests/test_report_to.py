@@ -202,3 +202,12 @@ def test_ood_feature_passes_count_images(monkeypatch, capsys):
     assert "OOD fit: training films" in err and "5/5" in err and "image" in err
     ood_fit.compute_features(None, None, images, batch_size=2, desc=None)    # no name: no bar
     assert capsys.readouterr().err == ""
+
+
+def test_cxr_train_refuses_a_missing_tracker_before_writing_anything(monkeypatch, tmp_path, capsys):
+    monkeypatch.setitem(sys.modules, "tensorboard", None)          # as without the `track` extra
+    out = tmp_path / "out"
+    rc = train_hf.main(["--dataset_name", str(tmp_path), "--output_dir", str(out), "--report_to", "tensorboard"])
+    assert rc == 2
+    assert "pip install 'cxr-transfer[track]'" in capsys.readouterr().err
+    assert not out.exists()                                         # nothing written, nothing trained

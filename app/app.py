@@ -99,7 +99,8 @@ def create_demo(predictors: Predictor | list[Predictor]) -> gr.Blocks:
                             cap = gr.HTML(visible=False, elem_id=f"cxr-caption-{i}")
                             choice = gr.Dropdown(choices=list(p.labels), value=None, label="Heat map for",
                                                  visible=False, interactive=True, elem_id=f"cxr-map-class-{i}")
-                            panel_outputs += [card, img, cap, choice]
+                            panel = {"card": card, "image": img, "caption": cap, "map_class": choice}
+                            panel_outputs += [panel[k] for k in handlers.PANEL]
                             choices.append(choice)
                 note = gr.HTML(render.PLACEHOLDER, elem_id="cxr-note")
                 with gr.Row():
@@ -137,8 +138,10 @@ def create_demo(predictors: Predictor | list[Predictor]) -> gr.Blocks:
             };
             step(); }""", api_visibility="private")
 
-        film_outputs = [film, notice, button, state, note, downloads] + panel_outputs
-        result_outputs = [file, film, button, note, downloads, state] + panel_outputs
+        by_name = {"file": file, "film": film, "notice": notice, "button": button, "state": state, "note": note,
+                   "downloads": downloads}
+        film_outputs = [by_name[k] for k in handlers.FILM_OUTPUTS] + panel_outputs
+        result_outputs = [by_name[k] for k in handlers.RESULT_OUTPUTS] + panel_outputs
         # on a narrow screen, bring the first answer and its map into view once they are there
         show_result_js = """() => { const el = document.querySelector('#cxr-results');
             if (el && window.innerWidth <= 700) el.scrollIntoView({block: 'start'}); }"""
@@ -168,7 +171,8 @@ def create_demo(predictors: Predictor | list[Predictor]) -> gr.Blocks:
                        api_visibility="private", concurrency_limit=handlers.INFERENCE_SLOTS,
                        concurrency_id="predict").success(None, js=show_result_js, api_visibility="private")
         chooser.change(functools.partial(handlers.show_models, n_models=n), inputs=[chooser, show, opacity, state],
-                       outputs=[state] + panel_outputs, api_visibility="private", show_progress="hidden",
+                       outputs=[by_name[k] for k in handlers.MODELS_OUTPUTS] + panel_outputs,
+                       api_visibility="private", show_progress="hidden",
                        queue=False).then(handlers.refresh_downloads, inputs=[opacity, state], outputs=downloads,
                                          api_visibility="private", show_progress="hidden", queue=False)
         for i, choice in enumerate(choices):      # a multi-class / multi-label model's map, class by class

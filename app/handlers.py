@@ -240,7 +240,25 @@ def api_predict(file: gr.FileData, show_heatmap: bool = True, heatmap_class: str
     return answer([r for r, _ in results])
 
 
-PANEL_OUTPUTS = 4     # per model: answer card, overlay image, map caption, the map's class (multi-class / -label)
+# The order of the handlers' outputs, declared once: app.py wires its components in this order,
+# and named_outputs reads a handler's list back by these names.
+PANEL = ("card", "image", "caption", "map_class")   # per model: answer card, overlay, map caption, the map's class
+PANEL_OUTPUTS = len(PANEL)
+FILM_OUTPUTS = ("film", "notice", "button", "state", "note", "downloads")     # show_film; then the panels
+RESULT_OUTPUTS = ("file", "film", "button", "note", "downloads", "state")     # predict_ui, predict_example; panels
+MODELS_OUTPUTS = ("state",)                                                   # show_models; then the panels
+
+
+def named_outputs(values, head: tuple[str, ...] = ()) -> dict:
+    """A handler's list of outputs by name: ``head`` (``FILM_OUTPUTS``, ``RESULT_OUTPUTS``,
+    ``MODELS_OUTPUTS``, or none for reblend and choose_map) and ``"panels"``: one dict per model,
+    keyed by ``PANEL``."""
+    values = list(values)
+    if (len(values) - len(head)) % PANEL_OUTPUTS:
+        raise ValueError(f"{len(values)} outputs are not {len(head)} + {PANEL_OUTPUTS} per model")
+    rest = values[len(head):]
+    return {**dict(zip(head, values)),
+            "panels": [dict(zip(PANEL, rest[i:i + PANEL_OUTPUTS])) for i in range(0, len(rest), PANEL_OUTPUTS)]}
 
 
 def _hidden_panel() -> list:
@@ -375,8 +393,8 @@ def _film_name(file) -> str:
 
 def show_film(file, state, *, n_models: int, client: str = "local"):
     """On upload: the film decoded by the project's loader (kept for Predict in ``DECODED``), or
-    why it cannot be used. Outputs: film, notice, Predict button, state, note, downloads, then
-    the panels."""
+    why it cannot be used. Outputs (``FILM_OUTPUTS``): film, notice, Predict button, state, note,
+    downloads, then the panels."""
     hidden = _panel_updates(None, False, 0, n_models)
     no_result = [gr.update(value=render.PLACEHOLDER, visible=True), gr.update(value=None, visible=False)]
     if file is None:
@@ -407,7 +425,7 @@ def predict_ui(file, show_map: bool, opacity: float, state, *, predictors: list[
     result to download. The file box is emptied (the upload is deleted once read, so its link
     would be dead) and ready for the next film; the film stays shown. ``shown``: the names of
     the models the visitor chose to see (None: all; every model answers regardless). Outputs:
-    file box, film, Predict button, note, downloads, state, then the panels."""
+    file box, film, Predict button, note, downloads, state, then the panels (``RESULT_OUTPUTS``)."""
     path = None if file is None else (file.get("path") if isinstance(file, dict) else getattr(file, "path", file))
     same_film = bool(state) and state.get("results") is not None and (path is None or state.get("path") == path)
     if same_film:

@@ -280,7 +280,11 @@ def test_janitor_sweeps_keeps_protected_survives_errors_and_cleans_at_shutdown(t
     deadline = time.time() + 10
     while calls["n"] < 3 and time.time() < deadline:
         time.sleep(0.05)
-    assert calls["n"] >= 3 and jan.errors == 1 and jan._thread.is_alive()
+    assert calls["n"] >= 3 and jan.errors == 1
+    seen = calls["n"]
+    while calls["n"] == seen and time.time() < deadline + 10:
+        time.sleep(0.05)
+    assert calls["n"] > seen                                  # still sweeping after the error
     assert "upload sweep failed" in caplog.text
     jan.shutdown()
     assert not root.exists()
@@ -473,20 +477,25 @@ def test_controls_redraw_without_prediction():
     from app import handlers
 
     assert all(isinstance(u, type(gr.skip())) for u in handlers.reblend(True, 0.5, None, n_models=1))
+
+    def panel(show_map, opacity):                                       # the one model's panel, by name
+        return handlers.named_outputs(handlers.reblend(show_map, opacity, state, n_models=1))["panels"][0]
+
     display = make_xray(1, False).convert("RGB")
     heat = np.linspace(0, 1, 64 * 64, dtype=np.float32).reshape(64, 64)
     r = {"model": "m", "out_of_distribution": False, "heatmap_method": "Grad-CAM", "heatmap_class": "PNEUMONIA",
          "decision": "PNEUMONIA", "probability": 0.7, "threshold": 0.5, "positive_label": "PNEUMONIA"}
     state = {"display": display, "results": [(r, heat)]}
-    faint, strong = (handlers.reblend(True, o, state, n_models=1)[1]["value"] for o in (0.0, 1.0))
+    faint, strong = (panel(True, o)["image"]["value"] for o in (0.0, 1.0))
     assert np.abs(np.asarray(faint, int) - np.asarray(strong, int)).max() > 50
     assert np.array_equal(np.asarray(faint), np.asarray(display))      # opacity 0: the plain film
-    assert isinstance(handlers.reblend(True, 1.0, state, n_models=1)[0], type(gr.skip()))   # the card stays
-    hidden = handlers.reblend(False, 1.0, state, n_models=1)           # unticked: film, no map, no caption
-    assert hidden[1]["value"] is display and hidden[2]["visible"] is False
-    shown = handlers.reblend(True, 1.0, state, n_models=1)
-    assert shown[2]["visible"] and "colorbar" in shown[2]["value"] and "not a map of disease" in shown[2]["value"]
-    assert "heat map for PNEUMONIA" in shown[1]["alt_text"] and "100 % strength" in shown[1]["alt_text"]
+    assert isinstance(panel(True, 1.0)["card"], type(gr.skip()))        # the card stays
+    hidden = panel(False, 1.0)                                          # unticked: film, no map, no caption
+    assert hidden["image"]["value"] is display and hidden["caption"]["visible"] is False
+    shown = panel(True, 1.0)
+    assert shown["caption"]["visible"] and "colorbar" in shown["caption"]["value"]
+    assert "not a map of disease" in shown["caption"]["value"]
+    assert "heat map for PNEUMONIA" in shown["image"]["alt_text"] and "100 % strength" in shown["image"]["alt_text"]
 
 
 def test_overlay_is_transparent_where_the_map_is_zero():
@@ -539,15 +548,20 @@ def test_show_film_and_predict_button(model_folders, tmp_path):
     from app import handlers
 
     film(tmp_path, "f.png")
-    out = handlers.show_film(_stored_upload(tmp_path, "f.png"), None, n_models=1)
-    assert out[0]["visible"] and out[0]["value"].size == (96, 96) and out[2]["interactive"] is True
+    def show(file):
+        return handlers.named_outputs(handlers.show_film(file, None, n_models=1), handlers.FILM_OUTPUTS)
+
+    out = show(_stored_upload(tmp_path, "f.png"))
+    assert out["film"]["visible"] and out["film"]["value"].size == (96, 96) and out["button"]["interactive"] is True
+    assert out["state"]["name"] == "f.png" and len(out["panels"]) == 1
     (tmp_path / "bad.png").write_bytes(b"not an image")
-    bad = handlers.show_film(_stored_upload(tmp_path, "bad.png"), None, n_models=1)
-    assert bad[1]["visible"] and "Cannot use this file" in bad[1]["value"] and bad[2]["interactive"] is False
-    assert handlers.show_film(None, None, n_models=1)[2]["interactive"] is False
+    bad = show(_stored_upload(tmp_path, "bad.png"))
+    assert bad["notice"]["visible"] and "Cannot use this file" in bad["notice"]["value"]
+    assert bad["button"]["interactive"] is False and bad["state"] is None
+    assert show(None)["button"]["interactive"] is False
 
 
-def test_predict_button_uses_the_film_decoded_on_upload(model_folders, tmp_path, monkeypatch):
+def test_predict_button_uses_the_film_decoded_on_upload(model_folders, tmp_path):
     """One decode per upload: Predict uses the film show_film decoded (no second decode), answers
     in the one schema, removes the upload, empties the file box, keeps no full-size film, and
     writes the result to download (overlay PNG, report, answer JSON)."""
@@ -557,12 +571,15 @@ def test_predict_button_uses_the_film_decoded_on_upload(model_folders, tmp_path,
     predictor = Predictor.from_pretrained(model_folders[0], precision="fp32")
     film(tmp_path, "g.png")
     path = _stored_upload(tmp_path, "g.png")
-    state = handlers.show_film(path, None, n_models=1)[3]
-    calls = []
-    monkeypatch.setattr(handlers, "_load", lambda *a, **k: calls.append(a))
-    out = handlers.predict_ui(path, True, 0.5, state, predictors=[predictor])
-    file_box, film_box, button, note, downloads, new_state, card, image, caption, map_class = out
-    assert not calls and not Path(path).exists()                    # decoded once, then removed
+    state = handlers.named_outputs(handlers.show_film(path, None, n_models=1), handlers.FILM_OUTPUTS)["state"]
+    Path(path).write_bytes(b"not an image")                         # a second decode would fail
+    out = handlers.named_outputs(handlers.predict_ui(path, True, 0.5, state, predictors=[predictor]),
+                                 handlers.RESULT_OUTPUTS)
+    file_box, film_box, button, downloads, new_state = (out[k] for k in ("file", "film", "button", "downloads",
+                                                                         "state"))
+    (panel,) = out["panels"]
+    card, image, caption, map_class = (panel[k] for k in handlers.PANEL)
+    assert not Path(path).exists()                                  # decoded once (on upload), then removed
     assert file_box["value"] is None and button["interactive"] is False and film_box["visible"]
     assert set(new_state) == {"display", "path", "results", "maps", "name"} and max(new_state["display"].size) <= 512
     assert new_state["maps"] == [{}] and map_class["visible"] is False     # a binary model: no per-class choice
@@ -588,25 +605,33 @@ def test_choosing_models_after_the_answer_rewrites_the_result_files(model_folder
 
     predictors = [Predictor.from_pretrained(f, precision="fp32") for f in model_folders]
     film(tmp_path, "h.png")
-    out = handlers.predict_ui(_stored_upload(tmp_path, "h.png"), True, 0.6, None, predictors=predictors)
-    state = out[5]
-    assert {Path(p).name for p in out[4]["value"]} >= {"cxr-overlay-edge.png", "cxr-overlay-sure-normal.png"}
-    state = handlers.show_models(["sure-normal"], True, 0.6, state, n_models=2)[0]
+    def result(values):
+        return handlers.named_outputs(values, handlers.RESULT_OUTPUTS)
+
+    def choose(names, state):
+        return handlers.named_outputs(handlers.show_models(names, True, 0.6, state, n_models=2),
+                                      handlers.MODELS_OUTPUTS)["state"]
+
+    out = result(handlers.predict_ui(_stored_upload(tmp_path, "h.png"), True, 0.6, None, predictors=predictors))
+    state = out["state"]
+    assert {Path(p).name for p in out["downloads"]["value"]} >= {"cxr-overlay-edge.png", "cxr-overlay-sure-normal.png"}
+    state = choose(["sure-normal"], state)
     got = {Path(p).name: Path(p) for p in handlers.refresh_downloads(0.6, state)["value"]}
     assert set(got) == {"cxr-overlay-sure-normal.png", "cxr-report.md", "cxr-answer.json"}
     report = got["cxr-report.md"].read_text()
     assert "## sure-normal" in report and "## edge" not in report and "h.png" in report
     assert [m["model"] for m in json.loads(got["cxr-answer.json"].read_text())["models"]] == ["sure-normal"]
-    state = handlers.show_models([], True, 0.6, state, n_models=2)[0]
+    state = choose([], state)
     assert handlers.refresh_downloads(0.6, state) == gr.update(value=None, visible=False)
     assert isinstance(handlers.refresh_downloads(0.6, None), type(gr.skip()))
-    example = handlers.predict_example(0, True, 0.6, predictors=predictors)[5]
-    example = handlers.show_models(["edge"], True, 0.6, example, n_models=2)[0]
+    example = result(handlers.predict_example(0, True, 0.6, predictors=predictors))["state"]
+    example = choose(["edge"], example)
     answer = next(Path(p) for p in handlers.refresh_downloads(0.6, example)["value"] if p.endswith(".json"))
     label = handlers.example_label(handlers.example_paths()[0])
     assert label and json.loads(answer.read_text())["label_in_data_set"] == label
 
 
+@pytest.mark.slow   # a trained model: the session's real training
 def test_model_facts_in_visitor_words(model_folders, trained_folder):
     from app import render
 

@@ -466,16 +466,17 @@ def test_page_shows_every_class_every_finding_and_a_map_per_finding(page_predict
 
     film = _film(tmp_path)
     path = _stored_upload(tmp_path, film.name)
-    out = handlers.predict_ui(path, True, 0.6, None, predictors=page_predictors)
-    assert len(out) == 6 + handlers.PANEL_OUTPUTS * 3
-    state, panels = out[5], out[6:]
+    out = handlers.named_outputs(handlers.predict_ui(path, True, 0.6, None, predictors=page_predictors),
+                                 handlers.RESULT_OUTPUTS)
+    state, panels = out["state"], out["panels"]
+    assert len(panels) == 3
     (binary, binary_heat), (three, _), (four, four_heat) = state["results"]
     # binary: as before (its map drawn at P / threshold, no per-class choice)
     b = page_predictors[0].predict(film, explain=True)
     assert np.array_equal(binary_heat, evidence_map(b.heatmap, b.positive_probability, b.threshold))
-    assert state["maps"][0] == {} and panels[3]["visible"] is False
+    assert state["maps"][0] == {} and panels[0]["map_class"]["visible"] is False
     # multi-class: every class's probability on the card, the decided one in bold, the screening call
-    card3 = panels[4]["value"]
+    card3 = panels[1]["card"]["value"]
     assert 'data-task="multiclass"' in card3 and 'data-decision="BACTERIAL"' in card3
     assert [re.search(rf'data-label="{n}" data-present="(\w+)"', card3).group(1) for n in THREE] == [
         "false", "true", "false"]
@@ -483,20 +484,21 @@ def test_page_shows_every_class_every_finding_and_a_map_per_finding(page_predict
     for f in three["findings"]:
         assert f"<span>{f['probability']:.2f}</span>" in card3
     # multi-label: the findings above their thresholds, each finding's threshold marked
-    card4 = panels[8]["value"]
+    card4 = panels[2]["card"]["value"]
     assert 'data-decision="Effusion, Edema"' in card4 and card4.count('data-testid="cxr-finding"') == 4
     assert "<b>Effusion</b> 0.66 (threshold 0.30)" in card4 and card4.count('class="cxr-thr"') == 4
-    choice = panels[11]
+    choice = panels[2]["map_class"]
     assert choice["visible"] and choice["choices"] == FOUR and choice["value"] == "Effusion"
-    assert "for Effusion" in panels[10]["value"]
+    assert "for Effusion" in panels[2]["caption"]["value"]
     # another finding's map, from the stored maps (no new inference)
-    redraw = handlers.choose_map(2, "Nodule", True, 0.6, state, n_models=3)
-    assert all(isinstance(u, type(__import__("gradio").skip())) for u in redraw[:8])   # other panels: as they were
-    nodule_img, nodule_cap = redraw[9], redraw[10]
+    redraw = handlers.named_outputs(handlers.choose_map(2, "Nodule", True, 0.6, state, n_models=3))["panels"]
+    assert all(isinstance(u, type(__import__("gradio").skip()))                      # other panels: as they were
+               for panel in redraw[:2] for u in panel.values())
+    nodule_img, nodule_cap = redraw[2]["image"], redraw[2]["caption"]
     assert "for Nodule" in nodule_cap["value"] and "heat map for Nodule" in nodule_img["alt_text"]
     # Nodule 0.15 against its threshold 0.5: the map is drawn at 0.15 / 0.5 = 30 % strength
     assert 'data-strength="0.3' in nodule_cap["value"] or 'data-strength="0.29' in nodule_cap["value"]
-    assert not np.array_equal(np.asarray(nodule_img["value"]), np.asarray(panels[9]["value"]))
+    assert not np.array_equal(np.asarray(nodule_img["value"]), np.asarray(panels[2]["image"]["value"]))
     assert float(state["maps"][2]["Nodule"].max()) <= 0.31 and np.array_equal(
         state["maps"][2]["Effusion"], four_heat.astype(np.float16))
     # a class the model has no map for, or no prediction: nothing changes
@@ -505,7 +507,8 @@ def test_page_shows_every_class_every_finding_and_a_map_per_finding(page_predict
     assert all(isinstance(u, type(__import__("gradio").skip()))
                for u in handlers.choose_map(2, "Nodule", True, 0.6, None, n_models=3))
     # the multi-class map of a class that is not the answer fades relative to the answer's class
-    cls = handlers.choose_map(1, "VIRAL", True, 0.6, state, n_models=3)[6]["value"]
+    cls = handlers.named_outputs(handlers.choose_map(1, "VIRAL", True, 0.6, state, n_models=3))["panels"][1]
+    cls = cls["caption"]["value"]
     assert "of the top class's probability" in cls
 
 
@@ -517,20 +520,23 @@ def test_visitor_chooses_which_models_to_see(page_predictors, tmp_path):
     film = _film(tmp_path, seed=5)
     path = _stored_upload(tmp_path, film.name)
     names = [p.name for p in page_predictors]
-    out = handlers.predict_ui(path, True, 0.6, None, predictors=page_predictors, shown=[names[1]])
-    state, panels = out[5], out[6:]
-    assert [panels[4 * i]["visible"] for i in range(3)] == [False, True, False]    # only the 3-class model
-    downloads = [Path(p).name for p in out[4]["value"]]
+    out = handlers.named_outputs(handlers.predict_ui(path, True, 0.6, None, predictors=page_predictors,
+                                                     shown=[names[1]]), handlers.RESULT_OUTPUTS)
+    state, panels = out["state"], out["panels"]
+    assert [panel["card"]["visible"] for panel in panels] == [False, True, False]    # only the 3-class model
+    downloads = [Path(p).name for p in out["downloads"]["value"]]
     assert "cxr-overlay-cxr-3class-tiny.png" in downloads and "cxr-overlay-edge.png" not in downloads
-    report = next(Path(p) for p in out[4]["value"] if p.endswith(".md")).read_text()
+    report = next(Path(p) for p in out["downloads"]["value"] if p.endswith(".md")).read_text()
     assert "## cxr-3class-tiny" in report and "## edge" not in report and "  - VIRAL: " in report
     # both again: no new inference, every panel shown
-    again = handlers.show_models(names, True, 0.6, state, n_models=3)
-    assert again[0]["shown"] == names and [again[1 + 4 * i]["visible"] for i in range(3)] == [True] * 3
-    assert again[0]["results"] is state["results"]
+    again = handlers.named_outputs(handlers.show_models(names, True, 0.6, state, n_models=3), handlers.MODELS_OUTPUTS)
+    assert again["state"]["shown"] == names and [panel["image"]["visible"] for panel in again["panels"]] == [True] * 3
+    assert again["state"]["results"] is state["results"]
     # before any prediction, only the choice is kept
-    first = handlers.show_models(names[:1], True, 0.6, None, n_models=3)
-    assert first[0] == {"shown": names[:1]} and all(isinstance(u, type(gr.skip())) for u in first[1:])
+    first = handlers.named_outputs(handlers.show_models(names[:1], True, 0.6, None, n_models=3),
+                                   handlers.MODELS_OUTPUTS)
+    assert first["state"] == {"shown": names[:1]}
+    assert all(isinstance(u, type(gr.skip())) for panel in first["panels"] for u in panel.values())
 
 
 def test_api_refuses_an_unknown_map_class_before_reading_the_file(page_predictors, tmp_path):

@@ -48,6 +48,12 @@ class DecodeBudget:
         left, when = self._buckets.get(key, (self.capacity, now))
         return min(self.capacity, left + (now - when) * self.rate)
 
+    def left(self, key: str) -> float:
+        """Decode seconds left in ``key``'s bucket now (the capacity for a client not seen yet;
+        below 0 after a decode that cost more than was left)."""
+        with self._lock:
+            return self._level(key, self.clock())
+
     def check(self, key: str) -> None:
         """:class:`OverBudget` when ``key``'s bucket is empty."""
         with self._lock:

@@ -109,12 +109,19 @@ def test_streaming_training_end_to_end(parquet_folder):
     assert logits.shape == (n_val, 2) and np.isfinite(logits).all()
     assert sorted(set(labels.tolist())) == [0, 1]
     assert fitted.trainer.state.global_step == 4
-    # the exported model is the plain HF model: it takes float pixel values (no hook is saved)
-    fitted.trainer.save_model(str(parquet_folder.parent / "exported"))
-    from transformers import AutoModelForImageClassification
+    # the exported model is the plain HF model: it takes its saved processor's float pixel values
+    # (the uint8 films of training went through a hook, which is not saved)
+    exported = parquet_folder.parent / "exported"
+    fitted.trainer.save_model(str(exported))
+    from transformers import AutoImageProcessor, AutoModelForImageClassification
 
-    model = AutoModelForImageClassification.from_pretrained(parquet_folder.parent / "exported")
-    assert not model._forward_pre_hooks
+    model = AutoModelForImageClassification.from_pretrained(exported).eval()
+    film = make_xray(3, True, size=64).convert("RGB")
+    pixels = AutoImageProcessor.from_pretrained(exported)(images=[film], return_tensors="pt")["pixel_values"]
+    assert pixels.dtype == torch.float32
+    with torch.no_grad():
+        logits = model(pixel_values=pixels).logits
+    assert logits.shape == (1, 2) and torch.isfinite(logits).all()
 
 
 def test_streaming_errors_are_clear(tmp_path, parquet_folder):

@@ -1,8 +1,11 @@
 """Shared fixtures: everything offline, on CPU, with tiny synthetic data and models.
 
-Markers (registered in pyproject.toml): ``slow`` (real trainings, Gradio servers, subprocesses),
-``browser``, ``gpu``, ``bench``. A test that asks for a trained-model fixture is marked
-``slow`` here automatically. The fast subset:
+Markers (registered in pyproject.toml), written on the tests themselves: ``slow`` (real
+trainings beyond one 2-step run, Gradio servers, subprocesses), ``browser``, ``gpu``, ``bench``
+(the browser, benchmark and GPU modules mark all their tests). The fast subset keeps one real
+2-step training (``trained_folder``, used unmarked by tests/test_train.py's hub-ready folder and
+card metadata tests); every other test that asks for ``trained_folder`` or ``trained_vit_folder``
+says ``@pytest.mark.slow`` itself:
 
     python -m pytest -m "not slow and not browser and not bench"
 """
@@ -22,16 +25,11 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from tests.helpers import base_args, write_kermany_folder  # noqa: E402
 
-TRAINED_FIXTURES = {"trained_folder", "trained_vit_folder"}
-
-
 def pytest_collection_modifyitems(config, items):
     import torch
 
     no_gpu = pytest.mark.skip(reason="needs a CUDA GPU")
     for item in items:
-        if TRAINED_FIXTURES & set(getattr(item, "fixturenames", ())):
-            item.add_marker(pytest.mark.slow)
         if "gpu" in item.keywords and not torch.cuda.is_available():
             item.add_marker(no_gpu)
 

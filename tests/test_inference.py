@@ -20,6 +20,7 @@ def predictor(trained_folder):
     return Predictor.from_pretrained(trained_folder, precision="fp32")
 
 
+@pytest.mark.slow   # a trained model: the session's real training
 def test_preprocessing_is_training_eval_transform(predictor, trained_folder, kermany_folder):
     """The Predictor's tensor == the training eval transform's tensor, for the same file."""
     data = prepare_data(DataArguments(dataset_name=str(kermany_folder), validation_fraction=0.25))
@@ -35,6 +36,7 @@ def test_preprocessing_is_training_eval_transform(predictor, trained_folder, ker
     assert list(predictor.processor.image_mean) == saved["image_mean"]
 
 
+@pytest.mark.slow   # a trained model: the session's real training
 def test_predict_uses_saved_threshold_and_temperature(predictor, trained_folder, kermany_folder):
     op = json.loads((trained_folder / "config.json").read_text())["cxr_operating_point"]
     assert predictor.threshold == pytest.approx(op["threshold"])
@@ -53,6 +55,7 @@ def test_predict_uses_saved_threshold_and_temperature(predictor, trained_folder,
     assert r.to_dict()["disclaimer"] == DISCLAIMER and "not a medical device" in DISCLAIMER
 
 
+@pytest.mark.slow   # a trained model: the session's real training
 def test_threshold_changes_the_decision(trained_folder, tmp_path):
     folder = tmp_path / "m"
     shutil.copytree(trained_folder, folder)
@@ -68,6 +71,7 @@ def test_threshold_changes_the_decision(trained_folder, tmp_path):
         Predictor.from_pretrained(folder, precision="fp32")
 
 
+@pytest.mark.slow   # a trained model: the session's real training
 def test_bf16_and_fp32_agree(trained_folder, kermany_folder):
     fp32 = Predictor.from_pretrained(trained_folder, precision="fp32")
     bf16 = Predictor.from_pretrained(trained_folder, precision="bf16")
@@ -77,6 +81,7 @@ def test_bf16_and_fp32_agree(trained_folder, kermany_folder):
         assert abs(x.positive_probability - y.positive_probability) < 0.02
 
 
+@pytest.mark.slow   # a trained model: the session's real training
 def test_colour_photo_is_flagged_not_labelled(predictor):
     rng = np.random.default_rng(0)
     photo = np.zeros((96, 96, 3), np.uint8)
@@ -86,6 +91,7 @@ def test_colour_photo_is_flagged_not_labelled(predictor):
     assert r.out_of_distribution and r.label is None and "not a chest X-ray" in r.warning
 
 
+@pytest.mark.slow   # trained models: the session's real trainings (ResNet and ViT)
 def test_heatmaps(predictor, trained_vit_folder, kermany_folder):
     path = next((kermany_folder / "test" / "PNEUMONIA").iterdir())
     r = predictor.predict(path, explain=True)
@@ -114,6 +120,7 @@ def test_attention_rollout_identity_attention():
     assert np.unravel_index(out[0].argmax(), (2, 2)) == (1, 0)   # patch index 2 -> row 1, col 0
 
 
+@pytest.mark.slow   # a trained model: the session's real training
 def test_predict_batch_keeps_going_after_bad_file(predictor, kermany_folder, tmp_path):
     bad = tmp_path / "bad.png"
     bad.write_bytes(b"<html>not an image</html>")
@@ -123,6 +130,7 @@ def test_predict_batch_keeps_going_after_bad_file(predictor, kermany_folder, tmp
     assert out[0].probabilities == out[2].probabilities
 
 
+@pytest.mark.slow   # a trained model: the session's real training
 def test_pickle_only_and_truncated_weights_fail_clearly(trained_folder, tmp_path):
     pickle_only = tmp_path / "pickle"
     shutil.copytree(trained_folder, pickle_only)
@@ -139,6 +147,7 @@ def test_pickle_only_and_truncated_weights_fail_clearly(trained_folder, tmp_path
         Predictor.from_pretrained(tmp_path / "nothing")
 
 
+@pytest.mark.slow   # a trained model: the session's real training
 def test_cli(trained_folder, kermany_folder, capsys, tmp_path):
     good = next((kermany_folder / "test" / "NORMAL").iterdir())
     bad = tmp_path / "x.png"
@@ -150,6 +159,7 @@ def test_cli(trained_folder, kermany_folder, capsys, tmp_path):
     assert "not a PNG, JPEG or DICOM" in lines[1]["error"]
 
 
+@pytest.mark.slow   # a trained model: the session's real training
 def test_concurrent_explanations_do_not_mix(predictor, kermany_folder):
     """Grad-CAM hooks are shared: concurrent calls must each get their own map."""
     from concurrent.futures import ThreadPoolExecutor
@@ -162,11 +172,13 @@ def test_concurrent_explanations_do_not_mix(predictor, kermany_folder):
         assert np.allclose(h, alone[i % len(files)], atol=1e-4)
 
 
+@pytest.mark.slow   # a trained model: the session's real training
 def test_greyscale_pil_input(predictor):
     r = predictor.predict(make_xray(2, False))   # mode "L"
     assert set(r.probabilities) == {"NORMAL", "PNEUMONIA"}
 
 
+@pytest.mark.slow   # a trained model: the session's real training
 def test_predict_batch_across_chunks_matches_predict(predictor, kermany_folder, tmp_path):
     """Batches run in parallel worker threads: order, errors and values must not change."""
     bad = tmp_path / "bad.jpg"
@@ -188,6 +200,7 @@ def test_predict_batch_across_chunks_matches_predict(predictor, kermany_folder, 
         predictor.predict_batch(files, batch_size=0)
 
 
+@pytest.mark.slow   # a trained model: the session's real training
 def test_torch_threads_of_the_caller_are_untouched(predictor, kermany_folder):
     """Workers run single-threaded; neither the caller nor threads started later inherit that."""
     import threading
@@ -206,6 +219,7 @@ def test_torch_threads_of_the_caller_are_untouched(predictor, kermany_folder):
     assert torch.get_num_threads() == before
 
 
+@pytest.mark.slow   # trained models: the session's real trainings (ResNet and ViT)
 def test_single_pass_maps_equal_the_library_explainers(predictor, trained_vit_folder, kermany_folder):
     """predict(explain=True) computes the map from its own forward pass; it must equal the
     separate explainer's map (pytorch_grad_cam.GradCAM for the ResNet, a rollout forward for the
@@ -249,6 +263,7 @@ def test_timm_cnn_map_from_the_prediction_pass_equals_grad_cam(tmp_path, arch, c
     assert max(peaks) > 0.01       # not all-zero maps that match trivially (random tiny nets give faint ones)
 
 
+@pytest.mark.slow   # a trained model: the session's real training
 def test_bf16_map_agrees_with_fp32(trained_folder, kermany_folder):
     from cxr.precision import resolve_bf16
 

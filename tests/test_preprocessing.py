@@ -38,6 +38,7 @@ def test_pixel_values_equal_the_processor(name, sizes):
     assert torch.equal(pixel_values(processor, [np.asarray(im) for im in images]), expected)
 
 
+@pytest.mark.slow   # a trained model: the session's real training
 def test_fast_path_is_taken_for_the_shipped_processor_only_when_safe(trained_folder):
     saved = AutoImageProcessor.from_pretrained(trained_folder)
     assert has_fast_path(saved)

@@ -258,6 +258,7 @@ def _exif_rotated_jpeg(path: Path) -> Path:
     return path
 
 
+@pytest.mark.slow   # a trained model: the session's real training
 def test_predict_on_a_pil_image_equals_the_file_upload(trained_folder, tmp_path):
     """Predictor.predict(PIL.Image) skipped the loader: EXIF, 16-bit scaling and alpha differed."""
     import numpy as np
@@ -281,6 +282,7 @@ def test_predict_on_a_pil_image_equals_the_file_upload(trained_folder, tmp_path)
         assert from_pil.probabilities == from_file.probabilities == batch.probabilities, path.name
 
 
+@pytest.mark.slow   # a trained model: the session's real training
 def test_cli_refuses_a_fifo_instead_of_hanging(trained_folder, tmp_path, capsys):
     import threading
 

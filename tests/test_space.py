@@ -100,6 +100,7 @@ def test_space_card(space):
     assert "not a medical device" in card.text and "MODEL_ID" in card.text
 
 
+@pytest.mark.slow   # a trained model: the session's real training
 def test_local_model_folder_not_copied(trained_folder, tmp_path):
     dest = build_space_folder(tmp_path / "repo", model_id=str(trained_folder))
     assert SpaceCard.load(dest / "README.md").data.models[0] == DEFAULT_MODEL_ID   # the template's list, default first

@@ -1,7 +1,7 @@
 """What training recorded about a model, as config.json's ``cxr_training`` carries it: the one
 reader serving uses (the Predictor's ``describe()``, the app's facts panel).
 
-Written by ``cxr_train.hub.CardFacts.config_summary`` with ``schema`` = :data:`SCHEMA`. A folder
+Written by ``cxr_train.report.serving_facts`` with ``schema`` = :data:`SCHEMA`. A folder
 written before the field was versioned has no ``schema`` and the same keys (read as 1); a newer
 schema than this reader knows is refused with a message rather than shown half-understood.
 """

@@ -1,6 +1,7 @@
-"""Clinical metrics for binary chest X-ray classification: pure numpy / scikit-learn.
+"""Clinical metrics of chest X-ray classifiers: pure numpy / scikit-learn. Binary first; the
+label sets' (multi-class, multi-label) further down.
 
-Conventions: ``y_true`` holds 0 (negative, e.g. NORMAL) and 1 (positive, e.g. PNEUMONIA);
+Binary conventions: ``y_true`` holds 0 (negative, e.g. NORMAL) and 1 (positive, e.g. PNEUMONIA);
 ``y_score`` is the probability of the positive class. The confusion matrix is
 ``[[TN, FP], [FN, TP]]``. This module is the ONE implementation: the ``evaluate`` module
 in ``cxr_train/clinical_metrics`` and the Trainer's ``compute_metrics`` both call it.

@@ -46,6 +46,7 @@ def render_calibration(y, s_raw, s_cal, path: str | Path, n_bins: int = 10) -> P
 
 
 def render_confusions(matrices: dict[str, list], path: str | Path, labels=("NORMAL", "PNEUMONIA")) -> Path:
+    """One confusion matrix per name (rows: true class, columns: called class), five to a row."""
     n = len(matrices)
     cols = min(n, 5)
     rows = (n + cols - 1) // cols

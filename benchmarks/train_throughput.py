@@ -20,6 +20,13 @@ What is measured, all with the same model, batch size, image size, precision and
    export: the same in both runs, so it cancels out, but adds noise). One untimed warm-up run
    comes first (imports, dataset cache).
 
+``--recipe hub_configs/<name>.yaml`` times a shipped recipe instead (model, image size, strategy, data
+path, augmentation, optimiser settings from the YAML; only the run length, evaluation, output and
+data folder are the benchmark's). With the recipe's film store (``data_cache: memmap``) both paths take
+the same data path: ``cxr_train.batches.build_inputs`` (uint8 batches from the store, the acquisition
+corruptions on the CPU per film, augmentation + normalisation as the model's forward pre-hook), and
+"data loader only" is then store read + acquisition corruptions + collation.
+
 The plain loop is built from the very same parsed arguments (``cxr_train.config.parse_args``),
 data (``prepare_data``, the same train subset), model (``build_model``), loss
 (``WeightedCrossEntropy``), precision, channels_last choice, optimizer (fused AdamW when the
@@ -32,7 +39,7 @@ loader (``--plain-steps`` batches), model only and data + model (``--plain-steps
 each), Trainer N, Trainer 2N. Each figure is the median over the rounds. Run on a quiet
 machine: other processes make every figure lower and noisier.
 
-    python -m benchmarks.train_throughput [--quick] [--data DIR] [--model PRESET_OR_DIR] [--out JSON]
+    python -m benchmarks.train_throughput [--quick] [--data DIR] [--model PRESET_OR_DIR | --recipe YAML] [--out JSON]
 """
 
 from __future__ import annotations
@@ -56,6 +63,9 @@ def parse(argv=None):
     ap = common.base_parser(__doc__, NAME)
     ap.add_argument("--model", default=common.DEFAULT_PRESET,
                     help="preset name or model folder (train_hf --model_name_or_path); default %(default)s")
+    ap.add_argument("--recipe", default=None,
+                    help="a hub_configs/*.yaml recipe to time (its model, size, data path, augmentation, optimiser); "
+                         "overrides --model / --image-size")
     ap.add_argument("--image-size", type=int, default=192)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--precision", default="auto", choices=PRECISIONS)
@@ -71,16 +81,42 @@ def parse(argv=None):
     args.plain_steps = args.plain_steps or (2 if q else 10)
     args.repeats = args.repeats or (1 if q else 5)
     args.train_samples = args.train_samples or (128 if q else 2048)
+    args.recipe_file = None
+    if args.recipe:
+        args.recipe_file = recipe_yaml(Path(args.recipe))
+        import yaml
+
+        rec = yaml.safe_load(args.recipe_file.read_text())
+        args.model, args.image_size = rec["model_name_or_path"], int(rec.get("image_size") or args.image_size)
     return args
+
+
+# Keys of a recipe that are not about the training step itself: the benchmark sets its own.
+RECIPE_DROP = ("dataset_name", "output_dir", "external_dataset", "num_train_epochs", "cv_folds", "hub_model_id",
+               "push_to_hub", "threshold_policy", "min_sensitivity", "per_device_train_batch_size")
+
+
+def recipe_yaml(path: Path) -> Path:
+    """The recipe without its run-control keys, in a temporary YAML for ``--config``."""
+    import yaml
+
+    if not path.is_file():
+        raise SystemExit(f"error: --recipe file not found: {path}")
+    rec = {k: v for k, v in (yaml.safe_load(path.read_text()) or {}).items() if k not in RECIPE_DROP}
+    out = common.temp_dir("recipe") / path.name
+    out.write_text(yaml.safe_dump(rec))
+    return out
 
 
 def trainer_argv(args, data_dir: Path, out_dir: Path, steps: int) -> list[str]:
     """The train_hf.py command line: evaluation, checkpoints and best-model reload off."""
-    return ["--model_name_or_path", str(args.model), "--image_size", str(args.image_size),
+    head = (["--config", str(args.recipe_file), "--ood_fit", "false"] if args.recipe_file else
+            ["--model_name_or_path", str(args.model), "--image_size", str(args.image_size), "--precision", args.precision])
+    return head + [
             "--max_steps", str(steps), "--eval_strategy", "no", "--save_strategy", "no",
             "--load_best_model_at_end", "False", "--do_eval", "False",
             "--per_device_train_batch_size", str(args.batch_size), "--dataset_name", str(data_dir),
-            "--output_dir", str(out_dir), "--disable_tqdm", "True", "--precision", args.precision,
+            "--output_dir", str(out_dir), "--disable_tqdm", "True",
             "--max_train_samples", str(args.train_samples), "--max_eval_samples", "32"]
 
 
@@ -158,9 +194,17 @@ class PlainLoop:
         self.opt = torch.optim.AdamW(self.params, lr=targs.learning_rate, betas=(targs.adam_beta1, targs.adam_beta2),
                                      eps=targs.adam_epsilon, weight_decay=targs.weight_decay,
                                      fused=self.fused or None)
-        train.set_transform(ImageTransform(processor, augment=data_args.augment))
+        self.data_path = getattr(data_args, "data_cache", "none") or "none"
+        if self.data_path == "none":
+            train.set_transform(ImageTransform(processor, augment=data_args.augment))
+            collate = default_data_collator
+        else:   # the Trainer's own data path: film store, CPU corruptions, on-device augment hook
+            from cxr_train.batches import build_inputs
+
+            data, collate = build_inputs(model, processor, data, data_args, targs.dataloader_num_workers)
+            train = data.splits["train"]
         loader = DataLoader(train, batch_size=b, shuffle=True, num_workers=targs.dataloader_num_workers,
-                            collate_fn=default_data_collator, drop_last=len(train) >= b)
+                            collate_fn=collate, drop_last=len(train) >= b)
         self.batches = Cycle(loader)
         self.n_train = len(train)
         self.x_fixed = torch.randn(b, 3, args.image_size, args.image_size)
@@ -249,6 +293,7 @@ def measure_all(args, data_dir: Path) -> dict:
         "plain_rounds": {k: [{"images": i, "seconds": round(t, 5)} for i, t in v] for k, v in rounds.items()},
         "trainer_runs": runs,
         "precision": "bf16 autocast" if plain.bf16 else "fp32", "channels_last": plain.channels_last,
+        "data_path": plain.data_path,
         "fused_adamw": plain.fused, "n_train_images": plain.n_train,
     }
 
@@ -273,7 +318,8 @@ def main(argv=None) -> int:
 
     print()
     common.print_table(["path", "img/s"], [
-        ["data loader only (decode + augment + processor)", res["dataloader_img_s"]],
+        ["data loader only" + (" (decode + augment + processor)" if res["data_path"] == "none" else
+                               " (film store + CPU corruptions + collation)"), res["dataloader_img_s"]],
         ["plain loop, model only (fixed batch)", res["plain_model_only_img_s"]],
         ["plain loop, data + model", plain_rate],
         ["Trainer, reported (incl. warm-up)", res["trainer_reported_img_s"]],
@@ -289,7 +335,8 @@ def main(argv=None) -> int:
     results.update(ratio_trainer_over_plain=ratio, ratio_trainer_wall_over_plain=ratio_wall)
     common.write_json(args.out, {
         "benchmark": NAME, "machine": info,
-        "config": {"model": str(args.model), "image_size": args.image_size, "batch_size": args.batch_size,
+        "config": {"model": str(args.model), "recipe": args.recipe, "data_path": res["data_path"],
+                   "image_size": args.image_size, "batch_size": args.batch_size,
                    "precision": res["precision"], "channels_last": res["channels_last"],
                    "fused_adamw": res["fused_adamw"], "steps_n": args.steps, "plain_steps": args.plain_steps,
                    "repeats": args.repeats, "train_samples": args.train_samples,

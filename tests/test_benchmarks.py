@@ -91,6 +91,35 @@ def test_app_latency(bench_inputs):
     assert all(positive(v) for v in r["memory"].values()) and len(r["memory"]) == 4
 
 
+def test_cold_start(bench_inputs):
+    result = run_script("cold_start", bench_inputs)
+    lib, app = result["results"]["library"], result["results"]["app"]
+    for key in ("import_s", "load_s", "first_predict_s", "to_first_answer_s", "second_predict_s", "peak_rss_mb"):
+        assert positive(lib[key]), (key, lib[key])
+    assert lib["to_first_answer_s"] >= lib["load_s"] + lib["first_predict_s"]
+    for key in ("to_health_s", "first_predict_s", "to_first_answer_s", "rss_ready_mb"):
+        assert positive(app[key]), (key, app[key])
+    assert len(result["rounds"]["library"]) == len(result["rounds"]["app"]) == 1
+
+
+def test_train_throughput_of_a_recipe_takes_its_data_path(bench_inputs, tmp_path):
+    """--recipe: the recipe's model, size and film store; both the plain loop and the Trainer read uint8
+    batches from the store (the JSON names the data path)."""
+    import yaml
+
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump({"model_name_or_path": "tiny-resnet-scratch", "image_size": 64, "data_cache": "memmap",
+                                      "cache_dir": str(tmp_path / "store"), "acquisition_augment": 0.5,
+                                      "output_dir": "ignored", "threshold_policy": "shift_floor"}))
+    result = run_script("train_throughput", bench_inputs, "--recipe", str(recipe), "--batch-size", "8",
+                        "--steps", "3", "--train-samples", "32")
+    assert result["config"]["data_path"] == "memmap" and result["config"]["image_size"] == 64
+    assert result["config"]["recipe"] == str(recipe)
+    for key in ("dataloader_img_s", "plain_model_only_img_s", "plain_loop_img_s", "trainer_reported_img_s"):
+        assert positive(result["results"][key]), (key, result["results"][key])
+    assert any((tmp_path / "store").iterdir())      # the film store was written and read
+
+
 def test_common_jpeg_decodes_under_10ms():
     """A timing claim (kept out of the unit tests): a 224-px JPEG decodes and passes the checks
     in under 10 ms on average."""

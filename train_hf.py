@@ -34,7 +34,8 @@ from cxr_train.batches import build_inputs
 from cxr_train.checkpointing import resolve_resume
 from cxr_train.config import ConfigError, ExtraTrainingArguments, RunArguments, parse_run_args
 from cxr_train.data import (
-    DataError, PreparedData, check_images, check_patient_disjoint, cv_fold, cv_folds, fold_overlaps, prepare_data,
+    DataError, PreparedData, check_images, check_patient_disjoint, cv_fold, cv_folds, fold_overlaps, prepare_cv_data,
+    prepare_data,
 )
 from cxr_train.hub import PushError, check_push_access, push_folder, render_model_card
 from cxr_train.labels import problem_type
@@ -270,7 +271,7 @@ def parse_stage(argv: list[str] | None) -> tuple[RunArguments, RunEnvironment, s
 def data_stage(args: RunArguments) -> RunData:
     """Splits grouped by patient, prepared and checked once, before anything is written: a wrong
     dataset, labels or film leaves no output folder. With --cv_folds the pool the folds are cut
-    from is prepared too (the shipped model's validation split as without CV)."""
+    from comes from the same preparation (the shipped model's validation split as without CV)."""
     data_args, training_args, evaluation = args.data, args.training, args.evaluation
     cv_mode = bool(evaluation.cv_folds)
     pool = None
@@ -279,10 +280,10 @@ def data_stage(args: RunArguments) -> RunData:
 
         data = prepare_streaming(data_args, seed=training_args.seed, need_test=training_args.do_predict)
     else:
-        if cv_mode:
-            pool = prepare_data(data_args, seed=training_args.seed, need_test=training_args.do_predict,
-                                carve_validation=False)
-        data = prepare_data(data_args, seed=training_args.seed, need_test=training_args.do_predict)
+        if cv_mode:     # one preparation: the pool and the shipped model's splits
+            pool, data = prepare_cv_data(data_args, seed=training_args.seed, need_test=training_args.do_predict)
+        else:
+            data = prepare_data(data_args, seed=training_args.seed, need_test=training_args.do_predict)
     if evaluation.threshold_policy == "shift_floor" and (data.task != "binary" or cv_mode):
         raise ConfigError("threshold_policy shift_floor is fitted on the validation split of a binary model: "
                           f"this run is {data.task}{' with --cv_folds' if cv_mode else ''}")

@@ -502,9 +502,20 @@ def check_label_names(names: list[str], multilabel: bool, data_args) -> str:
     return task
 
 
-def prepare_data(data_args, seed: int = 42, need_test: bool = False, carve_validation: bool = True) -> PreparedData:
-    """The splits to train on. ``carve_validation=False`` (cross-validation) returns the whole
-    training split as 'train': :func:`cv_fold` carves each fold's own validation."""
+@dataclass
+class _Checked:
+    """The dataset as read once: labelled, patient ids parsed, labels checked against the arguments;
+    every set of splits of a run is cut from it (:func:`_cut`)."""
+    ds: DatasetDict
+    names: list[str]
+    multilabel: bool
+    task: str
+    positive_id: int
+    uncertain: str | None
+    val_name: str | None
+
+
+def _read_and_check(data_args) -> _Checked:
     from .labels import LabelError
 
     labelled = labelled_from_args(data_args)
@@ -546,6 +557,14 @@ def prepare_data(data_args, seed: int = 42, need_test: bool = False, carve_valid
     val_name = data_args.validation_split or next((v for v in VALIDATION_NAMES if v in ds), None)
     if data_args.validation_split and data_args.validation_split not in ds:
         raise DataError(f"no '{data_args.validation_split}' split; the dataset has {list(ds)}")
+    return _Checked(ds, names, multilabel, task, positive_id, uncertain, val_name)
+
+
+def _cut(checked: _Checked, data_args, seed: int, need_test: bool, carve_validation: bool) -> PreparedData:
+    """One set of splits from the checked dataset: the validation split (the dataset's own, or carved
+    out of train by patient), then the sample caps, each with ``seed``."""
+    ds, names, uncertain, val_name = checked.ds, checked.names, checked.uncertain, checked.val_name
+    train = ds[data_args.train_split]
     if not carve_validation:
         validation = None
         if val_name:
@@ -567,10 +586,29 @@ def prepare_data(data_args, seed: int = 42, need_test: bool = False, carve_valid
             raise DataError(f"--do_predict needs a '{data_args.test_split}' split; the dataset has {list(ds)}")
         splits["test"] = ds[data_args.test_split]
     rules = getattr(data_args, "label_from_filename", None)
-    return PreparedData(DatasetDict(splits), id2label, positive_id,
-                        class_weights(train, len(names), data_args, task=task, uncertain=uncertain, names=names),
-                        task=task, uncertain_labels=uncertain if multilabel else None,
+    return PreparedData(DatasetDict(splits), dict(enumerate(names)), checked.positive_id,
+                        class_weights(train, len(names), data_args, task=checked.task, uncertain=uncertain,
+                                      names=names),
+                        task=checked.task, uncertain_labels=uncertain if checked.multilabel else None,
                         label_from_filename=" ".join(rules) if rules else None)
+
+
+def prepare_data(data_args, seed: int = 42, need_test: bool = False, carve_validation: bool = True) -> PreparedData:
+    """The splits to train on. ``carve_validation=False`` (cross-validation) returns the whole
+    training split as 'train': :func:`cv_fold` carves each fold's own validation."""
+    return _cut(_read_and_check(data_args), data_args, seed, need_test, carve_validation)
+
+
+def prepare_cv_data(data_args, seed: int = 42, need_test: bool = False) -> tuple[PreparedData, PreparedData]:
+    """A ``--cv_folds`` run's two sets of splits from one preparation (images listed, labelled,
+    patient-parsed and checked once): the pool the folds are cut from (``carve_validation=False``)
+    and the shipped model's splits, each the same as its own :func:`prepare_data` call. The shipped
+    model's validation split is cut from the full training split, not from the pool, because the
+    pool is already capped (``--max_train_samples``, ``--max_samples_per_class``): caps drawn before
+    the patient-grouped carve would pick other films."""
+    checked = _read_and_check(data_args)
+    return (_cut(checked, data_args, seed, need_test, carve_validation=False),
+            _cut(checked, data_args, seed, need_test, carve_validation=True))
 
 
 def class_weights(train, n_classes: int, data_args, *, task: str = "binary", uncertain: str | None = None,

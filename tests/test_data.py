@@ -3,6 +3,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+from datasets import Image as ImageFeature
 
 from cxr_train.config import DataArguments
 from cxr_train.data import (
@@ -184,3 +185,44 @@ def test_shipped_out_of_fold_scores_share_no_patient_between_folds():
     assert len(oof["patients"]) == len(oof["fold"]) == len(oof["scores"]) > 1000
     assert set(oof["fold"]) == set(range(5))
     assert fold_overlaps(oof["patients"], oof["fold"]) == []
+
+
+def _films(prepared):
+    """Every split's files, in order, with the facts the run reads off the preparation."""
+    return ({name: [x["path"] for x in split.cast_column("image", ImageFeature(decode=False))["image"]]
+             for name, split in prepared.splits.items()},
+            prepared.id2label, prepared.positive_id, prepared.class_weights, prepared.task)
+
+
+@pytest.fixture(scope="module")
+def cv_folders(tmp_path_factory):
+    """Two tiny Kermany folders, read by every combination below: without and with a 'val' split."""
+    return {own: write_kermany_folder(tmp_path_factory.mktemp("own" if own else "carved"), n_patients=10,
+                                      per_patient=2, size=32,
+                                      splits=("train", "val", "test") if own else ("train", "test"))
+            for own in (False, True)}
+
+
+@pytest.mark.parametrize("own_validation", [False, True], ids=["carved", "own-validation"])
+@pytest.mark.parametrize("caps", [{}, {"max_train_samples": 20, "max_eval_samples": 6},
+                                  {"max_samples_per_class": 7}], ids=["no-caps", "max-train-eval", "per-class"])
+def test_cv_run_prepares_once_with_the_same_splits(cv_folders, own_validation, caps):
+    """A --cv_folds run's pool and shipped-model splits come from one preparation (prepare_cv_data)
+    and are the very files, in the same order, of the two prepare_data calls a run made before:
+    with and without the dataset's own validation split, with and without sample caps."""
+    from cxr_train.data import prepare_cv_data
+
+    root = cv_folders[own_validation]
+    a = args(root, validation_fraction=0.25, **caps)
+    pool, shipped = prepare_cv_data(a, seed=5, need_test=True)
+    assert _films(pool) == _films(prepare_data(a, seed=5, need_test=True, carve_validation=False))
+    assert _films(shipped) == _films(prepare_data(a, seed=5, need_test=True))
+    assert set(pool.splits) == {"train", "test"} and set(shipped.splits) == {"train", "validation", "test"}
+    files = _films(shipped)[0]
+    if own_validation:     # the dataset's own validation split, the pool's train split (same caps)
+        assert all("/val/" in f for f in files["validation"]) and files["train"] == _films(pool)[0]["train"]
+    else:                  # carved out of the full train split by patient, then capped
+        assert not {patient_id_from_filename(f.rsplit("/", 1)[1]) for f in files["train"]} & \
+            {patient_id_from_filename(f.rsplit("/", 1)[1]) for f in files["validation"]}
+    if caps:
+        assert len(files["train"]) < len(_films(prepare_data(args(root, validation_fraction=0.25), seed=5))[0]["train"])

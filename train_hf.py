@@ -29,6 +29,7 @@ import torch
 import yaml
 
 from cxr.architecture import CNN, family
+from cxr.cli import answer
 from cxr.operating_point import CONFIG_KEY, OperatingPoint
 from cxr_train.batches import build_inputs
 from cxr_train.checkpointing import resolve_resume
@@ -605,16 +606,15 @@ def _figures(out_dir: Path, logits, labels, data, op, cv: CVResult | None) -> di
     return {"roc": "roc_validation.png", "calibration": "calibration_validation.png"}
 
 
+def run_and_summarise(argv: list[str] | None = None) -> str | None:
+    """One run and its end-of-run summary; None on a process that did not write the folder."""
+    result = run(argv)
+    return render_summary(result) if "train_seconds" in result else None
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    try:
-        result = run(argv)
-    except USER_ERRORS as e:  # printed once, without a traceback
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    if "train_seconds" in result:     # the process that wrote the folder
-        print(render_summary(result))
-    return 0
+    return answer(lambda: run_and_summarise(argv), *USER_ERRORS)   # a user error: one line, no traceback
 
 
 if __name__ == "__main__":

@@ -31,13 +31,20 @@ class ArgumentParser(argparse.ArgumentParser):
         return namespace
 
 
+def fail(error: object) -> int:
+    """A verb's expected failure: ``error: <message>`` on stderr (no traceback); returns exit status 2."""
+    print(f"error: {error}", file=sys.stderr)
+    return 2
+
+
 def answer(work: Callable[[], object], *errors: type[Exception]) -> int:
-    """Run a verb's work and print what it returns (a folder, a URL) on stdout: exit status 0; on
-    one of ``errors``, print ``error: <message>`` on stderr instead (no traceback): exit status 2."""
+    """Run a verb's work and print what it returns (a folder, a URL, a summary) on stdout: exit
+    status 0 (None: the work printed its own output, or has none); on one of ``errors``, print
+    ``error: <message>`` on stderr instead (:func:`fail`): exit status 2."""
     try:
         out = work()
     except errors as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(out)
+        return fail(e)
+    if out is not None:
+        print(out)
     return 0

@@ -402,8 +402,7 @@ def check_model_folder(folder: str | Path) -> Path:
 
 def push_main(argv: list[str] | None = None) -> int:
     """``cxr-push``: upload an existing model folder (e.g. a run trained without --push_to_hub)."""
-    from cxr.cli import ArgumentParser
-    import sys
+    from cxr.cli import ArgumentParser, answer
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     ap = ArgumentParser(prog="cxr-push", description="Push a finished model folder to the Hugging Face "
@@ -413,15 +412,13 @@ def push_main(argv: list[str] | None = None) -> int:
     ap.add_argument("--private", action="store_true", help="create the repo as private")
     ap.add_argument("--token", default=None, help="Hub token (default: HF_TOKEN or `hf auth login`)")
     args = ap.parse_args(argv)
-    try:
+
+    def push() -> str:
         folder = check_model_folder(args.folder)
         repo_id = check_push_access(args.repo_id, token=args.token)
-        url = push_folder(folder, repo_id, private=args.private, token=args.token)
-    except PushError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(url)
-    return 0
+        return push_folder(folder, repo_id, private=args.private, token=args.token)
+
+    return answer(push, PushError)
 
 
 if __name__ == "__main__":

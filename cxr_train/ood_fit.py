@@ -273,6 +273,7 @@ def _model_split(model_dir: Path, data: Path):
 
 
 def main(argv: list[str] | None = None) -> int:
+    from cxr.cli import fail
     from cxr.inference import ModelLoadError, Predictor
 
     ap = argparse.ArgumentParser(description="Fit or apply the out-of-distribution score of a model folder.")
@@ -292,12 +293,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         predictor = Predictor.from_pretrained(args.model, precision="fp32")
     except ModelLoadError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return fail(e)
     if args.cmd == "score":
         if predictor.ood is None:
-            print("error: this model folder has no ood.safetensors (run: python -m cxr_train.ood_fit fit ...)", file=sys.stderr)
-            return 2
+            return fail("this model folder has no ood.safetensors (run: python -m cxr_train.ood_fit fit ...)")
         from cxr.imaging import ImageLoadError, load_image
         for p in args.images:
             try:
@@ -316,8 +315,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         files, labels = _image_folder(data, "train")
         if not files:
-            print(f"error: no images under {data}", file=sys.stderr)
-            return 2
+            return fail(f"no images under {data}")
         if args.val_data:
             val_files, _ = _image_folder(Path(args.val_data), "val")
             train_idx = np.arange(len(files))

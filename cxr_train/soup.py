@@ -137,7 +137,7 @@ def card_section(record: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     own, rest = (argv[:argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv else (argv, [])
-    from cxr.cli import ArgumentParser     # "did you mean" for a misspelt flag
+    from cxr.cli import ArgumentParser, fail     # "did you mean" for a misspelt flag; one error line
 
     ap = ArgumentParser(prog="cxr-soup", description=__doc__.split("\n\n")[0],
                                  epilog="Everything after -- goes to cxr-train (give it --config and --output_dir).")
@@ -154,8 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         average = write_average(members, Path(f"{out}-average"))
     except SoupError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return fail(e)
     import train_hf
 
     rc = train_hf.main([*rest, "--model_name_or_path", str(average), "--reinit_head", "false", "--do_train", "false"])

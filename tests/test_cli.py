@@ -137,6 +137,28 @@ def test_a_verbs_failure_is_one_error_line_and_status_2(capsys):
         answer(lambda: 1 / 0, KeyError)
 
 
+def test_every_verb_prints_its_errors_by_the_one_rule(tmp_path, capsys):
+    """cxr.cli.fail is the rule answer prints by; a verb that printed its own output returns None
+    (nothing more printed). cxr-push, cxr-soup, the OOD fit and cxr-train fail through it: one
+    line, status 2."""
+    from cxr.cli import answer, fail
+    from cxr_train import ood_fit, soup
+    from cxr_train.hub import push_main
+    from train_hf import main as main_train
+
+    assert fail("no images under x") == 2 and capsys.readouterr() == ("", "error: no images under x\n")
+    assert answer(lambda: None, KeyError) == 0 and capsys.readouterr() == ("", "")
+    missing = str(tmp_path / "missing")
+    for verb in (lambda: push_main(["--folder", missing, "--repo_id", "someone/cxr"]),
+                 lambda: soup.main(["--members", missing, "--", "--output_dir", str(tmp_path / "soup")]),
+                 lambda: ood_fit.main(["score", "--model", missing, "film.png"]),
+                 lambda: main_train(["--dataset_name", missing, "--output_dir", str(tmp_path / "out")])):
+        assert verb() == 2
+        out, err = capsys.readouterr()
+        assert err.count("error:") == 1 and "Traceback" not in err
+        assert [line for line in err.splitlines() if line.startswith("error: ")]
+
+
 # ------------------------------------------------------------------ what cxr-predict says
 
 def test_timm_models_ask_for_the_backend_they_have():

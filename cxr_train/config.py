@@ -27,6 +27,11 @@ LABEL_SET_FIELDS = ("image_column", "label_column", "label_columns", "uncertain_
 USAGE = "train_hf.py [--config FILE.yaml] [--field value ...]   (or: cxr-train ...)"
 
 
+def option(default, help: str):
+    """A settings field: its default and the help text ``--help`` prints (HfArgumentParser reads it)."""
+    return field(default=default, metadata={"help": help})
+
+
 class ConfigError(ValueError):
     """A bad configuration, found before anything is downloaded or trained."""
 
@@ -45,104 +50,96 @@ class ModelArguments:
         metadata={"help": "Hub id, local folder, or a from-scratch preset "
                           "(cxr-resnet-small-scratch, cxr-vit-small-scratch)."},
     )
-    strategy: str = field(default="full", metadata={"help": f"One of {', '.join(STRATEGIES)}."})
-    partial_stages: int = field(
-        default=1, metadata={"help": "partial: how many of the last backbone stages/blocks to train."})
-    lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
-    lora_alpha: int = field(default=16, metadata={"help": "LoRA alpha."})
-    lora_dropout: float = field(default=0.1, metadata={"help": "LoRA dropout."})
-    lora_target_modules: list[str] | None = field(
-        default=None, metadata={"help": "LoRA target module names; default chosen per architecture."})
-    image_size: int | None = field(
-        default=None, metadata={"help": "Input size in pixels (square); default: the checkpoint's."})
-    model_revision: str | None = field(
-        default=None, metadata={"help": "Hub revision (branch, tag or commit) to pin the checkpoint to."})
-    reinit_head: bool = field(
-        default=False, metadata={"help": "Re-initialise the classification head even when the checkpoint's "
-                                         "head already has the right shape (clean transfer experiments)."})
-    channels_last: bool = field(
-        default=True, metadata={"help": "Use channels_last memory format for CNNs (faster on CPU)."})
+    strategy: str = option("full", f"One of {', '.join(STRATEGIES)}.")
+    partial_stages: int = option(1, "partial: how many of the last backbone stages/blocks to train.")
+    lora_r: int = option(16, "LoRA rank.")
+    lora_alpha: int = option(16, "LoRA alpha.")
+    lora_dropout: float = option(0.1, "LoRA dropout.")
+    lora_target_modules: list[str] | None = option(None, "LoRA target module names; default chosen per architecture.")
+    image_size: int | None = option(None, "Input size in pixels (square); default: the checkpoint's.")
+    model_revision: str | None = option(None, "Hub revision (branch, tag or commit) to pin the checkpoint to.")
+    reinit_head: bool = option(
+        False, "Re-initialise the classification head even when the checkpoint's "
+               "head already has the right shape (clean transfer experiments).")
+    channels_last: bool = option(True, "Use channels_last memory format for CNNs (faster on CPU).")
 
 
 @dataclass
 class DataArguments:
-    dataset_name: str | None = field(
-        default=None, metadata={"help": "Hub dataset id, or a local folder <split>/<LABEL>/<image> or <LABEL>/<image>."})
-    dataset_config_name: str | None = field(default=None, metadata={"help": "Hub dataset configuration."})
-    dataset_revision: str | None = field(default=None, metadata={"help": "Hub dataset revision."})
-    train_split: str = field(default="train", metadata={"help": "Split to train on."})
-    validation_split: str | None = field(
-        default=None, metadata={"help": "Validation split name; default: 'validation'/'val' if present, "
-                                        "else carved out of train grouped by patient."})
-    test_split: str = field(default="test", metadata={"help": "Test split name (only --do_predict reads it)."})
-    validation_fraction: float = field(
-        default=0.1, metadata={"help": "Fraction of training patients held out for validation."})
-    image_column: str | None = field(
-        default=None, metadata={"help": "The dataset's image column (an Image feature, or file paths in a CSV); "
-                                        "default: auto-detected (image, img, ... or the one Image column)."})
-    label_column: str | None = field(
-        default=None, metadata={"help": "The dataset's label column: one label per film (a ClassLabel, strings or "
-                                        "ints: binary or N-class) or a list of findings per film "
-                                        "(Sequence(ClassLabel): multi-label); default: auto-detected (label, labels, "
-                                        "the one ClassLabel column, or CheXpert-style finding columns)."})
-    label_columns: list[str] | None = field(
-        default=None, metadata={"help": "Multi-label, CheXpert style: one column per finding holding 1 (present), "
-                                        "0 (absent), -1 (uncertain) or blank (not mentioned: read as 0); default: "
-                                        "every column holding only those values when no label column exists."})
-    uncertain_labels: str | None = field(
-        default=None, metadata={"help": "Multi-label: what uncertain (-1) labels train as: ones (U-Ones), zeros "
-                                        "(U-Zeros) or ignore (masked out of the loss), Irvin et al. 2019. Required "
-                                        "when the data has -1 labels; uncertain labels are never scored."})
-    label_from_filename: list[str] | None = field(
-        default=None, metadata={"help": "Labels from the file names instead of the folders or the label column: "
-                                        "LABEL=REGEX pairs (re.search on the file name, first match wins, their "
-                                        "order is the class order) or a preset: kermany3 (NORMAL / BACTERIAL / "
-                                        "VIRAL from the Kermany names). Applies to external_dataset too."})
-    class_names: list[str] | None = field(
-        default=None, metadata={"help": "Expected class names; an error if the data's differ."})
-    positive_label: str | None = field(
-        default=None, metadata={"help": "Positive class for clinical metrics; default: the class that is "
-                                        "not NORMAL (or index 1)."})
-    max_train_samples: int | None = field(default=None, metadata={"help": "Cap on training images (stratified)."})
-    max_eval_samples: int | None = field(default=None, metadata={"help": "Cap on validation images (stratified)."})
-    max_samples_per_class: int | None = field(
-        default=None, metadata={"help": "Low-data studies: at most this many training images per class."})
-    class_weights: list[float] | None = field(
-        default=None, metadata={"help": "Cross-entropy class weights; default: inverse class frequency of train."})
-    augment: bool = field(default=True, metadata={"help": "Training augmentation (affine, crop, contrast)."})
-    augment_strength: str = field(
-        default="standard", metadata={"help": "standard (crop 0.75-1, rotation 10 deg, shift 0.05, brightness/contrast "
-                                              "0.2) or strong (crop 0.55-1, rotation 12 deg, shift 0.08, "
-                                              "brightness/contrast 0.3, gamma 0.7-1.4, slight blur); never flips."})
-    acquisition_augment: float = field(
-        default=0.0, metadata={"help": "Probability that a training film gets one acquisition change of the shift "
-                                       "stress test (noise, blur, down-sampling, JPEG, sharpening, grid lines, "
-                                       "equalisation, borders, zoom; cxr_train.acquisition) at a severity in [0, 2]; "
-                                       "0 = off. Needs --data_cache memmap."})
-    external_dataset: str | None = field(
-        default=None, metadata={"help": "A local image folder <LABEL>/<image> of other patients, scored once with "
-                                        "the final model at its saved operating point (reported, never tuned on)."})
-    data_cache: str = field(
-        default="memmap", metadata={"help": "memmap: decode each film once into an on-disk uint8 store (resized by the "
-                                            "model's processor; reused by folds, epochs and later runs) and convert, "
-                                            "augment and normalise whole batches on the training device; none: "
-                                            "decode and transform every film every epoch (the old path)."})
-    cache_dir: str | None = field(
-        default=None, metadata={"help": "Folder of the film store (default: $CXR_CACHE_DIR, else cxr-films in the "
-                                        "datasets cache, $HF_DATASETS_CACHE or ~/.cache/huggingface/datasets)."})
-    streaming: bool = field(
-        default=False, metadata={"help": "Stream the dataset (a Hub id or a local folder of parquet files, loaded with "
-                                         "streaming=True) instead of loading it: for datasets larger than the disk. "
-                                         "A first pass reads only the label and patient columns (class counts, a "
-                                         "patient-grouped validation split, film counts); films are decoded as they "
-                                         "stream, every epoch, through the same uint8 batch path. One label per film "
-                                         "(binary or N-class). max_steps defaults to num_train_epochs over the "
-                                         "counted films; max_train_samples takes the first N films of the shuffled "
-                                         "stream. Not with cv_folds, max_samples_per_class, acquisition_augment, "
-                                         "data_cache none or label_from_filename (docs/streaming.md)."})
-    streaming_shuffle_buffer: int = field(
-        default=1000, metadata={"help": "--streaming: films held in the shuffle buffer of the training stream "
-                                        "(its shards are shuffled too, again every epoch)."})
+    dataset_name: str | None = option(
+        None, "Hub dataset id, or a local folder <split>/<LABEL>/<image> or <LABEL>/<image>.")
+    dataset_config_name: str | None = option(None, "Hub dataset configuration.")
+    dataset_revision: str | None = option(None, "Hub dataset revision.")
+    train_split: str = option("train", "Split to train on.")
+    validation_split: str | None = option(
+        None, "Validation split name; default: 'validation'/'val' if present, "
+              "else carved out of train grouped by patient.")
+    test_split: str = option("test", "Test split name (only --do_predict reads it).")
+    validation_fraction: float = option(0.1, "Fraction of training patients held out for validation.")
+    image_column: str | None = option(
+        None, "The dataset's image column (an Image feature, or file paths in a CSV); "
+              "default: auto-detected (image, img, ... or the one Image column).")
+    label_column: str | None = option(
+        None, "The dataset's label column: one label per film (a ClassLabel, strings or "
+              "ints: binary or N-class) or a list of findings per film "
+              "(Sequence(ClassLabel): multi-label); default: auto-detected (label, labels, "
+              "the one ClassLabel column, or CheXpert-style finding columns).")
+    label_columns: list[str] | None = option(
+        None, "Multi-label, CheXpert style: one column per finding holding 1 (present), "
+              "0 (absent), -1 (uncertain) or blank (not mentioned: read as 0); default: "
+              "every column holding only those values when no label column exists.")
+    uncertain_labels: str | None = option(
+        None, "Multi-label: what uncertain (-1) labels train as: ones (U-Ones), zeros "
+              "(U-Zeros) or ignore (masked out of the loss), Irvin et al. 2019. Required "
+              "when the data has -1 labels; uncertain labels are never scored.")
+    label_from_filename: list[str] | None = option(
+        None, "Labels from the file names instead of the folders or the label column: "
+              "LABEL=REGEX pairs (re.search on the file name, first match wins, their "
+              "order is the class order) or a preset: kermany3 (NORMAL / BACTERIAL / "
+              "VIRAL from the Kermany names). Applies to external_dataset too.")
+    class_names: list[str] | None = option(None, "Expected class names; an error if the data's differ.")
+    positive_label: str | None = option(
+        None, "Positive class for clinical metrics; default: the class that is "
+              "not NORMAL (or index 1).")
+    max_train_samples: int | None = option(None, "Cap on training images (stratified).")
+    max_eval_samples: int | None = option(None, "Cap on validation images (stratified).")
+    max_samples_per_class: int | None = option(None, "Low-data studies: at most this many training images per class.")
+    class_weights: list[float] | None = option(
+        None, "Cross-entropy class weights; default: inverse class frequency of train.")
+    augment: bool = option(True, "Training augmentation (affine, crop, contrast).")
+    augment_strength: str = option(
+        "standard", "standard (crop 0.75-1, rotation 10 deg, shift 0.05, brightness/contrast "
+                    "0.2) or strong (crop 0.55-1, rotation 12 deg, shift 0.08, "
+                    "brightness/contrast 0.3, gamma 0.7-1.4, slight blur); never flips.")
+    acquisition_augment: float = option(
+        0.0, "Probability that a training film gets one acquisition change of the shift "
+             "stress test (noise, blur, down-sampling, JPEG, sharpening, grid lines, "
+             "equalisation, borders, zoom; cxr_train.acquisition) at a severity in [0, 2]; "
+             "0 = off. Needs --data_cache memmap.")
+    external_dataset: str | None = option(
+        None, "A local image folder <LABEL>/<image> of other patients, scored once with "
+              "the final model at its saved operating point (reported, never tuned on).")
+    data_cache: str = option(
+        "memmap", "memmap: decode each film once into an on-disk uint8 store (resized by the "
+                  "model's processor; reused by folds, epochs and later runs) and convert, "
+                  "augment and normalise whole batches on the training device; none: "
+                  "decode and transform every film every epoch (the old path).")
+    cache_dir: str | None = option(
+        None, "Folder of the film store (default: $CXR_CACHE_DIR, else cxr-films in the "
+              "datasets cache, $HF_DATASETS_CACHE or ~/.cache/huggingface/datasets).")
+    streaming: bool = option(
+        False, "Stream the dataset (a Hub id or a local folder of parquet files, loaded with "
+               "streaming=True) instead of loading it: for datasets larger than the disk. "
+               "A first pass reads only the label and patient columns (class counts, a "
+               "patient-grouped validation split, film counts); films are decoded as they "
+               "stream, every epoch, through the same uint8 batch path. One label per film "
+               "(binary or N-class). max_steps defaults to num_train_epochs over the "
+               "counted films; max_train_samples takes the first N films of the shuffled "
+               "stream. Not with cv_folds, max_samples_per_class, acquisition_augment, "
+               "data_cache none or label_from_filename (docs/streaming.md).")
+    streaming_shuffle_buffer: int = option(
+        1000, "--streaming: films held in the shuffle buffer of the training stream "
+              "(its shards are shuffled too, again every epoch).")
 
 
 def _choices(names) -> str:
@@ -154,44 +151,42 @@ def _choices(names) -> str:
 @dataclass
 class EvaluationArguments:
     """How the trained model is judged and its operating point chosen (not what it is trained on)."""
-    cv_folds: int = field(
-        default=0, metadata={"help": "K >= 2: patient-grouped, stratified K-fold cross-validation first (K models, "
-                                     "per-fold and mean ± sd metrics, out-of-fold scores of every training image); "
-                                     "the operating point is then fitted on the out-of-fold scores and the shipped "
-                                     "model is trained as without CV (its validation split for early stopping). "
-                                     "0 = off."})
-    threshold_policy: str = field(
-        default="equal_error", metadata={"help": "How the decision threshold is chosen on the fitting scores "
-                                                 "(out-of-fold with --cv_folds, else validation): "
-                                                 + "; ".join(f"{k}: {v}" for k, v in POLICIES.items())
-                                                 .replace("min_sensitivity", "--min_sensitivity") + "."})
-    min_sensitivity: float = field(
-        default=0.95, metadata={"help": "Sensitivity the high-sensitivity threshold (and the sensitivity_floor "
-                                        "and shift_floor policies) keeps on the fitting scores."})
+    cv_folds: int = option(
+        0, "K >= 2: patient-grouped, stratified K-fold cross-validation first (K models, "
+           "per-fold and mean ± sd metrics, out-of-fold scores of every training image); "
+           "the operating point is then fitted on the out-of-fold scores and the shipped "
+           "model is trained as without CV (its validation split for early stopping). "
+           "0 = off.")
+    threshold_policy: str = option(
+        "equal_error", "How the decision threshold is chosen on the fitting scores "
+                       "(out-of-fold with --cv_folds, else validation): "
+                       + "; ".join(f"{k}: {v}" for k, v in POLICIES.items())
+                       .replace("min_sensitivity", "--min_sensitivity") + ".")
+    min_sensitivity: float = option(
+        0.95, "Sensitivity the high-sensitivity threshold (and the sensitivity_floor "
+              "and shift_floor policies) keeps on the fitting scores.")
 
 
 @dataclass
 class ExportArguments:
     """What goes into the model folder beside the weights, and where it is published."""
-    ood_fit: bool = field(
-        default=True, metadata={"help": "Fit the out-of-distribution score on the model's own training films "
-                                        "(threshold on its validation films and reference non-X-ray images) and "
-                                        "save it as ood.safetensors in the model folder, which the Predictor and "
-                                        "the Space use to flag films unlike the training data (cxr/ood.py). "
-                                        "False: skip it (the folder then serves without the OOD check)."})
-    ood_max_train: int = field(
-        default=3000, metadata={"help": "The OOD fit reads at most this many training films (a random sample, seeded)."})
-    hub_private: bool = field(default=False, metadata={"help": "Create the Hub repo as private."})
+    ood_fit: bool = option(
+        True, "Fit the out-of-distribution score on the model's own training films "
+              "(threshold on its validation films and reference non-X-ray images) and "
+              "save it as ood.safetensors in the model folder, which the Predictor and "
+              "the Space use to flag films unlike the training data (cxr/ood.py). "
+              "False: skip it (the folder then serves without the OOD check).")
+    ood_max_train: int = option(3000, "The OOD fit reads at most this many training films (a random sample, seeded).")
+    hub_private: bool = option(False, "Create the Hub repo as private.")
 
 
 @dataclass
 class ExtraTrainingArguments:
     """The project's training settings beside transformers.TrainingArguments."""
-    precision: str = field(
-        default="auto", metadata={"help": f"{_choices(PRECISIONS)}: auto is bf16 where the CPU/GPU supports it "
-                                          "(sets TrainingArguments.bf16)."})
-    early_stopping_patience: int = field(
-        default=5, metadata={"help": "Evaluations without AUROC improvement before stopping (0 = off)."})
+    precision: str = option(
+        "auto", f"{_choices(PRECISIONS)}: auto is bf16 where the CPU/GPU supports it "
+                "(sets TrainingArguments.bf16).")
+    early_stopping_patience: int = option(5, "Evaluations without AUROC improvement before stopping (0 = off).")
 
 
 DEFAULT_TRAINING = {

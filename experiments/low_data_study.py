@@ -80,6 +80,16 @@ def run(args_list: list[str]) -> None:
         raise SystemExit(f"train_hf failed ({rc}): {' '.join(args_list)}")
 
 
+def timed_run(args_list: list[str], run_dir: Path, size: str = "all") -> None:
+    """One study run into ``run_dir`` (``size``: at most that many training films per class, or "all"),
+    its wall time written to ``run_dir/wall_seconds.txt``."""
+    if size != "all":
+        args_list = [*args_list, "--max_samples_per_class", size]
+    t0 = time.time()
+    run(args_list)
+    (run_dir / "wall_seconds.txt").write_text(f"{time.time() - t0:.1f}\n")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "chest_xray_224"))
@@ -124,11 +134,7 @@ def main(argv: list[str] | None = None) -> int:
                  "--save_strategy", "steps", "--save_steps", str(max(1, args.max_steps // 4)), *common]
             if init == "checkpoint":
                 a += ["--reinit_head", "True"]
-            if size != "all":
-                a += ["--max_samples_per_class", size]
-            t0 = time.time()
-            run(a)
-            (run_dir / "wall_seconds.txt").write_text(f"{time.time() - t0:.1f}\n")
+            timed_run(a, run_dir, size)
         ev = json.loads((run_dir / "eval_results.json").read_text())
         tr = json.loads((run_dir / "train_results.json").read_text())
         n_train = json.loads((run_dir / "trainer_state.json").read_text()).get("train_batch_size")

@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from cxr_train.progress import bar
-from experiments.low_data_study import build_split_folders, run
+from experiments.low_data_study import build_split_folders, timed_run
 
 logger = logging.getLogger("transfer_study")
 ROOT = Path(__file__).resolve().parent.parent
@@ -96,11 +96,9 @@ def main(argv: list[str] | None = None) -> int:
     if any(ARMS[a][0] == "indomain" for a in args.arms):
         indomain = out / "indomain_checkpoint"
         if not (indomain / "model.safetensors").is_file():
-            t0 = time.time()
-            run(["--model_name_or_path", str(random), "--dataset_name", str(pre_dir), "--output_dir", str(indomain),
-                 "--num_train_epochs", str(args.pretrain_epochs), "--learning_rate", "2e-3", "--seed", "42",
-                 "--save_strategy", "no", "--load_best_model_at_end", "False", *common])
-            (indomain / "wall_seconds.txt").write_text(f"{time.time() - t0:.1f}\n")
+            timed_run(["--model_name_or_path", str(random), "--dataset_name", str(pre_dir), "--output_dir",
+                       str(indomain), "--num_train_epochs", str(args.pretrain_epochs), "--learning_rate", "2e-3",
+                       "--seed", "42", "--save_strategy", "no", "--load_best_model_at_end", "False", *common], indomain)
         pretrain_minutes = float((indomain / "wall_seconds.txt").read_text()) / 60
         starts["indomain"] = str(indomain)
 
@@ -115,11 +113,7 @@ def main(argv: list[str] | None = None) -> int:
                  "--max_steps", str(args.max_steps), "--learning_rate", str(lr),
                  "--eval_strategy", "steps", "--eval_steps", str(max(1, args.max_steps // 3)),
                  "--save_strategy", "steps", "--save_steps", str(max(1, args.max_steps // 3)), *common]
-            if size != "all":
-                a += ["--max_samples_per_class", size]
-            t0 = time.time()
-            run(a)
-            (run_dir / "wall_seconds.txt").write_text(f"{time.time() - t0:.1f}\n")
+            timed_run(a, run_dir, size)
         ev = json.loads((run_dir / "eval_results.json").read_text())
         cfg_text = (run_dir / "README.md").read_text()
         trainable = next((ln.split("|")[2].strip() for ln in cfg_text.splitlines()

@@ -300,10 +300,11 @@ def data_stage(args: RunArguments) -> RunData:
 
         check_stream_start(data.splits)
         streaming_steps(data, training_args)
-    else:   # every film decoded once; each prepared set of splits checked once
+    else:   # each prepared set of splits checked once; every film decoded (with --cv_folds the shipped
+        # model's splits too: a dataset's own validation split, or films a sample cap kept, are not in the pool)
         for prepared in filter(None, (pool, data)):
             check_patient_disjoint(prepared.splits)
-        check_images((pool or data).splits)
+            check_images(prepared.splits)
     shown = pool or data
     logger.info("data%s: %s", " (streamed, counted by the first pass)" if data.streamed else "",
                 {k: shown.size(k) for k in shown.splits})

@@ -10,7 +10,7 @@ import yaml
 
 import train_hf
 from cxr.precision import resolve_bf16
-from tests.helpers import ROOT, base_args
+from tests.helpers import ROOT, base_args, write_kermany_folder
 
 # Tiers on the tests themselves: the fast tier keeps one real 2-step training (the session's
 # trained_folder: hub-ready folder, card metadata) and the checks made before training starts;
@@ -279,3 +279,17 @@ def test_a_run_can_be_watched_in_tensorboard(kermany_folder, tmp_path):
     acc.Reload()
     tags = set(acc.Tags()["scalars"])
     assert {"train/loss", "eval/roc_auc", "eval/sensitivity", "eval/specificity", "eval/brier", "eval/ece"} <= tags
+
+
+def test_cv_run_checks_the_shipped_models_own_validation_films_before_writing(tmp_path, capsys):
+    """With --cv_folds the folds come from the pool, but the shipped model also reads the dataset's
+    own validation split: an unreadable film there is named before anything is written."""
+    root = write_kermany_folder(tmp_path / "data", n_patients=8, size=40, splits=("train", "test"))
+    (root / "test").rename(root / "val")                 # its own validation split, other patients
+    bad = next((root / "val" / "NORMAL").iterdir())
+    bad.write_bytes(b"this is not an image")
+    out = tmp_path / "out"
+    assert train_hf.main(base_args(root, out, "--cv_folds", "2")) == 2
+    captured = capsys.readouterr()
+    assert f"validation/{bad.name}" in captured.err     # named by the up-front check ...
+    assert "'loss'" not in captured.out and not out.exists()    # ... before any fold trained or anything was written

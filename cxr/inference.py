@@ -598,7 +598,7 @@ def decision_note(predictor: Predictor) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .cli import ArgumentParser
+    from .cli import ArgumentParser, fail
 
     ap = ArgumentParser(description="Predict for chest X-ray files with the model's own labels (NORMAL/PNEUMONIA "
                                     "for the shipped model; multi-class and multi-label models too): one JSON line "
@@ -615,8 +615,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         predictor = Predictor.from_pretrained(args.model, revision=args.revision, precision=args.precision)
     except ModelLoadError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return fail(e)
     print(decision_note(predictor), file=sys.stderr)
     t0 = time.perf_counter()
     results = predictor.predict_batch(args.images)

@@ -613,6 +613,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from cxr.cli import fail
+
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
     command = "cxr-calibrate " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
@@ -621,8 +623,7 @@ def main(argv: list[str] | None = None) -> int:
                                 confidence=args.confidence, site=args.site, precision=args.precision,
                                 batch_size=args.batch_size, command=command)
     except CalibrationError as e:
-        print(f"error: {e} (nothing was written)", file=sys.stderr)
-        return 2
+        return fail(f"{e} (nothing was written)")
     for w in result.fit.warnings:
         print(f"WARNING: {w}", file=sys.stderr)
     print(render_summary(result))

@@ -77,7 +77,7 @@ def relabel(data, out, rule, *, copy: bool = False) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from cxr.cli import ArgumentParser
+    from cxr.cli import ArgumentParser, fail
 
     ap = ArgumentParser(prog="python -m cxr_train.relabel",
                         description="Copy an image folder with labels from the file names (research and "
@@ -91,8 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         counts = relabel(a.data, a.out, a.rule if len(a.rule) > 1 else a.rule[0], copy=a.copy)
     except RelabelError as e:
-        print(f"error: {e} (nothing was written)", file=sys.stderr)
-        return 2
+        return fail(f"{e} (nothing was written)")
     print(json.dumps({"out": str(a.out), "films": counts}))
     return 0
 

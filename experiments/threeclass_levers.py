@@ -1,0 +1,131 @@
+"""The lever table of the three-class model (issue #29), re-made from the run folders.
+
+Each run is a ``cxr-train`` folder trained on the same patient-grouped pool with the same
+``--seed`` (so the same 447-film validation split): its figures are read from
+``eval_results.json`` (validation, where a choice may be made), ``eval_scores.json`` (the
+validation probabilities at the fitted temperature) and ``external_results.json`` (the
+hold-out, scored once through the serving ``Predictor``). Beside each run's validation
+figures this prints the paired bootstrap difference to a reference run (the same films
+resampled for both), so a lever's gain can be told from the validation split's noise.
+
+    python -m experiments.threeclass_levers \\
+        --run "shipped=models/efficientnet-lite0-imagenet-3class" \\
+        --run "lite2 260px=outputs/3class-lite2-260" \\
+        --reference shipped --out docs/levers/3class_levers.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+from sklearn.metrics import roc_auc_score
+
+PAIR = ("BACTERIAL", "VIRAL")
+
+
+def _read(folder: Path, name: str) -> dict:
+    path = folder / name
+    if not path.is_file():
+        raise SystemExit(f"error: {path} is missing (is {folder} a finished three-class cxr-train run?)")
+    return json.loads(path.read_text())
+
+
+def validation_scores(folder: Path) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Labels (index into the label names), probabilities (n x classes) and label names."""
+    s = _read(folder, "eval_scores.json")
+    if s.get("task") != "multiclass":
+        raise SystemExit(f"error: {folder} is a {s.get('task')} run, not a multi-class one")
+    return np.asarray(s["labels"]), np.asarray(s["probabilities"], dtype=float), list(s["labels_names"])
+
+
+def figures(y: np.ndarray, p: np.ndarray, names: list[str]) -> dict[str, float]:
+    """3-class accuracy, macro one-vs-rest AUROC, log loss, and bacterial-vs-viral AUROC / accuracy
+    among the bacterial and viral films (VIRAL the positive class, scored P(VIRAL) / (P(B) + P(V)))."""
+    b, v = names.index(PAIR[0]), names.index(PAIR[1])
+    pair = (y == b) | (y == v)
+    score = p[pair, v] / np.clip(p[pair, b] + p[pair, v], 1e-12, None)
+    yv = (y[pair] == v).astype(int)
+    return {
+        "accuracy": float((p.argmax(1) == y).mean()),
+        "macro_auroc": float(roc_auc_score(y, p, multi_class="ovr", average="macro", labels=range(len(names)))),
+        "log_loss": float(-np.log(np.clip(p[np.arange(len(y)), y], 1e-12, None)).mean()),
+        "bacterial_vs_viral_auroc": float(roc_auc_score(yv, score)),
+        "bacterial_vs_viral_accuracy": float(((score >= 0.5).astype(int) == yv).mean()),
+    }
+
+
+def paired_bootstrap(y, p_run, p_ref, names, n: int = 2000, seed: int = 0) -> dict[str, list[float]]:
+    """95 % interval of (run - reference) for each figure, resampling the same films for both."""
+    rng = np.random.default_rng(seed)
+    diffs: dict[str, list[float]] = {}
+    for _ in range(n):
+        idx = rng.integers(0, len(y), len(y))
+        a, r = figures(y[idx], p_run[idx], names), figures(y[idx], p_ref[idx], names)
+        for k in a:
+            diffs.setdefault(k, []).append(a[k] - r[k])
+    return {k: [round(float(np.percentile(d, 2.5)), 4), round(float(np.percentile(d, 97.5)), 4)]
+            for k, d in diffs.items()}
+
+
+def holdout_figures(folder: Path) -> dict:
+    ext = _read(folder, "external_results.json")
+    pair = ext["pairwise"][f"{PAIR[0]} vs {PAIR[1]}"]
+    return {"n": ext["n_samples"], "accuracy": round(ext["accuracy"], 4), "macro_auroc": round(ext["roc_auc"], 4),
+            "bacterial_vs_viral_auroc": round(pair["roc_auc"], 4),
+            "bacterial_vs_viral_accuracy": round(pair["accuracy"], 4)}
+
+
+def table(runs: dict[str, Path], reference: str) -> list[dict]:
+    y_ref, p_ref, names = validation_scores(runs[reference])
+    rows = []
+    for label, folder in runs.items():
+        y, p, run_names = validation_scores(folder)
+        if run_names != names or not np.array_equal(y, y_ref):
+            raise SystemExit(f"error: {folder} was not validated on the same films as {runs[reference]} "
+                             "(same pool, --seed and --validation_fraction are needed to compare)")
+        train = json.loads((folder / "train_results.json").read_text()) if (folder / "train_results.json").is_file() else {}
+        row = {"model": label, "folder": str(folder),
+               "validation": {"n": int(len(y)), **{k: round(v, 4) for k, v in figures(y, p, names).items()}},
+               "holdout": holdout_figures(folder),
+               "temperature": _read(folder, "eval_results.json").get("eval_temperature"),
+               "train_runtime_min": round(train["train_runtime"] / 60, 1) if "train_runtime" in train else None}
+        if label != reference:
+            row["validation_minus_reference_95ci"] = paired_bootstrap(y, p, p_ref, names)
+        rows.append(row)
+    return rows
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--run", action="append", required=True, metavar="LABEL=FOLDER")
+    ap.add_argument("--reference", required=True, help="the LABEL the others are compared with")
+    ap.add_argument("--out", type=Path, help="write the rows as JSON here")
+    ap.add_argument("--machine", default="", help="the CPU the runs trained on (written with the rows)")
+    a = ap.parse_args(argv)
+    runs = {}
+    for item in a.run:
+        label, sep, folder = item.partition("=")
+        if not sep:
+            ap.error(f"--run {item!r}: expected LABEL=FOLDER")
+        runs[label] = Path(folder)
+    if a.reference not in runs:
+        ap.error(f"--reference {a.reference!r} is not one of the --run labels: {', '.join(runs)}")
+    rows = table(runs, a.reference)
+    for r in rows:
+        v, h = r["validation"], r["holdout"]
+        print(f"{r['model']:<40} val acc {v['accuracy']:.3f} macro {v['macro_auroc']:.3f} bvv {v['bacterial_vs_viral_auroc']:.3f} "
+              f"loss {v['log_loss']:.3f} | hold-out acc {h['accuracy']:.3f} macro {h['macro_auroc']:.3f} "
+              f"bvv {h['bacterial_vs_viral_auroc']:.3f}")
+        if "validation_minus_reference_95ci" in r:
+            print(f"{'':<40} minus {a.reference}, 95% CI: {r['validation_minus_reference_95ci']}")
+    if a.out:
+        a.out.write_text(json.dumps({"study": "three-class levers (issue #29)", "machine": a.machine,
+                                     "reference": a.reference, "rows": rows}, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

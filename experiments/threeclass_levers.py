@@ -78,7 +78,7 @@ def holdout_figures(folder: Path) -> dict:
             "bacterial_vs_viral_accuracy": round(pair["accuracy"], 4)}
 
 
-def table(runs: dict[str, Path], reference: str) -> list[dict]:
+def table(runs: dict[str, Path], reference: str, bootstrap: int = 2000) -> list[dict]:
     y_ref, p_ref, names = validation_scores(runs[reference])
     rows = []
     for label, folder in runs.items():
@@ -93,7 +93,7 @@ def table(runs: dict[str, Path], reference: str) -> list[dict]:
                "temperature": _read(folder, "eval_results.json").get("eval_temperature"),
                "train_runtime_min": round(train["train_runtime"] / 60, 1) if "train_runtime" in train else None}
         if label != reference:
-            row["validation_minus_reference_95ci"] = paired_bootstrap(y, p, p_ref, names)
+            row["validation_minus_reference_95ci"] = paired_bootstrap(y, p, p_ref, names, n=bootstrap)
         rows.append(row)
     return rows
 
@@ -103,6 +103,7 @@ def main(argv=None) -> int:
     ap.add_argument("--run", action="append", required=True, metavar="LABEL=FOLDER")
     ap.add_argument("--reference", required=True, help="the LABEL the others are compared with")
     ap.add_argument("--out", type=Path, help="write the rows as JSON here")
+    ap.add_argument("--bootstrap", type=int, default=2000, help="paired bootstrap resamples")
     ap.add_argument("--machine", default="", help="the CPU the runs trained on (written with the rows)")
     a = ap.parse_args(argv)
     runs = {}
@@ -113,7 +114,7 @@ def main(argv=None) -> int:
         runs[label] = Path(folder)
     if a.reference not in runs:
         ap.error(f"--reference {a.reference!r} is not one of the --run labels: {', '.join(runs)}")
-    rows = table(runs, a.reference)
+    rows = table(runs, a.reference, a.bootstrap)
     for r in rows:
         v, h = r["validation"], r["holdout"]
         print(f"{r['model']:<40} val acc {v['accuracy']:.3f} macro {v['macro_auroc']:.3f} bvv {v['bacterial_vs_viral_auroc']:.3f} "

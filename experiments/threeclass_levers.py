@@ -73,9 +73,8 @@ def paired_bootstrap(y, p_run, p_ref, names, n: int = 2000, seed: int = 0) -> di
 def holdout_figures(folder: Path) -> dict:
     ext = _read(folder, "external_results.json")
     pair = ext["pairwise"][f"{PAIR[0]} vs {PAIR[1]}"]
-    return {"n": ext["n_samples"], "accuracy": round(ext["accuracy"], 4), "macro_auroc": round(ext["roc_auc"], 4),
-            "bacterial_vs_viral_auroc": round(pair["roc_auc"], 4),
-            "bacterial_vs_viral_accuracy": round(pair["accuracy"], 4)}
+    return {"n": ext["n_samples"], "accuracy": ext["accuracy"], "macro_auroc": ext["roc_auc"],
+            "bacterial_vs_viral_auroc": pair["roc_auc"], "bacterial_vs_viral_accuracy": pair["accuracy"]}
 
 
 def table(runs: dict[str, Path], reference: str, bootstrap: int = 2000) -> list[dict]:
@@ -88,7 +87,7 @@ def table(runs: dict[str, Path], reference: str, bootstrap: int = 2000) -> list[
                              "(same pool, --seed and --validation_fraction are needed to compare)")
         train = json.loads((folder / "train_results.json").read_text()) if (folder / "train_results.json").is_file() else {}
         row = {"model": label, "folder": str(folder),
-               "validation": {"n": int(len(y)), **{k: round(v, 4) for k, v in figures(y, p, names).items()}},
+               "validation": {"n": int(len(y)), **figures(y, p, names)},
                "holdout": holdout_figures(folder),
                "temperature": _read(folder, "eval_results.json").get("eval_temperature"),
                "train_runtime_min": round(train["train_runtime"] / 60, 1) if "train_runtime" in train else None}
@@ -96,6 +95,17 @@ def table(runs: dict[str, Path], reference: str, bootstrap: int = 2000) -> list[
             row["validation_minus_reference_95ci"] = paired_bootstrap(y, p, p_ref, names, n=bootstrap)
         rows.append(row)
     return rows
+
+
+def _rounded(obj, digits: int = 4):
+    """Figures written to 4 decimals (rounded once, from the full-precision values)."""
+    if isinstance(obj, float):
+        return round(obj, digits)
+    if isinstance(obj, dict):
+        return {k: _rounded(v, digits) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_rounded(v, digits) for v in obj]
+    return obj
 
 
 def main(argv=None) -> int:
@@ -124,7 +134,7 @@ def main(argv=None) -> int:
             print(f"{'':<40} minus {a.reference}, 95% CI: {r['validation_minus_reference_95ci']}")
     if a.out:
         a.out.write_text(json.dumps({"study": "three-class levers (issue #29)", "machine": a.machine,
-                                     "reference": a.reference, "rows": rows}, indent=1) + "\n")
+                                     "reference": a.reference, "rows": _rounded(rows)}, indent=1) + "\n")
     return 0
 
 

@@ -141,6 +141,21 @@ def table(runs: dict[str, Path], reference: str, bootstrap: int = 2000, bias_rep
     return rows
 
 
+def ensembles(runs: dict[str, Path], groups: dict[str, list[str]], reference: str) -> list[dict]:
+    """Validation figures of prediction ensembles: the runs' validation probabilities averaged (what
+    serving several models would buy; not one checkpoint, so not shippable as one model)."""
+    y, p_ref, names = validation_scores(runs[reference])
+    rows = []
+    for label, members in groups.items():
+        unknown = [m for m in members if m not in runs]
+        if unknown:
+            raise SystemExit(f"error: ensemble {label!r}: {', '.join(map(repr, unknown))} not among the --run labels")
+        p = np.mean([validation_scores(runs[m])[1] for m in members], axis=0)
+        rows.append({"model": label, "members": members,
+                     "validation": {"n": int(len(y)), **figures(y, p, names)}})
+    return rows
+
+
 def _rounded(obj, digits: int = 4):
     """Figures written to 4 decimals (rounded once, from the full-precision values)."""
     if isinstance(obj, float):
@@ -160,6 +175,8 @@ def main(argv=None) -> int:
     ap.add_argument("--bootstrap", type=int, default=2000, help="paired bootstrap resamples")
     ap.add_argument("--bias_repeats", type=int, default=5,
                     help="repeats of the cross-fitted per-class bias check (0: skip it)")
+    ap.add_argument("--ensemble", action="append", default=[], metavar="LABEL=RUN1,RUN2",
+                    help="also report the averaged validation probabilities of these --run labels")
     ap.add_argument("--machine", default="", help="the CPU the runs trained on (written with the rows)")
     a = ap.parse_args(argv)
     runs = {}
@@ -183,9 +200,21 @@ def main(argv=None) -> int:
                   f"{c['balanced_accuracy_bias_corrected']:.3f}")
         if "validation_minus_reference_95ci" in r:
             print(f"{'':<40} minus {a.reference}, 95% CI: {r['validation_minus_reference_95ci']}")
+    groups = {}
+    for item in a.ensemble:
+        label, sep, members = item.partition("=")
+        if not sep:
+            ap.error(f"--ensemble {item!r}: expected LABEL=RUN1,RUN2")
+        groups[label] = members.split(",")
+    ens = ensembles(runs, groups, a.reference)
+    for r in ens:
+        v = r["validation"]
+        print(f"{r['model']:<40} val acc {v['accuracy']:.3f} macro {v['macro_auroc']:.3f} bvv {v['bacterial_vs_viral_auroc']:.3f} "
+              f"loss {v['log_loss']:.3f} (prediction ensemble, validation only)")
     if a.out:
         a.out.write_text(json.dumps({"study": "three-class levers (issue #29)", "machine": a.machine,
-                                     "reference": a.reference, "rows": _rounded(rows)}, indent=1) + "\n")
+                                     "reference": a.reference, "rows": _rounded(rows),
+                                     "prediction_ensembles": _rounded(ens)}, indent=1) + "\n")
     return 0
 
 

@@ -25,6 +25,10 @@ def _run(folder, y, p, holdout_auroc=0.8):
     return folder
 
 
+def _read_probs(folder):
+    return np.asarray(json.loads((folder / "eval_scores.json").read_text())["probabilities"])
+
+
 def _probs(y, skill, rng):
     logits = rng.normal(size=(len(y), 3))
     logits[np.arange(len(y)), y] += skill
@@ -56,6 +60,13 @@ def test_table_compares_runs_on_the_same_films(tmp_path):
     assert 0 < lo <= hi                       # a clearly better run: its gain is outside the noise
     assert rows[1]["holdout"]["bacterial_vs_viral_auroc"] == 0.9
     assert rows[1]["train_runtime_min"] == 10.0
+    from experiments.threeclass_levers import ensembles
+
+    (ens,) = ensembles({"weak": weak, "strong": strong}, {"both": ["weak", "strong"]}, "weak")
+    both = (_read_probs(weak) + _read_probs(strong)) / 2
+    assert ens["validation"]["accuracy"] == pytest.approx((both.argmax(1) == y).mean())
+    with pytest.raises(SystemExit, match="'nope' not among"):
+        ensembles({"weak": weak}, {"x": ["weak", "nope"]}, "weak")
     assert set(rows[0]["validation_bias_corrected_check"]) >= {"accuracy_saved", "accuracy_bias_corrected"}
 
 

@@ -234,7 +234,7 @@ def test_config_flags_are_checked(tmp_path):
     m, d, t = parse_args(["--config", "hub_configs/efficientnet-lite0-imagenet-3class.yaml"])
     assert d.label_from_filename == ["kermany3"] and d.external_dataset == "outputs/holdout_data/holdout"
     assert d.dataset_name == "outputs/holdout_data/pool" and t.output_dir == "outputs/efficientnet-lite0-imagenet-3class"
-    # the shipped recipe (chosen on validation, docs/levers/3class_soup.md): 5 epochs at 3e-4, ~20 min of CPU
+    # the shipped recipe (chosen on validation, docs/levers/3class_soup.md, 3class_levers.md): 5 epochs at 3e-4, ~20 min of CPU
     assert model_is_imagenet_lite0(m) and m.image_size == 224 and t.num_train_epochs == 5 and t.learning_rate == 3e-4
 
 

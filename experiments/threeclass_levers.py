@@ -43,7 +43,9 @@ def validation_scores(folder: Path) -> tuple[np.ndarray, np.ndarray, list[str]]:
 
 def figures(y: np.ndarray, p: np.ndarray, names: list[str]) -> dict[str, float]:
     """3-class accuracy, macro one-vs-rest AUROC, log loss, and bacterial-vs-viral AUROC / accuracy
-    among the bacterial and viral films (VIRAL the positive class, scored P(VIRAL) / (P(B) + P(V)))."""
+    among the bacterial and viral films (VIRAL the positive class, scored P(VIRAL) / (P(B) + P(V))): the
+    figures ``cxr_train.metrics.compute_multiclass_metrics`` reports (a test holds them equal), computed
+    lean here because the paired bootstrap calls this thousands of times."""
     b, v = names.index(PAIR[0]), names.index(PAIR[1])
     pair = (y == b) | (y == v)
     score = p[pair, v] / np.clip(p[pair, b] + p[pair, v], 1e-12, None)

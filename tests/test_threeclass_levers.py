@@ -46,6 +46,12 @@ def test_figures_match_sklearn_and_the_pairwise_rule():
     assert f["macro_auroc"] == pytest.approx(roc_auc_score(y, p, multi_class="ovr"))
     assert f["bacterial_vs_viral_auroc"] == pytest.approx(roc_auc_score(y[pair] == 2, p[pair, 2] / p[pair, 1:].sum(1)))
     assert f["log_loss"] == pytest.approx(-np.mean(np.log(p[np.arange(120), y])))
+    from cxr_train.metrics import compute_multiclass_metrics      # the figures cxr-train writes
+
+    m = compute_multiclass_metrics(y, p, NAMES, normal_id=0)
+    assert f["accuracy"] == pytest.approx(m["accuracy"]) and f["macro_auroc"] == pytest.approx(m["roc_auc"])
+    assert f["bacterial_vs_viral_auroc"] == pytest.approx(m["pairwise"]["BACTERIAL vs VIRAL"]["roc_auc"])
+    assert f["bacterial_vs_viral_accuracy"] == pytest.approx(m["pairwise"]["BACTERIAL vs VIRAL"]["accuracy"])
 
 
 def test_table_compares_runs_on_the_same_films(tmp_path):
